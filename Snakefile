@@ -1,0 +1,23 @@
+# kdbench pipeline: data -> teachers -> distilled students (method x pair x seed) -> tables.
+#
+#   snakemake --cores 2                           # the default suite (smoke)
+#   snakemake --cores 2 --config suite=crd        # workflow/suites/crd.yaml
+#   snakemake --cores 2 --config suite_file=my.yaml
+#
+# The suite is validated (schema + registry names) when this file is parsed, before any job.
+from kdbench.suite import load_suite
+
+SUITE_FILE = config.get("suite_file") or f"{workflow.basedir}/workflow/suites/{config.get('suite', 'smoke')}.yaml"
+SUITE = load_suite(SUITE_FILE)
+RUNS_DIR = SUITE.runs_dir
+RESULTS = config.get("results_dir", f"results/{SUITE.name}")
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/tables.smk"
+
+
+rule all:
+    input:
+        table_outputs(),

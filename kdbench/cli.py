@@ -1,0 +1,141 @@
+"""The ``kdbench`` command. Snakemake rules call these subcommands; each also works by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _suite(args):
+    from .suite import load_suite
+    return load_suite(args.suite)
+
+
+def _run_of(suite, run_id: str):
+    try:
+        return suite.runs[run_id]
+    except KeyError:
+        raise SystemExit(f"run {run_id!r} is not in suite {suite.name!r}; `kdbench list-runs --suite {suite.path}` lists them") from None
+
+
+def cmd_fit(args, want: str) -> int:
+    from .engine.train import fit
+
+    suite = _suite(args)
+    run = _run_of(suite, args.run)
+    if want == "distill" and run.kind != "distill":
+        raise SystemExit(f"run {args.run!r} trains from scratch; use `kdbench train-teacher`")
+    if want == "train" and run.kind != "train":
+        raise SystemExit(f"run {args.run!r} distils from a teacher; use `kdbench distill`")
+    torch_threads(args.threads or suite.config.get("threads", 1))
+    metrics = fit(run.spec, suite.run_dir(run.id), device=args.device or suite.config.get("device", "auto"),
+                  run_id=run.id, progress=not args.quiet)
+    print(json.dumps({k: metrics.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+def cmd_make_data(args) -> int:
+    from .data.synthetic_files import ensure_synthetic
+    suite = _suite(args)
+    cfg = suite.config["datasets"][args.dataset]
+    path = ensure_synthetic(args.dataset, cfg["root"], cfg.get("synthetic") or {})
+    print(path)
+    return 0
+
+
+def cmd_aggregate(args) -> int:
+    from .stats.aggregate import aggregate
+    suite = _suite(args)
+    for name, path in aggregate(suite, args.out or f"results/{suite.name}").items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_list_runs(args) -> int:
+    suite = _suite(args)
+    for rid, run in suite.runs.items():
+        print(f"{run.kind:8s} {rid}")
+    print(f"# {len(suite.runs)} runs", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    suite = _suite(args)
+    print(f"{suite.path}: valid suite {suite.name!r} with {len(suite.runs)} runs")
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "methods":
+        from .methods import METHODS
+        for name in METHODS:
+            spec = METHODS.get(name)
+            print(f"{name:16s} {spec.describe():40s} {spec.paper}")
+    elif args.what == "models":
+        from .models import MODELS
+        print("\n".join(MODELS))
+    else:
+        from .data import DATASETS
+        print("\n".join(DATASETS))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .data.fetch import fetch
+    print(fetch(args.dataset, args.root))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_suite(sp, run=False):
+        sp.add_argument("--suite", required=True, help="suite YAML file (workflow/suites/*.yaml)")
+        if run:
+            sp.add_argument("--run", required=True, help="run id, as printed by `kdbench list-runs`")
+            sp.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the suite's)")
+            sp.add_argument("--threads", type=int, help="CPU threads (default: the suite's)")
+            sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        return sp
+
+    with_suite(sub.add_parser("train-teacher", help="train a model from scratch (teachers and plain students)"), True)
+    with_suite(sub.add_parser("distill", help="distil a student from its teacher(s)"), True)
+    agg = with_suite(sub.add_parser("aggregate", help="seed-aggregated tables under results/<suite>/"))
+    agg.add_argument("--out", help="output folder (default results/<suite name>)")
+    with_suite(sub.add_parser("list-runs", help="print the suite's run ids"))
+    with_suite(sub.add_parser("validate", help="check a suite file and count its runs"))
+    md = with_suite(sub.add_parser("make-data", help="write a suite's synthetic dataset in its real format"))
+    md.add_argument("--dataset", required=True)
+    ls = sub.add_parser("list", help="list registered methods, models or datasets")
+    ls.add_argument("what", choices=["methods", "models", "datasets"])
+    fe = sub.add_parser("fetch", help="download a dataset into its official layout (needs internet)")
+    fe.add_argument("dataset")
+    fe.add_argument("--root", required=True)
+
+    args = p.parse_args(argv)
+    handlers = {"train-teacher": lambda a: cmd_fit(a, "train"), "distill": lambda a: cmd_fit(a, "distill"),
+                "aggregate": cmd_aggregate, "list-runs": cmd_list_runs, "validate": cmd_validate,
+                "make-data": cmd_make_data, "list": cmd_list, "fetch": cmd_fetch}
+    from .data import DatasetMissingError
+    from .engine.checkpoint import CheckpointError
+    from .registry import UnknownNameError
+    from .suite import SuiteError
+    try:
+        return handlers[args.cmd](args)
+    except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError) as e:
+        print(f"kdbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

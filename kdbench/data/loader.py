@@ -1,0 +1,72 @@
+"""A device-resident loader: the whole split lives on the training device as one uint8 tensor.
+
+Training batches get RepDistiller's augmentation, batched: ``RandomCrop(32, padding=4)`` with
+zero padding applied to the uint8 image before normalisation (as PIL + ToTensor + Normalize
+do), and an independent horizontal flip with probability 1/2 per image. Every random draw comes
+from the ``torch.Generator`` passed to :meth:`TensorLoader.batches`, so the data order and the
+augmentation of an epoch are a pure function of the run's seed and the epoch number. The last
+partial batch is kept (``drop_last=False``, as RepDistiller's DataLoader).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_crop(padded: Tensor, size: int, dy: Tensor, dx: Tensor) -> Tensor:
+    """Crop ``size``×``size`` windows at per-image offsets (dy, dx) from a padded NCHW batch."""
+    ar = torch.arange(size, device=padded.device)
+    rows = (dy[:, None] + ar)[:, :, None]
+    cols = (dx[:, None] + ar)[:, None, :]
+    n = torch.arange(padded.shape[0], device=padded.device)[:, None, None]
+    return padded[n, :, rows, cols].permute(0, 3, 1, 2)  # advanced dims come first: N,H,W,C
+
+
+def crop_flip(padded: Tensor, size: int, pad: int, generator: torch.Generator | None) -> Tensor:
+    n, dev = padded.shape[0], padded.device
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+    flip = torch.rand(n, device=dev, generator=generator) < 0.5
+    x = random_crop(padded, size, dy, dx)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class TensorLoader:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, batch_size: int,
+                 train: bool, device: torch.device | str = "cpu", pad: int = 4):
+        self.device = torch.device(device)
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self.size = x.shape[-1]
+        self.pad = pad if train else 0
+        self.images = F.pad(x, (self.pad,) * 4) if self.pad else x  # zero padding, uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+        self.batch_size = batch_size
+        self.train = train
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def normalise(self, x_uint8: Tensor) -> Tensor:
+        return (x_uint8.float() - self.mean) / self.std
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(x, y, index)``; shuffled and augmented when ``train``."""
+        n = len(self.labels)
+        order = torch.randperm(n, device=self.device, generator=generator) if self.train else torch.arange(n, device=self.device)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            raw = self.images[idx]
+            if self.train:
+                raw = crop_flip(raw, self.size, self.pad, generator)
+            yield self.normalise(raw), self.labels[idx], idx

@@ -1,0 +1,98 @@
+"""Model files and resumable training checkpoints, checked on load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.features import Features
+from .io import atomic_torch_save
+
+MODEL_FORMAT = "kdbench-model/1"
+CHECKPOINT_FORMAT = "kdbench-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model file that cannot be used; the message says why and what to do."""
+
+
+def read_file(path: str | Path, fmt: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled code...
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}). The file is corrupt or not a "
+                              f"{fmt} file; delete it and rerun the job that makes it.") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a {fmt} file, found {found!r}. Published teacher checkpoints are "
+                              f"imported with `kdbench import-teacher`.")
+    return obj
+
+
+def save_model(path: str | Path, model: nn.Module, arch: str, num_classes: int, dataset: str, **meta) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(path, {"format": MODEL_FORMAT, "arch": arch, "num_classes": num_classes,
+                             "dataset": dataset, "state_dict": state, "meta": meta})
+
+
+def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """Build the file's architecture and load its weights; refuse any mismatch."""
+    from ..models import build_model
+
+    obj = read_file(path, MODEL_FORMAT)
+    if arch is not None and obj["arch"] != arch:
+        raise CheckpointError(f"{path}: holds a {obj['arch']!r} model, but {arch!r} was expected")
+    if num_classes is not None and obj["num_classes"] != num_classes:
+        raise CheckpointError(f"{path}: has {obj['num_classes']} classes, but the dataset has {num_classes}")
+    model = build_model(obj["arch"], obj["num_classes"])
+    load_state_checked(model, obj["state_dict"], path)
+    return model.to(device)
+
+
+def load_state_checked(model: nn.Module, state: dict, source) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        def cut(xs):
+            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        raise CheckpointError(f"{source}: weights do not match the architecture — missing keys: {cut(missing) or 'none'}; "
+                              f"unexpected keys: {cut(unexpected) or 'none'}; shape mismatches: {cut(shapes) or 'none'}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: non-finite values in {', '.join(bad[:5])}")
+    model.load_state_dict(state)
+
+
+class TeacherEnsemble(nn.Module):
+    """E frozen teachers seen as one (see :class:`~kdbench.models.Features` for the fields)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> Features:
+        outs = [m(x) for m in self.members]
+        e = len(outs)
+        probs = torch.stack([o.logits.float().softmax(1) for o in outs]).mean(0)
+        pooled = torch.cat([o.pooled for o in outs], dim=1) / math.sqrt(e)
+        return Features([], [], pooled, probs.clamp_min(1e-12).log(), members=outs)
+
+
+def load_teacher(paths: tuple[str, ...], arch: str | None, num_classes: int, device) -> nn.Module:
+    """One model file gives a teacher; several give a :class:`TeacherEnsemble`. Frozen, eval mode."""
+    models = [load_model(p, arch, num_classes, device) for p in paths]
+    teacher = models[0] if len(models) == 1 else TeacherEnsemble(models).to(device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

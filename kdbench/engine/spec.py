@@ -1,0 +1,85 @@
+"""What defines a run: the recipe and the run specification, and the hash that names it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+#: RepDistiller trains these students (and teachers) with lr 0.01 instead of 0.05.
+SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """RepDistiller's CIFAR-100 recipe (train_student.py / train_teacher.py) as defaults."""
+
+    epochs: int = 240
+    milestones: tuple[int, ...] = (150, 180, 210)  # lr ×lr_decay once epoch > m (epochs count from 1)
+    lr: float = 0.05
+    small_lr: float = 0.01
+    small_lr_archs: tuple[str, ...] = SMALL_LR_ARCHS
+    lr_decay: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    test_batch_size: int = 256  # evaluation only: does not change results
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "Recipe":
+        """Build from a suite's ``recipe`` block. Setting ``epochs`` without ``milestones``
+        scales the default milestones with it (150/180/210 of 240 → same fractions)."""
+        cfg = dict(cfg or {})
+        valid = {f.name for f in fields(cls)}
+        unknown = set(cfg) - valid
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}; valid: {sorted(valid)}")
+        if "epochs" in cfg and "milestones" not in cfg:
+            cfg["milestones"] = tuple(max(1, round(m * cfg["epochs"] / cls.epochs)) for m in cls.milestones)
+        for k in ("milestones", "small_lr_archs"):
+            if k in cfg:
+                cfg[k] = tuple(cfg[k])
+        return cls(**cfg)
+
+    def base_lr(self, arch: str) -> float:
+        return self.small_lr if arch in self.small_lr_archs else self.lr
+
+    def lr_at(self, epoch: int, arch: str) -> float:
+        return self.base_lr(arch) * self.lr_decay ** sum(epoch > m for m in self.milestones)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run. ``teacher_ckpts`` has one path (a teacher) or several (an ensemble)."""
+
+    dataset: str
+    data_root: str
+    student: str
+    method: str = "student"
+    seed: int = 0
+    teacher: str | None = None
+    teacher_ckpts: tuple[str, ...] = ()
+    #: what identifies the teacher(s) for the hash: their run ids (paths to files are not hashed)
+    teacher_ids: tuple[str, ...] = ()
+    method_overrides: dict = field(default_factory=dict)
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["recipe"] = asdict(self.recipe)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        d = dict(d)
+        d["recipe"] = Recipe.from_config(d.get("recipe"))
+        d["teacher_ckpts"] = tuple(d.get("teacher_ckpts", ()))
+        d["teacher_ids"] = tuple(d.get("teacher_ids", ()))
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        """8 hex digits of everything that defines the result (file paths excluded)."""
+        d = self.to_dict()
+        d.pop("data_root")
+        d.pop("teacher_ckpts")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

@@ -1,0 +1,221 @@
+"""The training loop shared by teachers, students and every distillation method.
+
+One function, :func:`fit`, trains ``spec.student`` with ``spec.method`` and writes into the run
+directory: ``checkpoint.pt`` after every epoch (a killed run resumes from it and ends with the
+same metrics as an uninterrupted one), then ``model.pt`` and ``metrics.json`` (atomically).
+Inside an epoch there is no host synchronisation: losses and accuracies accumulate on the
+device and are read once per epoch. A non-finite loss ends the run with ``status: failed``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import TensorLoader, load_dataset
+from ..methods import Batch, MethodContext, Objective, build_objective
+from ..models import build_model, feature_shapes
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
+from .io import atomic_torch_save, atomic_write_json, provenance
+from .seeding import derive_seed, generator
+from .spec import RunSpec
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` in eval mode."""
+    was = model.training
+    model.eval()
+    sums = torch.zeros(3, device=loader.device, dtype=torch.float64)
+    for x, y, _ in loader.batches():
+        logits = model(x).logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == y[:, None]
+        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum")]).double()
+    model.train(was)
+    top1, top5, loss = (sums / loader.num_samples).tolist()
+    return {"top1": 100 * top1, "top5": 100 * top5, "loss": loss}
+
+
+def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, optimizer,
+           loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None) -> dict:
+    """One pass over the training set; returns per-sample means of every loss term."""
+    student.train()
+    objective.train()
+    names = ["loss", *(["init"] if init_term else list(objective.terms) + (["ce"] if objective.spec.ce else []))]
+    sums = torch.zeros(len(names) + 1, device=loader.device, dtype=torch.float64)
+    for x, y, idx in loader.batches(gen):
+        batch = Batch(x, y, idx, epoch, gen)
+        s = student(x)
+        t = None
+        if teacher is not None:
+            with torch.no_grad():
+                t = teacher(x)
+        if init_term is not None:
+            terms = {"init": init_term.init_loss(s, t, batch)}
+        else:
+            terms = objective(s, t, batch)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = x.shape[0]
+        vals = [loss.detach(), *(terms[k].detach() for k in names[1:])]
+        correct = (s.logits.detach().argmax(1) == y).sum()
+        sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
+    out = (sums / loader.num_samples).tolist()  # the epoch's one host sync
+    stats = dict(zip(names, out[:-1]))
+    stats["train_acc"] = 100 * out[-1]
+    if not all(map(lambda v: v == v and abs(v) != float("inf"), out)):
+        raise NonFiniteLoss(f"non-finite loss in epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return stats
+
+
+def _sgd(params, lr: float, recipe) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | None = None,
+        progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+    """Train one run to completion (resuming if a checkpoint exists) and return its metrics.
+
+    ``stop_after_epochs`` stops after that many epochs of this invocation (for tests of resume).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    recipe = spec.recipe
+    data = load_dataset(spec.dataset, spec.data_root)
+    train_loader, test_loader = data.loaders(recipe.batch_size, recipe.test_batch_size, dev)
+
+    torch.manual_seed(derive_seed(spec.seed, "init"))
+    student = build_model(spec.student, data.num_classes).to(dev)
+    method_probe = build_objective_spec(spec)
+    teacher = None
+    if method_probe.needs_teacher:
+        if not spec.teacher_ckpts:
+            raise ValueError(f"method {spec.method!r} needs a teacher: give teacher checkpoint(s)")
+        teacher = load_teacher(spec.teacher_ckpts, spec.teacher, data.num_classes, dev)
+    ctx = MethodContext(feature_shapes(student), feature_shapes(teacher) if teacher is not None else None,
+                        data.num_classes, train_loader.labels, spec.student, spec.teacher)
+    objective = build_objective(method_probe, ctx).to(dev)
+    base_lr = recipe.base_lr(spec.student)
+    optimizer = _sgd(list(student.parameters()) + list(objective.parameters()), base_lr, recipe)
+
+    stages = [(f"init:{n}", t, t.init_epochs) for n, t in objective.terms.items() if t.init_epochs > 0]
+    stages.append(("main", None, recipe.epochs))
+    state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time()}
+    init_opt = None
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = read_file(ckpt_path, CHECKPOINT_FORMAT)
+        if ck["hash"] != spec.config_hash():
+            raise CheckpointError(f"{ckpt_path}: belongs to run config {ck['hash']}, not {spec.config_hash()}; "
+                                  f"delete it to start this run afresh")
+        student.load_state_dict(ck["student"])
+        objective.load_state_dict(ck["objective"])
+        optimizer.load_state_dict(ck["optimizer"])
+        state = ck["state"]
+        if ck.get("init_optimizer") is not None:
+            init_opt = ck["init_optimizer"]
+
+    prov = provenance(dev)
+    t0 = time.time() - state["elapsed"]
+    done_now = 0
+    status, failure = "ok", None
+    bar = _progress(progress, spec, stages, state)
+    try:
+        for si in range(state["stage"], len(stages)):
+            name, term, n_epochs = stages[si]
+            opt = optimizer
+            if term is not None:
+                opt = _sgd(list(term.init_parameters(student)), term.init_lr(base_lr), recipe)
+                if init_opt is not None and state["stage"] == si:
+                    opt.load_state_dict(init_opt)
+            for epoch in range(state["epoch"] + 1, n_epochs + 1):
+                if term is None:
+                    for group in opt.param_groups:
+                        group["lr"] = recipe.lr_at(epoch, spec.student)
+                torch.manual_seed(derive_seed(spec.seed, "global", name, epoch))
+                gen = generator(dev, derive_seed(spec.seed, "data", name, epoch))
+                stats = _epoch(student, teacher, objective, opt, train_loader, gen, epoch, term)
+                stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
+                if term is None:
+                    objective.on_epoch_end(epoch)
+                    test = evaluate(student, test_loader)
+                    stats.update(test_acc=test["top1"], test_acc5=test["top5"], test_loss=test["loss"])
+                    state["curve"].append(stats)
+                else:
+                    state["init_curve"].append({"stage": name, **stats})
+                state["epoch"] = epoch
+                state["elapsed"] = time.time() - t0
+                atomic_torch_save(ckpt_path, {
+                    "format": CHECKPOINT_FORMAT, "hash": spec.config_hash(), "state": state,
+                    "student": student.state_dict(), "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(), "init_optimizer": opt.state_dict() if term is not None else None})
+                bar.update(1)
+                bar.set_postfix_str(f"{name} ep{epoch} " + (f"acc {stats['test_acc']:.2f}" if term is None else f"loss {stats['loss']:.4f}"))
+                done_now += 1
+                if stop_after_epochs is not None and done_now >= stop_after_epochs:
+                    return {"status": "stopped", "state": state}
+            state["stage"], state["epoch"], init_opt = si + 1, 0, None
+    except NonFiniteLoss as e:
+        status, failure = "failed", str(e)
+    finally:
+        bar.close()
+
+    metrics = summarise(state["curve"], recipe.epochs)
+    metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
+                   dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
+                   loss=objective.spec.describe(), num_classes=data.num_classes,
+                   spec=spec.to_dict(), resolved_method=_method_dict(objective),
+                   wall_time_s=time.time() - t0, provenance=prov,
+                   curve=state["curve"], init_curve=state["init_curve"])
+    if status == "ok":
+        save_model(out / "model.pt", student, spec.student, data.num_classes, spec.dataset,
+                   run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash())
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def build_objective_spec(spec: RunSpec):
+    from ..methods import METHODS
+    return METHODS.get(spec.method).with_overrides(spec.method_overrides)
+
+
+def _method_dict(objective: Objective) -> dict:
+    s = objective.spec
+    return {"name": s.name, "ce": s.ce, "terms": s.terms, "params": s.params}
+
+
+def summarise(curve: list[dict], epochs: int) -> dict:
+    """Last-epoch (CRD/RepDistiller's statistic) and best-epoch (mdistiller's) test accuracy."""
+    if not curve:
+        return {"acc_last": None, "acc5_last": None, "acc_best": None, "epoch_best": None, "epochs_done": 0}
+    best = max(curve, key=lambda r: r["test_acc"])
+    last = curve[-1]
+    return {"acc_last": last["test_acc"], "acc5_last": last["test_acc5"], "acc_best": best["test_acc"],
+            "acc5_best": best["test_acc5"], "epoch_best": best["epoch"], "epochs_done": len(curve)}
+
+
+def _progress(enabled: bool, spec: RunSpec, stages, state):
+    from tqdm.auto import tqdm
+
+    total = sum(n for _, _, n in stages)
+    done = sum(n for _, _, n in stages[:state["stage"]]) + state["epoch"]
+    return tqdm(total=total, initial=done, disable=not enabled, desc=f"{spec.method} {spec.student} s{spec.seed}",
+                unit="ep", dynamic_ncols=True)

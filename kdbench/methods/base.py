@@ -1,0 +1,174 @@
+"""The method interface: a distillation *term* is a small module; a *method* is a weighted sum.
+
+A term (``DistillLoss``) turns the student's and teacher's :class:`~kdbench.models.Features`
+of one batch into an unweighted scalar loss. It may own trainable parameters (adapters,
+embeddings, regressors) that the engine optimises with the student, buffers (memory banks,
+centroids) that are checkpointed with it, per-epoch hooks, and an optional initialisation
+stage run before the main training (RepDistiller's ``init_epochs`` for AB, FT and FSP).
+
+A method (``MethodSpec``) names the weights of the cross-entropy term and of each distillation
+term, in RepDistiller's ``gamma·CE + alpha·KD + beta·L_method`` convention: ``KD`` is
+``kdbench.methods.kd`` and ``L_method`` any other term. Combinations such as IPOT+CRD+KD are
+specs over several registered terms, not new code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..models.features import Features, FeatureShapes
+from ..registry import Registry
+
+#: Which fields of the teacher's Features a term reads (used to decide what may be cached).
+TEACHER_FIELDS = frozenset({"logits", "pooled", "stages", "preact"})
+
+
+@dataclass
+class MethodContext:
+    """What a term may use to build itself: shapes, never architecture names, decide adapters."""
+
+    student: FeatureShapes
+    teacher: FeatureShapes | None
+    num_classes: int
+    #: labels of the training set in dataset order (CRD draws negatives from other classes)
+    train_labels: Tensor
+    student_arch: str = ""
+    teacher_arch: str | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.numel())
+
+
+@dataclass
+class Batch:
+    x: Tensor  # augmented, normalised images
+    y: Tensor  # labels
+    index: Tensor  # positions of the samples in the training set
+    epoch: int = 1  # 1-based epoch within the current stage
+    generator: torch.Generator | None = None  # per-epoch RNG on x.device for stochastic terms
+
+
+class DistillLoss(nn.Module):
+    """Base class of a distillation term. Subclasses document the paper's equation."""
+
+    #: fields of the teacher's Features read by ``forward``
+    teacher_needs: frozenset[str] = frozenset({"logits"})
+    #: epochs of the initialisation stage (0 = none)
+    init_epochs: int = 0
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, s: Features, t: Features, batch: Batch) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called after each main-stage training epoch (e.g. to refresh centroids)."""
+
+    # --- optional initialisation stage (AB, FT, FSP) ---
+    def init_parameters(self, student: nn.Module) -> Iterable[nn.Parameter]:
+        raise NotImplementedError(f"{type(self).__name__} has no initialisation stage")
+
+    def init_loss(self, s: Features, t: Features, batch: Batch) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no initialisation stage")
+
+    def init_lr(self, base_lr: float) -> float:
+        return base_lr
+
+
+LOSSES: Registry[type[DistillLoss]] = Registry("distillation loss")
+
+
+def register_loss(name: str):
+    """Class decorator: ``@register_loss("kd")``."""
+    return LOSSES.register(name)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method = ``ce``·CE + Σ ``terms[name]``·L_name, each term built with ``params[name]``."""
+
+    name: str
+    ce: float
+    terms: dict[str, float] = field(default_factory=dict)
+    params: dict[str, dict] = field(default_factory=dict)
+    paper: str = ""
+    doc: str = ""
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.terms)
+
+    def describe(self) -> str:
+        parts = [f"{self.ce:g}·CE"] if self.ce else []
+        parts += [f"{w:g}·{n}" for n, w in self.terms.items()]
+        return " + ".join(parts) or "0"
+
+    def with_overrides(self, overrides: dict | None) -> "MethodSpec":
+        """Apply a suite's ``{ce, terms, params}`` overrides (params merge per term)."""
+        if not overrides:
+            return self
+        unknown = set(overrides) - {"ce", "terms", "params"}
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown override keys {sorted(unknown)}; valid: ce, terms, params")
+        terms = dict(overrides.get("terms", self.terms))
+        params = {k: dict(v) for k, v in self.params.items()}
+        for term, p in (overrides.get("params") or {}).items():
+            params.setdefault(term, {}).update(p)
+        return MethodSpec(self.name, float(overrides.get("ce", self.ce)), terms, params, self.paper, self.doc)
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(name: str, *, ce: float, terms: dict[str, float] | None = None,
+                    params: dict[str, dict] | None = None, paper: str = "", doc: str = "") -> MethodSpec:
+    spec = MethodSpec(name, ce, dict(terms or {}), {k: dict(v) for k, v in (params or {}).items()}, paper, doc)
+    METHODS.register(name, spec)
+    return spec
+
+
+class Objective(nn.Module):
+    """The training loss of one run: builds each term of a :class:`MethodSpec`."""
+
+    def __init__(self, spec: MethodSpec, ctx: MethodContext):
+        super().__init__()
+        self.spec = spec
+        for term in spec.params:
+            if term not in spec.terms:
+                raise ValueError(f"method {spec.name!r}: params given for {term!r}, which is not one of its terms {sorted(spec.terms)}")
+        self.terms = nn.ModuleDict({n: LOSSES.get(n)(ctx, **spec.params.get(n, {})) for n in spec.terms})
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.spec.needs_teacher
+
+    @property
+    def teacher_needs(self) -> frozenset[str]:
+        needs = frozenset().union(*(t.teacher_needs for t in self.terms.values())) if self.terms else frozenset()
+        return needs
+
+    def init_terms(self) -> list[DistillLoss]:
+        return [t for t in self.terms.values() if t.init_epochs > 0]
+
+    def forward(self, s: Features, t: Features | None, batch: Batch) -> dict[str, Tensor]:
+        """Weighted terms by name; the training loss is their sum."""
+        out: dict[str, Tensor] = {}
+        if self.spec.ce:
+            out["ce"] = self.spec.ce * nn.functional.cross_entropy(s.logits.float(), batch.y)
+        for name, term in self.terms.items():
+            out[name] = self.spec.terms[name] * term(s, t, batch)
+        return out
+
+    def on_epoch_end(self, epoch: int) -> None:
+        for term in self.terms.values():
+            term.on_epoch_end(epoch)
+
+    def extra_repr(self) -> str:
+        return f"loss = {self.spec.describe()}"

@@ -1,0 +1,32 @@
+"""The model zoo: ``build_model(name, num_classes)`` for every architecture the suites name.
+
+Every model's ``forward(x)`` returns :class:`Features` (see ``features.py``), has
+``model.classifier`` (its final ``nn.Linear``), ``model.feature_modules()`` (RepDistiller's
+``get_feat_modules``), ``model.arch`` (its registry name) and ``model.image_size``.
+
+Families (one file each): RepDistiller's CIFAR zoo (``resnet.py``, ``wrn.py``, ``vgg.py``,
+``mobilenetv2.py``, ``shufflenetv1.py``, ``shufflenetv2.py``, ``resnetv2.py``), the KDA paper's
+CIFAR ResNets and ShuffleNet (``kda_resnet.py``, ``kda_shufflenet.py``) and torchvision's
+ImageNet ResNets (``imagenet_resnet.py``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import imagenet_resnet, kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401  (registration)
+from .features import Features, FeatureShapes, feature_shapes
+from .zoo import MODELS
+
+__all__ = ["MODELS", "build_model", "model_names", "Features", "FeatureShapes", "feature_shapes"]
+
+
+def build_model(name: str, num_classes: int = 100) -> nn.Module:
+    """Build architecture ``name``; unknown names raise ``UnknownNameError`` listing valid ones."""
+    model = MODELS.get(name)(num_classes)
+    model.arch = name
+    return model
+
+
+def model_names() -> list[str]:
+    return MODELS.names()

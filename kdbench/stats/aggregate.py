@@ -1,0 +1,98 @@
+"""Aggregate run records into per-seed and per-cell tables under ``results/<suite>/``.
+
+``runs.csv``    one row per (experiment cell, seed): status and metrics of the run.
+``summary.csv`` one row per cell: n ok / failed / missing, mean, sd, 95% t-interval.
+``<table>.md``  markdown tables laid out pairs × methods, cells ``mean ± half-width (n)``.
+Failed runs (non-finite loss) and missing runs are counted and shown, never averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from ..engine.io import atomic_write_bytes
+from ..suite import Suite
+from .ci import mean_ci
+
+METRICS = ("acc_last", "acc_best")
+
+
+def read_metrics(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_records(suite: Suite) -> pd.DataFrame:
+    rows = []
+    for c in suite.cells:
+        m = read_metrics(Path(suite.run_dir(c.run)) / "metrics.json")
+        status = "missing" if m is None else m.get("status", "unknown")
+        row = {"experiment": c.experiment, "dataset": c.dataset, "teacher": c.teacher, "student": c.student,
+               "method": c.column, "seed": c.seed, "status": status, "run": c.run}
+        for k in METRICS + ("epoch_best", "wall_time_s"):
+            row[k] = m.get(k) if m else None
+        prov = (m or {}).get("provenance", {})
+        row.update(git_sha=prov.get("git_sha"), device=prov.get("device_name"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(records: pd.DataFrame) -> pd.DataFrame:
+    keys = ["experiment", "dataset", "teacher", "student", "method"]
+    rows = []
+    for key, g in records.groupby(keys, sort=False):
+        ok = g[g.status == "ok"]
+        row = dict(zip(keys, key))
+        row.update(n=len(ok), n_failed=int((g.status == "failed").sum()), n_missing=int((g.status == "missing").sum()))
+        for metric in METRICS:
+            ci = mean_ci(ok[metric].tolist())
+            row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.std, f"{metric}_ci_lo": ci.lo, f"{metric}_ci_hi": ci.hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_cell(row: pd.Series, metric: str) -> str:
+    mean, lo, hi = row[f"{metric}_mean"], row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"]
+    notes = [f"{row[k]} {k[2:]}" for k in ("n_failed", "n_missing") if row[k]]
+    if row["n"] == 0:
+        text = "—"
+    elif math.isnan(lo):
+        text = f"{mean:.2f} (n={row['n']})"
+    else:
+        text = f"{mean:.2f} ± {(hi - lo) / 2:.2f} (n={row['n']})"
+    return text + (f" [{', '.join(notes)}]" if notes else "")
+
+
+def markdown_table(summary: pd.DataFrame, experiments: list[str], metric: str, caption: str = "") -> str:
+    s = summary[summary.experiment.isin(experiments)]
+    methods = list(dict.fromkeys(["teacher", *s.method]))
+    body = []
+    for (exp, ds, t, st), g in s.groupby(["experiment", "dataset", "teacher", "student"], sort=False):
+        cells = {r.method: format_cell(r, metric) for _, r in g.iterrows()}
+        body.append([exp, ds, f"{t} → {st}", *(cells.get(m, "") for m in methods)])
+    header = ["experiment", "dataset", "teacher → student", *methods]
+    what = {"acc_last": "last-epoch", "acc_best": "best-epoch"}[metric]
+    cap = caption or f"Top-1 test accuracy (%), {what}: mean ± 95% t-interval half-width over seeds (n)."
+    return f"{cap}\n\n" + tabulate(body, header, tablefmt="github") + "\n"
+
+
+def aggregate(suite: Suite, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    records = run_records(suite)
+    summary = summarise(records)
+    written = {"runs": out / "runs.csv", "summary": out / "summary.csv"}
+    atomic_write_bytes(written["runs"], records.to_csv(index=False).encode())
+    atomic_write_bytes(written["summary"], summary.to_csv(index=False, float_format="%.4f").encode())
+    tables = suite.config.get("tables") or [{"name": "summary", "experiments": list(suite.experiment_runs)}]
+    for t in tables:
+        path = out / f"{t['name']}.md"
+        atomic_write_bytes(path, markdown_table(summary, t["experiments"], t.get("metric", "acc_last"), t.get("caption", "")).encode())
+        written[t["name"]] = path
+    return written

@@ -1,0 +1,172 @@
+"""Suites: a YAML file naming datasets, experiments (pairs × methods × seeds) and tables.
+
+:func:`load_suite` validates the file against ``schemas/suite.schema.yaml`` and every name
+against kdbench's registries, so a typo fails before any job runs, naming the valid choices.
+It then enumerates the runs, each identified by a path that says what defines it::
+
+    <dataset>/scratch/<arch>/seed<k>-<hash>              # teachers and plain students
+    <dataset>/<teacher>--<student>/<method>/seed<k>-<hash>   # distilled students
+
+A plain student ("student" method) does not depend on the teacher, so every pair that shares
+a student shares its run. A teacher is the plain-trained run of its architecture with seed
+``teacher_seeds[i]``; several teacher seeds make a teacher ensemble.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .data import DATASETS
+from .engine.spec import Recipe, RunSpec
+from .methods import METHODS
+from .models import MODELS
+
+SCHEMA = Path(__file__).parent / "schemas" / "suite.schema.yaml"
+
+
+class SuiteError(ValueError):
+    """An invalid suite file; the message names the location and the valid choices."""
+
+
+@dataclass
+class Run:
+    id: str
+    spec: RunSpec
+    experiment: str | None = None
+    teacher_runs: tuple[str, ...] = ()  # run ids whose model.pt this run reads
+
+    @property
+    def kind(self) -> str:
+        return "distill" if self.spec.teacher_ckpts else "train"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One seed of one table cell: ``column`` is a method name or "teacher"."""
+
+    experiment: str
+    dataset: str
+    teacher: str
+    student: str
+    column: str
+    seed: int
+    run: str
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    config: dict
+    runs: dict[str, Run] = field(default_factory=dict)
+    experiment_runs: dict[str, list[str]] = field(default_factory=dict)  # experiment -> run ids (incl. teachers)
+    cells: list["Cell"] = field(default_factory=list)  # what each run is in each experiment's tables
+
+    @property
+    def runs_dir(self) -> str:
+        return self.config.get("runs_dir", "runs")
+
+    def run_dir(self, run_id: str) -> str:
+        return f"{self.runs_dir}/{run_id}"
+
+    def synthetic_datasets(self) -> dict[str, dict]:
+        return {n: d for n, d in self.config["datasets"].items() if "synthetic" in d}
+
+
+def _check_name(kind: str, name: str, valid, where: str) -> None:
+    if name not in valid:
+        close = difflib.get_close_matches(name, list(valid), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise SuiteError(f"{where}: unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(sorted(valid))}")
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file {path} not found")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    with open(SCHEMA) as f:
+        schema = yaml.safe_load(f)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = "/".join(map(str, e.absolute_path)) or "(top level)"
+            msg = e.message
+            if e.validator == "additionalProperties":
+                allowed = list((e.schema.get("properties") or {}).keys())
+                msg += f" — allowed keys here: {', '.join(allowed)}"
+            lines.append(f"  {where}: {msg}")
+        raise SuiteError(f"{path} is not a valid suite:\n" + "\n".join(lines))
+    return build_suite(cfg, path)
+
+
+def build_suite(cfg: dict, path: Path) -> Suite:
+    suite = Suite(cfg["name"], path, cfg)
+    for name in cfg["datasets"]:
+        _check_name("dataset", name, DATASETS.names(), f"{path}: datasets")
+    for m in cfg.get("methods", {}):
+        _check_name("method", m, METHODS.names(), f"{path}: methods")
+    base_recipe = cfg.get("recipe") or {}
+    seen_exp = set()
+    for exp in cfg["experiments"]:
+        where = f"{path}: experiment {exp['name']!r}"
+        if exp["name"] in seen_exp:
+            raise SuiteError(f"{where}: duplicate experiment name")
+        seen_exp.add(exp["name"])
+        _check_name("dataset", exp["dataset"], cfg["datasets"], where + " (datasets declared in this suite)")
+        for t, s in exp["pairs"]:
+            _check_name("architecture", t, MODELS.names(), where)
+            _check_name("architecture", s, MODELS.names(), where)
+        for m in exp["methods"]:
+            _check_name("method", m, METHODS.names(), where)
+        try:
+            recipe = Recipe.from_config({**base_recipe, **(exp.get("recipe") or {})})
+            teacher_recipe = Recipe.from_config({**base_recipe, **(exp.get("teacher_recipe") or exp.get("recipe") or {})})
+        except ValueError as e:
+            raise SuiteError(f"{where}: {e}") from None
+        ids = suite.experiment_runs.setdefault(exp["name"], [])
+        for cell, run in _experiment_runs(cfg, exp, recipe, teacher_recipe, suite.runs_dir):
+            suite.runs.setdefault(run.id, run)
+            suite.cells.append(cell)
+            if run.id not in ids:
+                ids.append(run.id)
+    for table in cfg.get("tables", []):
+        for e in table["experiments"]:
+            _check_name("experiment", e, seen_exp, f"{path}: table {table['name']!r}")
+    return suite
+
+
+def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
+    ds = exp["dataset"]
+    root = cfg["datasets"][ds]["root"]
+    overrides = cfg.get("methods", {})
+
+    def scratch(arch: str, seed: int, recipe: Recipe = recipe) -> Run:
+        spec = RunSpec(ds, root, arch, "student", seed, recipe=recipe, method_overrides=overrides.get("student", {}))
+        return Run(f"{ds}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
+
+    for t_arch, s_arch in exp["pairs"]:
+        def cell(column: str, seed: int, run: Run):
+            return Cell(exp["name"], ds, t_arch, s_arch, column, seed, run.id), run
+
+        teacher_seeds = exp.get("teacher_seeds", [0])
+        teachers = [scratch(t_arch, ts, teacher_recipe) for ts in teacher_seeds]
+        for ts, t in zip(teacher_seeds, teachers):
+            yield cell("teacher", ts, t)
+        for method in exp["methods"]:
+            for seed in exp["seeds"]:
+                if not METHODS.get(method).needs_teacher:
+                    yield cell(method, seed, scratch(s_arch, seed))
+                    continue
+                ckpts = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers)
+                spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tuple(t.id for t in teachers),
+                               overrides.get(method, {}), recipe)
+                rid = f"{ds}/{t_arch}--{s_arch}/{method}/seed{seed}-{spec.config_hash()}"
+                yield cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))

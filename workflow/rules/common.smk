@@ -1,0 +1,25 @@
+# Helpers shared by the rules: they only list targets, all logic lives in the kdbench package.
+
+wildcard_constraints:
+    run=".+",
+    dataset="[A-Za-z0-9_]+",
+
+
+def run_inputs(wildcards):
+    run = SUITE.runs[wildcards.run]
+    # a teacher's metrics.json marks it finished; a failed teacher leaves no model.pt and the
+    # distillation job then stops with a message naming it
+    inputs = [f"{RUNS_DIR}/{t}/metrics.json" for t in run.teacher_runs]
+    synthetic = SUITE.synthetic_datasets()
+    if run.spec.dataset in synthetic:
+        inputs.append(f"{synthetic[run.spec.dataset]['root']}/kdbench-synthetic.json")
+    return inputs
+
+
+def all_metrics():
+    return [f"{RUNS_DIR}/{r}/metrics.json" for r in SUITE.runs]
+
+
+def table_outputs():
+    names = [t["name"] for t in SUITE.config.get("tables", [])] or ["summary"]
+    return [f"{RESULTS}/runs.csv", f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{n}.md" for n in names]
