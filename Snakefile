@@ -20,4 +20,7 @@ include: "workflow/rules/tables.smk"
 
 rule all:
     input:
+        # every run is a target too: Snakemake 9 does not recompute a deleted intermediate file
+        # whose downstream outputs exist, and a deleted run must be recomputed (then its tables)
+        all_metrics(),
         table_outputs(),

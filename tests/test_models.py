@@ -204,7 +204,8 @@ def test_parameter_count_exact(name):
 
 
 def test_torchvision_state_dicts_load_unchanged():
-    for name, ctor in [("imagenet_resnet18", torchvision.models.resnet18), ("imagenet_resnet34", torchvision.models.resnet34)]:
+    tv_models = torchvision.models
+    for name, ctor in [("imagenet_resnet18", tv_models.resnet18), ("imagenet_resnet34", tv_models.resnet34)]:
         torch.manual_seed(0)
         tv = ctor().eval()
         m = build_model(name, 1000).eval()
@@ -236,6 +237,16 @@ def test_features_contract(name):
     # MobileNetV2 (last 1×1 conv block) and ShuffleV2 (last 1×1 conv and its BN)
     extra = {"wrn": {"bn1"}, "MobileNetV2": {"conv2"}, "ShuffleV2": {"conv2", "bn2"}}.get(name.split("_")[0], set())
     assert left_out == {n for n, mod in m.named_children() if mod is m.classifier} | extra
+
+
+@pytest.mark.parametrize("name", ["resnet8", "vgg8", "MobileNetV2", "ShuffleV2", "ResNet18-0.5", "imagenet_resnet18"])
+def test_classifier_can_be_replaced(name):
+    m = build_model(name)
+    head = nn.Linear(m.classifier.in_features, 10)
+    m.classifier = head
+    assert m.classifier is head and [x for x in m.modules() if isinstance(x, nn.Linear)] == [head]
+    with torch.no_grad():
+        assert m.eval()(torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)
 
 
 RELU_OF_PREACT = [n for n in EXPECTED if not n.startswith("wrn") and n not in ("MobileNetV2", "ShuffleV2")]

@@ -6,7 +6,7 @@ Layout, exactly as the official tarballs unpack (and as torchvision downloads th
     <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
 
 This reader does not check the official MD5 sums (torchvision's readers do, which rejects
-kdbench's synthetic files written in the same format); ``kdbench data fetch`` downloads through
+kdbench's synthetic files written in the same format); ``kdbench fetch`` downloads through
 torchvision, which verifies them.
 """
 
@@ -53,7 +53,7 @@ def read_cifar(root: str | Path, name: str, split: str) -> ImageSet:
     if missing:
         raise DatasetMissingError(
             f"{name} {split} split not found: missing {', '.join(str(base / m) for m in missing)}. "
-            f"Get it with `kdbench data fetch {name} --root {root}` (downloads the official archive through "
+            f"Get it with `kdbench fetch {name} --root {root}` (downloads the official archive through "
             f"torchvision and checks its MD5), or unpack the official tarball so that {base}/ exists.")
     data, labels = [], []
     for f in files[split]:

@@ -110,7 +110,8 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
         if not spec.teacher_ckpts:
             raise ValueError(f"method {spec.method!r} needs a teacher: give teacher checkpoint(s)")
         teacher = load_teacher(spec.teacher_ckpts, spec.teacher, data.num_classes, dev)
-    ctx = MethodContext(feature_shapes(student), feature_shapes(teacher) if teacher is not None else None,
+    size = data.info.image_size
+    ctx = MethodContext(feature_shapes(student, size), feature_shapes(teacher, size) if teacher is not None else None,
                         data.num_classes, train_loader.labels, spec.student, spec.teacher)
     objective = build_objective(method_probe, ctx).to(dev)
     base_lr = recipe.base_lr(spec.student)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import imagenet_resnet, kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401  (registration)
+from . import imagenet_resnet, kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2  # noqa: F401 (registers)
+from . import shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 (registers)
 from .features import Features, FeatureShapes, feature_shapes
 from .zoo import MODELS
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tvr
 
 from .features import Features
-from .zoo import register_model
+from .zoo import ClassifierAlias, register_model
 
 
 def block_with_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,12 +31,8 @@ def block_with_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return F.relu(preact), preact
 
 
-class TorchvisionResNet(tvr.ResNet):
+class TorchvisionResNet(ClassifierAlias, tvr.ResNet):
     image_size = 224
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([m for name, m in self.named_children() if name != "fc"])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import register_model, run_stage
+from .zoo import ClassifierAlias, register_model, run_stage
 
 
 class BasicBlock(nn.Module):
@@ -43,7 +43,7 @@ class BasicBlock(nn.Module):
         return F.relu(preact), preact
 
 
-class KDAResNet(nn.Module):
+class KDAResNet(ClassifierAlias, nn.Module):
     def __init__(self, num_blocks, num_classes: int = 100, width: float = 1.0):
         super().__init__()
         widths = [int(w * width) for w in (64, 128, 256, 512)]
@@ -65,10 +65,6 @@ class KDAResNet(nn.Module):
             layers.append(BasicBlock(self.in_channels, cout, s))
             self.in_channels = cout
         return nn.Sequential(*layers)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.conv2_x, self.conv3_x, self.conv4_x, self.conv5_x, self.avg_pool])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import channel_shuffle, global_pool, register_model, run_stage
+from .zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
 
 
 def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, relu: bool = False) -> nn.Sequential:
@@ -55,7 +55,7 @@ class ShuffleNetUnit(nn.Module):
         return F.relu(preact), preact
 
 
-class ShuffleNetG3(nn.Module):
+class ShuffleNetG3(ClassifierAlias, nn.Module):
     def __init__(self, num_blocks=(4, 8, 4), num_classes: int = 100, groups: int = 3, widths=(24, 240, 480, 960)):
         super().__init__()
         self.conv1 = conv_bn(3, widths[0], 3, relu=True)
@@ -70,10 +70,6 @@ class ShuffleNetG3(nn.Module):
             units.append(ShuffleNetUnit(self.in_channels, cout, s, groups))
             self.in_channels = cout
         return nn.Sequential(*units)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.stage2, self.stage3, self.stage4])

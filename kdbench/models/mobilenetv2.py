@@ -27,12 +27,14 @@ from .features import Features
 from .zoo import global_pool, init_conv_fan_out_, register_model
 
 # (expansion t, channels c, blocks n, first stride s); t=None means the model's expansion T
-SETTINGS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1)]
+SETTINGS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
+            (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1)]
 STAGE_ENDS = (1, 2, 4, 6)  # stages end after these block groups
 
 
 def conv_bn_relu(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class InvertedResidual(nn.Module):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import global_pool, init_conv_fan_out_, register_model, run_stage
+from .zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model, run_stage
 
 
 class BasicBlock(nn.Module):
@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         return F.relu(preact), preact
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ClassifierAlias, nn.Module):
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100):
         super().__init__()
         assert (depth - 2) % 6 == 0, "basic-block depth must be 6n+2"
@@ -54,10 +54,6 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes)
         self.image_size = 32
         init_conv_fan_out_(self)  # equal to kaiming_normal_(mode="fan_out", nonlinearity="relu")
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.bn1, self.relu, self.layer1, self.layer2, self.layer3])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import global_pool, init_conv_fan_out_, register_model, run_stage
+from .zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model, run_stage
 
 
 class Bottleneck(nn.Module):
@@ -44,7 +44,9 @@ class Bottleneck(nn.Module):
         return F.relu(preact), preact
 
 
-class CifarBottleneckResNet(nn.Module):
+class CifarBottleneckResNet(ClassifierAlias, nn.Module):
+    classifier_attr = "linear"
+
     def __init__(self, num_blocks=(3, 4, 6, 3), num_classes: int = 100):
         super().__init__()
         self.in_planes = 64
@@ -64,10 +66,6 @@ class CifarBottleneckResNet(nn.Module):
             layers.append(Bottleneck(self.in_planes, planes, s))
             self.in_planes = planes * Bottleneck.expansion
         return nn.Sequential(*layers)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.linear
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4])

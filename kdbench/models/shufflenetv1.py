@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import channel_shuffle, global_pool, register_model, run_stage
+from .zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
 
 
 class ShuffleUnit(nn.Module):
@@ -46,7 +46,9 @@ class ShuffleUnit(nn.Module):
         return F.relu(preact), preact
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(ClassifierAlias, nn.Module):
+    classifier_attr = "linear"
+
     def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3, num_classes: int = 100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -63,10 +65,6 @@ class ShuffleNetV1(nn.Module):
             layers.append(ShuffleUnit(self.in_planes, out_planes - cat_planes, 2 if i == 0 else 1, groups))
             self.in_planes = out_planes
         return nn.Sequential(*layers)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.linear
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import channel_shuffle, global_pool, register_model, run_stage
+from .zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
 
 
 def _conv(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -65,7 +65,9 @@ class DownUnit(nn.Module):
         return out, out  # never the last unit of a stage
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(ClassifierAlias, nn.Module):
+    classifier_attr = "linear"
+
     def __init__(self, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3), num_classes: int = 100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -79,10 +81,6 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
         self.image_size = 32
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.linear
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])

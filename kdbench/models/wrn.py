@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import Features
-from .zoo import global_pool, init_conv_fan_out_, register_model
+from .zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model
 
 
 class WideBasic(nn.Module):
@@ -51,9 +51,10 @@ class WideBasic(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0):
         super().__init__()
-        self.layer = nn.Sequential(
-            *[WideBasic(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate) for i in range(n)]
-        )
+        self.layer = nn.Sequential(*[
+            WideBasic(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+            for i in range(n)
+        ])
 
     def forward(self, x: Tensor, bn_x: Tensor | None = None) -> Tensor:
         x = self.layer[0](x, bn_x)
@@ -62,7 +63,7 @@ class NetworkBlock(nn.Module):
         return x
 
 
-class WideResNet(nn.Module):
+class WideResNet(ClassifierAlias, nn.Module):
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, drop_rate: float = 0.0):
         super().__init__()
         assert (depth - 4) % 6 == 0, "depth must be 6n+4"
@@ -76,10 +77,6 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(ch[3], num_classes)
         self.image_size = 32
         init_conv_fan_out_(self, zero_linear_bias=True)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc
 
     def feature_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.conv1, self.block1, self.block2, self.block3])

@@ -6,11 +6,13 @@ Family modules register a factory ``f(num_classes) -> nn.Module`` with :func:`re
 Conventions shared by every family (so methods never need to know an architecture):
 
 * ``forward(x)`` returns :class:`~kdbench.models.features.Features`;
-* ``model.classifier`` is the final ``nn.Linear`` (a property where the original code names it
-  ``fc`` or ``linear``, so state-dict keys stay those of the original code and its checkpoints
-  load unchanged);
+* ``model.classifier`` is the final ``nn.Linear`` (an alias, :class:`ClassifierAlias`, where the
+  original code names it ``fc`` or ``linear``, so state-dict keys stay those of the original
+  code and its checkpoints load unchanged);
 * ``model.feature_modules()`` is RepDistiller's ``get_feat_modules()`` where RepDistiller has
-  one, otherwise every child module except the classifier;
+  one (for wrn, MobileNetV2 and ShuffleV2 that list also leaves out the layers between the
+  last stage and the pooling: wrn's final BN, MobileNetV2's and ShuffleV2's last 1×1 conv-BN),
+  otherwise every child module except the classifier;
 * ``model.image_size`` is the input resolution the architecture is meant for (32 for the
   CIFAR zoo, 224 for ImageNet), to pass to :func:`~kdbench.models.features.feature_shapes`.
 
@@ -34,6 +36,23 @@ MODELS: Registry[Callable[[int], nn.Module]] = Registry("architecture")
 def register_model(name: str):
     """Decorator registering ``factory(num_classes) -> nn.Module`` under ``name``."""
     return MODELS.register(name)
+
+
+class ClassifierAlias:
+    """Mixin for models whose final Linear keeps the original code's name (``fc``, ``linear``).
+
+    ``model.classifier`` reads it, and assigning ``model.classifier = nn.Linear(...)`` replaces it
+    (``nn.Module.__setattr__`` would otherwise register a second, unused module).
+    """
+
+    classifier_attr = "fc"
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return getattr(self, self.classifier_attr)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(self.classifier_attr if name == "classifier" else name, value)
 
 
 def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:

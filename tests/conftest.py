@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_suite(path: Path, data_root: Path, **overrides) -> Path:
+    """A tiny suite (resnet8 → resnet8, 5 synthetic classes, 2 epochs) for tests."""
+    cfg = {
+        "name": "tiny",
+        "device": "cpu",
+        "threads": 1,
+        "runs_dir": str(path.parent / "runs"),
+        "datasets": {"cifar100": {"root": str(data_root),
+                                  "synthetic": {"classes": 5, "train_per_class": 20, "test_per_class": 10, "seed": 0}}},
+        "recipe": {"epochs": 2},
+        "experiments": [{"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]],
+                         "methods": ["student", "kd"], "seeds": [0, 1]}],
+        "tables": [{"name": "main", "experiments": ["main"]}],
+    }
+    for k, v in overrides.items():
+        cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def tiny_suite(tmp_path):
+    return write_suite(tmp_path / "tiny.yaml", tmp_path / "data")
+
+
+def kdbench_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "kdbench.cli", *args]
+
+
+@pytest.fixture
+def subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
