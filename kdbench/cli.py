@@ -94,7 +94,23 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+#: subcommands that live in their own module, each with ``main(argv) -> int`` and its own parser
+MODULE_COMMANDS = {
+    "compare": ("kdbench.stats.compare", "compare two methods from results on disk (paired tests)"),
+    "tables": ("kdbench.stats.paper_tables", "paper-layout tables with published values and verdicts"),
+    "figures": ("kdbench.stats.figures", "paper figures (PNG) from run outputs"),
+    "kernel-gap": ("kdbench.stats.kernel_gap", "untransferred kernel fraction of a student vs its teacher"),
+    "import-teacher": ("kdbench.engine.import_teacher", "import a published teacher checkpoint"),
+    "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
+    "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in MODULE_COMMANDS:
+        import importlib
+        return importlib.import_module(MODULE_COMMANDS[argv[0]][0]).main(argv[1:])
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -120,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     fe = sub.add_parser("fetch", help="download a dataset into its official layout (needs internet)")
     fe.add_argument("dataset")
     fe.add_argument("--root", required=True)
+    import importlib.util
+    for name, (module, help_text) in MODULE_COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            sub.add_parser(name, help=help_text, add_help=False)
 
     args = p.parse_args(argv)
     handlers = {"train-teacher": lambda a: cmd_fit(a, "train"), "distill": lambda a: cmd_fit(a, "distill"),

@@ -113,6 +113,9 @@ def build_suite(cfg: dict, path: Path) -> Suite:
         _check_name("dataset", name, DATASETS.names(), f"{path}: datasets")
     for m in cfg.get("methods", {}):
         _check_name("method", m, METHODS.names(), f"{path}: methods")
+    from .methods import LOSSES
+    for t in cfg.get("term_params", {}):
+        _check_name("distillation term", t, LOSSES.names(), f"{path}: term_params")
     base_recipe = cfg.get("recipe") or {}
     seen_exp = set()
     for exp in cfg["experiments"]:
@@ -146,10 +149,19 @@ def build_suite(cfg: dict, path: Path) -> Suite:
 def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
-    overrides = cfg.get("methods", {})
+    def overrides(method: str) -> dict:
+        """Suite-wide term_params for the method's terms, then the method's own overrides."""
+        own = dict(cfg.get("methods", {}).get(method, {}))
+        spec = METHODS.get(method).with_overrides(own)
+        params = {t: dict(p) for t, p in cfg.get("term_params", {}).items() if t in spec.terms}
+        for t, p in (own.get("params") or {}).items():
+            params.setdefault(t, {}).update(p)
+        if params:
+            own["params"] = params
+        return own
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe) -> Run:
-        spec = RunSpec(ds, root, arch, "student", seed, recipe=recipe, method_overrides=overrides.get("student", {}))
+        spec = RunSpec(ds, root, arch, "student", seed, recipe=recipe, method_overrides=overrides("student"))
         return Run(f"{ds}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
 
     for t_arch, s_arch in exp["pairs"]:
@@ -167,6 +179,6 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                     continue
                 ckpts = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers)
                 spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tuple(t.id for t in teachers),
-                               overrides.get(method, {}), recipe)
+                               overrides(method), recipe)
                 rid = f"{ds}/{t_arch}--{s_arch}/{method}/seed{seed}-{spec.config_hash()}"
                 yield cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))

@@ -138,3 +138,23 @@ def test_distillation_gradients_reach_student_not_teacher(tmp_path, data_root):
     assert m["status"] == "ok" and m["curve"][0]["kd"] > 0
     after = torch.load(tmp_path / "t.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sgd_matches_torch_optim_bit_for_bit():
+    from kdbench.engine.optim import SGD
+    torch.manual_seed(0)
+    a = build_model("resnet8", 5)
+    b = build_model("resnet8", 5)
+    b.load_state_dict(a.state_dict())
+    mine = SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=False)
+    for step in range(4):
+        x = torch.randn(4, 3, 32, 32)
+        for model, opt in ((a, mine), (b, ref)):
+            opt.zero_grad()
+            model(x).logits.square().mean().backward()
+            opt.step()
+        if step == 1:
+            mine.lr = ref.param_groups[0]["lr"] = 0.005
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

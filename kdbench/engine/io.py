@@ -60,9 +60,14 @@ def git_sha() -> tuple[str | None, bool | None]:
 
 
 def provenance(device: torch.device) -> dict:
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
     from .. import __version__
+
+    try:
+        tv = version("torchvision")
+    except PackageNotFoundError:
+        tv = None
 
     sha, dirty = git_sha()
     cuda = torch.cuda.is_available() and device.type == "cuda"
@@ -72,7 +77,7 @@ def provenance(device: torch.device) -> dict:
         "git_dirty": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": tv,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -19,6 +19,7 @@ from ..data import TensorLoader, load_dataset
 from ..methods import Batch, MethodContext, Objective, build_objective
 from ..models import build_model, feature_shapes
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
+from .optim import SGD
 from .io import atomic_torch_save, atomic_write_json, provenance
 from .seeding import derive_seed, generator
 from .spec import RunSpec
@@ -85,8 +86,8 @@ def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, 
     return stats
 
 
-def _sgd(params, lr: float, recipe) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+def _sgd(params, lr: float, recipe) -> SGD:
+    return SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | None = None,
@@ -149,12 +150,11 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
                     opt.load_state_dict(init_opt)
             for epoch in range(state["epoch"] + 1, n_epochs + 1):
                 if term is None:
-                    for group in opt.param_groups:
-                        group["lr"] = recipe.lr_at(epoch, spec.student)
+                    opt.lr = recipe.lr_at(epoch, spec.student)
                 torch.manual_seed(derive_seed(spec.seed, "global", name, epoch))
                 gen = generator(dev, derive_seed(spec.seed, "data", name, epoch))
                 stats = _epoch(student, teacher, objective, opt, train_loader, gen, epoch, term)
-                stats = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], **stats}
+                stats = {"epoch": epoch, "lr": opt.lr, **stats}
                 if term is None:
                     objective.on_epoch_end(epoch)
                     test = evaluate(student, test_loader)

@@ -14,10 +14,23 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import imagenet_resnet, kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2  # noqa: F401 (registers)
+from . import kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2  # noqa: F401 (registers)
 from . import shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 (registers)
 from .features import Features, FeatureShapes, feature_shapes
-from .zoo import MODELS
+from .zoo import MODELS, register_model
+
+
+# torchvision.models takes ~1 s to import: load the ImageNet family only when it is built
+@register_model("imagenet_resnet18")
+def _imagenet_resnet18(num_classes: int = 1000) -> nn.Module:
+    from .imagenet_resnet import imagenet_resnet18
+    return imagenet_resnet18(num_classes)
+
+
+@register_model("imagenet_resnet34")
+def _imagenet_resnet34(num_classes: int = 1000) -> nn.Module:
+    from .imagenet_resnet import imagenet_resnet34
+    return imagenet_resnet34(num_classes)
 
 __all__ = ["MODELS", "build_model", "model_names", "Features", "FeatureShapes", "feature_shapes"]
 

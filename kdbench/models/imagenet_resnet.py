@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tvr
 
 from .features import Features
-from .zoo import ClassifierAlias, register_model
+from .zoo import ClassifierAlias
 
 
 def block_with_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,11 +50,9 @@ class TorchvisionResNet(ClassifierAlias, tvr.ResNet):
         return Features(stages, preact, pooled, self.fc(pooled))
 
 
-@register_model("imagenet_resnet18")
 def imagenet_resnet18(num_classes: int = 1000) -> TorchvisionResNet:
     return TorchvisionResNet(tvr.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
 
 
-@register_model("imagenet_resnet34")
 def imagenet_resnet34(num_classes: int = 1000) -> TorchvisionResNet:
     return TorchvisionResNet(tvr.BasicBlock, [3, 4, 6, 3], num_classes=num_classes)

@@ -2,7 +2,7 @@
 
 ``runs.csv``    one row per (experiment cell, seed): status and metrics of the run.
 ``summary.csv`` one row per cell: n ok / failed / missing, mean, sd, 95% t-interval.
-``<table>.md``  markdown tables laid out pairs × methods, cells ``mean ± half-width (n)``.
+``<table>.md``  markdown tables laid out methods × pairs, cells ``mean ± half-width (n)``.
 Failed runs (non-finite loss) and missing runs are counted and shown, never averaged.
 """
 
@@ -71,13 +71,14 @@ def format_cell(row: pd.Series, metric: str) -> str:
 
 
 def markdown_table(summary: pd.DataFrame, experiments: list[str], metric: str, caption: str = "") -> str:
+    """Methods as rows and teacher → student pairs as columns, as the CRD/OT tables are laid out."""
     s = summary[summary.experiment.isin(experiments)]
+    pairs = list(dict.fromkeys(zip(s.experiment, s.dataset, s.teacher, s.student)))
+    multi = len({p[:2] for p in pairs}) > 1
+    header = ["method", *(f"{e}/{d}: {t} → {st}" if multi else f"{t} → {st}" for e, d, t, st in pairs)]
     methods = list(dict.fromkeys(["teacher", *s.method]))
-    body = []
-    for (exp, ds, t, st), g in s.groupby(["experiment", "dataset", "teacher", "student"], sort=False):
-        cells = {r.method: format_cell(r, metric) for _, r in g.iterrows()}
-        body.append([exp, ds, f"{t} → {st}", *(cells.get(m, "") for m in methods)])
-    header = ["experiment", "dataset", "teacher → student", *methods]
+    cells = {(r.experiment, r.dataset, r.teacher, r.student, r.method): format_cell(r, metric) for _, r in s.iterrows()}
+    body = [[m, *(cells.get((*p, m), "") for p in pairs)] for m in methods]
     what = {"acc_last": "last-epoch", "acc_best": "best-epoch"}[metric]
     cap = caption or f"Top-1 test accuracy (%), {what}: mean ± 95% t-interval half-width over seeds (n)."
     return f"{cap}\n\n" + tabulate(body, header, tablefmt="github") + "\n"
