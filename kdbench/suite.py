@@ -23,7 +23,7 @@ import yaml
 
 from .data import DATASETS
 from .engine.spec import Recipe, RunSpec
-from .methods import METHODS
+from .methods import LOSSES, METHODS
 from .models import MODELS
 
 SCHEMA = Path(__file__).parent / "schemas" / "suite.schema.yaml"
@@ -87,6 +87,10 @@ def _check_name(kind: str, name: str, valid, where: str) -> None:
 
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
+    return build_suite(flatten(read_suite_file(path), path), path)
+
+
+def read_suite_file(path: Path) -> dict:
     if not path.is_file():
         raise SuiteError(f"suite file {path} not found")
     with open(path) as f:
@@ -104,18 +108,65 @@ def load_suite(path: str | Path) -> Suite:
                 msg += f" — allowed keys here: {', '.join(allowed)}"
             lines.append(f"  {where}: {msg}")
         raise SuiteError(f"{path} is not a valid suite:\n" + "\n".join(lines))
-    return build_suite(cfg, path)
+    return cfg
+
+
+def _merge_overrides(base: dict, own: dict) -> dict:
+    """Per-method overrides: keys of ``own`` win; ``params`` merge per term."""
+    out = {m: dict(v) for m, v in base.items()}
+    for m, v in own.items():
+        cur = out.setdefault(m, {})
+        params = {t: {**cur.get("params", {}).get(t, {}), **p} for t, p in v.get("params", {}).items()}
+        cur.update({k: x for k, x in v.items() if k != "params"})
+        if params or "params" in cur:
+            cur["params"] = {**cur.get("params", {}), **params}
+    return out
+
+
+def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
+    """Fold the suite-level recipe, methods and term_params into each experiment, and merge the
+    included suites, so a run resolves identically whichever suite names it (and is run once)."""
+    here = path.resolve()
+    if here in seen:
+        raise SuiteError(f"{path}: include cycle through {' -> '.join(map(str, seen))}")
+    out = {k: v for k, v in cfg.items() if k not in ("include", "recipe", "methods", "term_params")}
+    out["datasets"], out["experiments"], out["tables"] = {}, [], []
+
+    def add(sub: dict, where: Path) -> None:
+        for name, d in sub.get("datasets", {}).items():
+            if out["datasets"].setdefault(name, d) != d:
+                raise SuiteError(f"{where}: dataset {name!r} is declared differently in two included suites")
+        for key in ("experiments", "tables"):
+            for item in sub.get(key, []):
+                twin = next((x for x in out[key] if x["name"] == item["name"]), None)
+                if twin is None:
+                    out[key].append(item)
+                elif twin != item:
+                    raise SuiteError(f"{where}: {key[:-1]} {item['name']!r} is defined differently in two suites")
+
+    for inc in cfg.get("include", []):
+        ipath = path.parent / inc
+        add(flatten(read_suite_file(ipath), ipath, seen + (here,)), ipath)
+    recipe, methods, terms = cfg.get("recipe") or {}, cfg.get("methods") or {}, cfg.get("term_params") or {}
+    own = []
+    for exp in cfg.get("experiments", []):
+        e = dict(exp)
+        e["recipe"] = {**recipe, **(exp.get("recipe") or {})}
+        if "teacher_recipe" in exp:
+            e["teacher_recipe"] = {**recipe, **exp["teacher_recipe"]}
+        e["method_overrides"] = _merge_overrides(methods, exp.get("method_overrides") or {})
+        e["term_params"] = {t: {**terms.get(t, {}), **p} for t, p in {**terms, **(exp.get("term_params") or {})}.items()}
+        own.append(e)
+    add({"datasets": cfg.get("datasets", {}), "experiments": own, "tables": cfg.get("tables", [])}, path)
+    if not out["experiments"]:
+        raise SuiteError(f"{path}: a suite needs experiments (its own or through include)")
+    return out
 
 
 def build_suite(cfg: dict, path: Path) -> Suite:
     suite = Suite(cfg["name"], path, cfg)
     for name in cfg["datasets"]:
         _check_name("dataset", name, DATASETS.names(), f"{path}: datasets")
-    for m in cfg.get("methods", {}):
-        _check_name("method", m, METHODS.names(), f"{path}: methods")
-    from .methods import LOSSES
-    for t in cfg.get("term_params", {}):
-        _check_name("distillation term", t, LOSSES.names(), f"{path}: term_params")
     base_recipe = cfg.get("recipe") or {}
     seen_exp = set()
     for exp in cfg["experiments"]:
@@ -129,6 +180,10 @@ def build_suite(cfg: dict, path: Path) -> Suite:
             _check_name("architecture", s, MODELS.names(), where)
         for m in exp["methods"]:
             _check_name("method", m, METHODS.names(), where)
+        for m in exp.get("method_overrides", {}):
+            _check_name("method", m, METHODS.names(), where + " (method overrides)")
+        for t in exp.get("term_params", {}):
+            _check_name("distillation term", t, LOSSES.names(), where + " (term_params)")
         try:
             recipe = Recipe.from_config({**base_recipe, **(exp.get("recipe") or {})})
             teacher_recipe = Recipe.from_config({**base_recipe, **(exp.get("teacher_recipe") or exp.get("recipe") or {})})
@@ -151,9 +206,9 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     root = cfg["datasets"][ds]["root"]
     def overrides(method: str) -> dict:
         """Suite-wide term_params for the method's terms, then the method's own overrides."""
-        own = dict(cfg.get("methods", {}).get(method, {}))
+        own = dict(exp.get("method_overrides", {}).get(method, {}))
         spec = METHODS.get(method).with_overrides(own)
-        params = {t: dict(p) for t, p in cfg.get("term_params", {}).items() if t in spec.terms}
+        params = {t: dict(p) for t, p in exp.get("term_params", {}).items() if t in spec.terms}
         for t, p in (own.get("params") or {}).items():
             params.setdefault(t, {}).update(p)
         if params:

@@ -158,3 +158,11 @@ def test_sgd_matches_torch_optim_bit_for_bit():
             mine.lr = ref.param_groups[0]["lr"] = 0.005
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_cosine_schedule_with_warmup_per_step():
+    r = Recipe.from_config({"epochs": 10, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 2})
+    assert r.lr_at(1, "resnet8", 0.5) == pytest.approx(0.1 * 0.5 / 2)
+    assert r.lr_at(3, "resnet8", 0.0) == pytest.approx(0.1)
+    assert r.lr_at(7, "resnet8", 0.0) == pytest.approx(0.05)  # halfway through the 8 cosine epochs
+    assert r.lr_at(10, "resnet8", 0.999) == pytest.approx(0.0, abs=1e-5)

@@ -55,3 +55,26 @@ def test_snakemake_refuses_bad_suite_before_any_job(tmp_path):
     out = proc.stdout + proc.stderr
     assert "unknown method 'kdd'" in out and "Valid methods" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_include_unions_suites_and_shares_runs(tmp_path):
+    a = write_suite(tmp_path / "a.yaml", tmp_path / "data", name="a", recipe={"epochs": 2})
+    b = write_suite(tmp_path / "b.yaml", tmp_path / "data", name="b", recipe={"epochs": 3},
+                    experiments=[{**EXP, "name": "other", "methods": ["kd", "crd"]}],
+                    tables=[{"name": "other", "experiments": ["other"]}])
+    union = tmp_path / "u.yaml"
+    union.write_text(yaml.safe_dump({"name": "u", "runs_dir": str(tmp_path / "runs"), "include": ["a.yaml", "b.yaml"]}))
+    sa, sb, su = load_suite(a), load_suite(b), load_suite(union)
+    assert set(su.runs) == set(sa.runs) | set(sb.runs)
+    # each included suite keeps its own recipe: b's 3-epoch runs differ from a's 2-epoch runs
+    assert {r.spec.recipe.epochs for r in su.runs.values()} == {2, 3}
+    assert [t["name"] for t in su.config["tables"]] == ["main", "other"]
+
+
+def test_include_conflicts_are_reported(tmp_path):
+    write_suite(tmp_path / "a.yaml", tmp_path / "data", name="a", recipe={"epochs": 2})
+    write_suite(tmp_path / "b.yaml", tmp_path / "data", name="b", recipe={"epochs": 3})  # same experiment name
+    union = tmp_path / "u.yaml"
+    union.write_text(yaml.safe_dump({"name": "u", "include": ["a.yaml", "b.yaml"]}))
+    with pytest.raises(SuiteError, match="defined differently"):
+        load_suite(union)

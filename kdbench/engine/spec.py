@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, field, fields
 
@@ -24,6 +25,8 @@ class Recipe:
     weight_decay: float = 5e-4
     batch_size: int = 64
     test_batch_size: int = 256  # evaluation only: does not change results
+    schedule: str = "step"  # "step" (RepDistiller) or "cosine" (per step, idstcv/KDA)
+    warmup_epochs: int = 0  # linear per-step warm-up, cosine schedule only
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "Recipe":
@@ -39,13 +42,28 @@ class Recipe:
         for k in ("milestones", "small_lr_archs"):
             if k in cfg:
                 cfg[k] = tuple(cfg[k])
+        if cfg.get("schedule", "step") not in ("step", "cosine"):
+            raise ValueError(f"unknown schedule {cfg['schedule']!r}; valid: step, cosine")
         return cls(**cfg)
 
     def base_lr(self, arch: str) -> float:
         return self.small_lr if arch in self.small_lr_archs else self.lr
 
-    def lr_at(self, epoch: int, arch: str) -> float:
-        return self.base_lr(arch) * self.lr_decay ** sum(epoch > m for m in self.milestones)
+    def lr_at(self, epoch: int, arch: str, progress: float = 0.0) -> float:
+        """lr in ``epoch`` (from 1) after ``progress`` ∈ [0, 1) of its steps.
+
+        step: base·decay^(number of milestones < epoch), constant within an epoch.
+        cosine (idstcv/KDA main_kda.py): linear warm-up over ``warmup_epochs``, then
+        base·½(1 + cos(π·t)) with t the fraction of post-warm-up training done, per step.
+        """
+        base = self.base_lr(arch)
+        if self.schedule == "step":
+            return base * self.lr_decay ** sum(epoch > m for m in self.milestones)
+        t = epoch - 1 + progress
+        if t < self.warmup_epochs:
+            return base * (t + 1e-12) / self.warmup_epochs if self.warmup_epochs else base
+        frac = (t - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-12)
+        return base * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,17 @@ def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
 
 
 def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, optimizer,
-           loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None) -> dict:
-    """One pass over the training set; returns per-sample means of every loss term."""
+           loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None, lr_at=None) -> dict:
+    """One pass over the training set; returns per-sample means of every loss term.
+
+    ``lr_at(progress)``, if given, sets the lr before each step (per-step schedules)."""
     student.train()
     objective.train()
     names = ["loss", *(["init"] if init_term else list(objective.terms) + (["ce"] if objective.spec.ce else []))]
     sums = torch.zeros(len(names) + 1, device=loader.device, dtype=torch.float64)
-    for x, y, idx in loader.batches(gen):
+    for i, (x, y, idx) in enumerate(loader.batches(gen)):
+        if lr_at is not None:
+            optimizer.lr = lr_at(i / len(loader))
         batch = Batch(x, y, idx, epoch, gen)
         s = student(x)
         t = None
@@ -153,7 +157,10 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
                     opt.lr = recipe.lr_at(epoch, spec.student)
                 torch.manual_seed(derive_seed(spec.seed, "global", name, epoch))
                 gen = generator(dev, derive_seed(spec.seed, "data", name, epoch))
-                stats = _epoch(student, teacher, objective, opt, train_loader, gen, epoch, term)
+                per_step = None
+                if term is None and recipe.schedule != "step":
+                    per_step = lambda progress, e=epoch: recipe.lr_at(e, spec.student, progress)  # noqa: E731
+                stats = _epoch(student, teacher, objective, opt, train_loader, gen, epoch, term, per_step)
                 stats = {"epoch": epoch, "lr": opt.lr, **stats}
                 if term is None:
                     objective.on_epoch_end(epoch)
