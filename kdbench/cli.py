@@ -26,10 +26,9 @@ def cmd_fit(args, want: str) -> int:
 
     suite = _suite(args)
     run = _run_of(suite, args.run)
-    if want == "distill" and run.kind != "distill":
-        raise SystemExit(f"run {args.run!r} trains from scratch; use `kdbench train-teacher`")
-    if want == "train" and run.kind != "train":
-        raise SystemExit(f"run {args.run!r} distils from a teacher; use `kdbench distill`")
+    commands = {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}
+    if run.kind != want:
+        raise SystemExit(f"run {args.run!r} is a {run.kind} run; use `kdbench {commands[run.kind]}`")
     torch_threads(args.threads or suite.config.get("threads", 1))
     metrics = fit(run.spec, suite.run_dir(run.id), device=args.device or suite.config.get("device", "auto"),
                   run_id=run.id, progress=not args.quiet)
@@ -125,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with_suite(sub.add_parser("train-teacher", help="train a model from scratch (teachers and plain students)"), True)
     with_suite(sub.add_parser("distill", help="distil a student from its teacher(s)"), True)
+    with_suite(sub.add_parser("linear-probe", help="linear probe of a suite's frozen model on another dataset"), True)
     agg = with_suite(sub.add_parser("aggregate", help="seed-aggregated tables under results/<suite>/"))
     agg.add_argument("--out", help="output folder (default results/<suite name>)")
     with_suite(sub.add_parser("list-runs", help="print the suite's run ids"))
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     handlers = {"train-teacher": lambda a: cmd_fit(a, "train"), "distill": lambda a: cmd_fit(a, "distill"),
+                "linear-probe": lambda a: cmd_fit(a, "probe"),
                 "aggregate": cmd_aggregate, "list-runs": cmd_list_runs, "validate": cmd_validate,
                 "make-data": cmd_make_data, "list": cmd_list, "fetch": cmd_fetch}
     from .data import DatasetMissingError

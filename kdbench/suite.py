@@ -38,10 +38,12 @@ class Run:
     id: str
     spec: RunSpec
     experiment: str | None = None
-    teacher_runs: tuple[str, ...] = ()  # run ids whose model.pt this run reads
+    needs: tuple[str, ...] = ()  # run ids whose model.pt this run reads (teachers, probed model)
 
     @property
     def kind(self) -> str:
+        if self.spec.protocol == "linear_probe":
+            return "probe"
         return "distill" if self.spec.teacher_ckpts else "train"
 
 
@@ -184,6 +186,7 @@ def build_suite(cfg: dict, path: Path) -> Suite:
             _check_name("method", m, METHODS.names(), where + " (method overrides)")
         for t in exp.get("term_params", {}):
             _check_name("distillation term", t, LOSSES.names(), where + " (term_params)")
+        _check_transfer(cfg, exp, where)
         try:
             recipe = Recipe.from_config({**base_recipe, **(exp.get("recipe") or {})})
             teacher_recipe = Recipe.from_config({**base_recipe, **(exp.get("teacher_recipe") or exp.get("recipe") or {})})
@@ -201,9 +204,32 @@ def build_suite(cfg: dict, path: Path) -> Suite:
     return suite
 
 
+def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
+    """cross_dataset_distill refuses logit-based methods; every dataset must be declared."""
+    for key in ("teacher_dataset",):
+        if key in exp:
+            _check_name("dataset", exp[key], cfg["datasets"], where + f" ({key}, datasets declared in this suite)")
+    for pds in (exp.get("linear_probe") or {}).get("datasets", []):
+        _check_name("dataset", pds, cfg["datasets"], where + " (linear_probe, datasets declared in this suite)")
+    for arch in exp.get("teacher_checkpoints", {}):
+        if arch not in {t for t, _ in exp["pairs"]}:
+            raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
+    if exp.get("teacher_dataset", exp["dataset"]) == exp["dataset"]:
+        return
+    logit = [m for m in exp["methods"] if any("logits" in LOSSES.get(t).teacher_needs for t in METHODS.get(m).terms)]
+    if logit:
+        ok = [m for m in METHODS.names() if not any("logits" in LOSSES.get(t).teacher_needs for t in METHODS.get(m).terms)]
+        raise SuiteError(f"{where}: cross-dataset distillation ({exp['teacher_dataset']} teacher, {exp['dataset']} "
+                         f"student): {', '.join(logit)} read the teacher's logits, which cannot apply because the "
+                         f"label spaces differ. Methods that can: {', '.join(ok)}")
+
+
 def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
+    tds = exp.get("teacher_dataset", ds)  # cross_dataset_distill when it differs
+    external = exp.get("teacher_checkpoints", {})
+
     def overrides(method: str) -> dict:
         """Suite-wide term_params for the method's terms, then the method's own overrides."""
         own = dict(exp.get("method_overrides", {}).get(method, {}))
@@ -215,25 +241,49 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
             own["params"] = params
         return own
 
-    def scratch(arch: str, seed: int, recipe: Recipe = recipe) -> Run:
-        spec = RunSpec(ds, root, arch, "student", seed, recipe=recipe, method_overrides=overrides("student"))
-        return Run(f"{ds}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
+    def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds) -> Run:
+        spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
+                       method_overrides=overrides("student"))
+        return Run(f"{dataset}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
+
+    def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
+        """linear_probe: the frozen model of ``src`` gets a new linear layer on each probe dataset."""
+        lp = exp.get("linear_probe")
+        if not lp:
+            return
+        probe_recipe = Recipe.from_config({**PROBE_RECIPE, **(lp.get("recipe") or {})})
+        for pds in lp["datasets"]:
+            spec = RunSpec(pds, cfg["datasets"][pds]["root"], src.spec.student, "student", seed, recipe=probe_recipe,
+                           protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id)
+            run = Run(f"{pds}/probe/{src.id}/probe-{spec.config_hash()}", spec, exp["name"], (src.id,))
+            yield Cell(exp["name"], pds, t_arch, s_arch, column, seed, run.id), run
 
     for t_arch, s_arch in exp["pairs"]:
         def cell(column: str, seed: int, run: Run):
-            return Cell(exp["name"], ds, t_arch, s_arch, column, seed, run.id), run
+            yield Cell(exp["name"], ds, t_arch, s_arch, column, seed, run.id), run
+            yield from probes(column, seed, run, t_arch, s_arch)
 
         teacher_seeds = exp.get("teacher_seeds", [0])
-        teachers = [scratch(t_arch, ts, teacher_recipe) for ts in teacher_seeds]
-        for ts, t in zip(teacher_seeds, teachers):
-            yield cell("teacher", ts, t)
+        if t_arch in external:
+            paths = external[t_arch] if isinstance(external[t_arch], list) else [external[t_arch]]
+            teachers, ckpts, tids = [], tuple(paths), tuple(f"file:{p}" for p in paths)
+        else:
+            teachers = [scratch(t_arch, ts, teacher_recipe, tds) for ts in teacher_seeds]
+            ckpts, tids = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers), tuple(t.id for t in teachers)
+            for ts, t in zip(teacher_seeds, teachers):
+                yield from cell("teacher", ts, t)
         for method in exp["methods"]:
             for seed in exp["seeds"]:
                 if not METHODS.get(method).needs_teacher:
-                    yield cell(method, seed, scratch(s_arch, seed))
+                    yield from cell(method, seed, scratch(s_arch, seed))
                     continue
-                ckpts = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers)
-                spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tuple(t.id for t in teachers),
-                               overrides(method), recipe)
-                rid = f"{ds}/{t_arch}--{s_arch}/{method}/seed{seed}-{spec.config_hash()}"
-                yield cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
+                spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, overrides(method), recipe,
+                               teacher_dataset=None if tds == ds else tds)
+                pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
+                rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
+                yield from cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
+
+
+#: linear_probe defaults. CRD never published its probe recipe (HobbitLong/RepDistiller#44);
+#: the DKD maintainers' guidance is wd 0 with a frozen backbone and BN (mdistiller#59).
+PROBE_RECIPE = {"epochs": 40, "milestones": [20, 30], "lr": 0.1, "weight_decay": 0.0, "batch_size": 64}

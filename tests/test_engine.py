@@ -166,3 +166,17 @@ def test_cosine_schedule_with_warmup_per_step():
     assert r.lr_at(3, "resnet8", 0.0) == pytest.approx(0.1)
     assert r.lr_at(7, "resnet8", 0.0) == pytest.approx(0.05)  # halfway through the 8 cosine epochs
     assert r.lr_at(10, "resnet8", 0.999) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cross_dataset_distillation_with_a_teacher_of_another_label_space(tmp_path, data_root):
+    torch.manual_seed(0)
+    save_model(tmp_path / "t.pt", build_model("resnet8", 7), "resnet8", 7, "cifar10")  # 7 classes vs the data's 5
+    recipe = Recipe.from_config({"epochs": 1})
+    spec = RunSpec("cifar100", data_root, "resnet8", "fkd", 0, "resnet8", (str(tmp_path / "t.pt"),),
+                   recipe=recipe, teacher_dataset="cifar10")
+    m = fit(spec, tmp_path / "run", device="cpu", progress=False)
+    assert m["status"] == "ok" and m["curve"][0]["fkd"] > 0
+    kd = RunSpec("cifar100", data_root, "resnet8", "kd", 0, "resnet8", (str(tmp_path / "t.pt"),),
+                 recipe=recipe, teacher_dataset="cifar10")
+    with pytest.raises(ValueError, match="label spaces differ"):
+        fit(kd, tmp_path / "kd", device="cpu", progress=False)

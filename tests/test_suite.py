@@ -24,7 +24,7 @@ def test_runs_are_shared_and_named_by_what_defines_them(tiny_suite):
     assert len(ids) == 4, ids
     kd = [r for r in suite.runs.values() if r.kind == "distill"]
     assert all(r.id.startswith("cifar100/resnet8--resnet8/kd/seed") for r in kd)
-    assert all(r.teacher_runs == (ids[0],) for r in kd)
+    assert all(r.needs == (ids[0],) for r in kd)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -78,3 +78,40 @@ def test_include_conflicts_are_reported(tmp_path):
     union.write_text(yaml.safe_dump({"name": "u", "include": ["a.yaml", "b.yaml"]}))
     with pytest.raises(SuiteError, match="defined differently"):
         load_suite(union)
+
+
+def test_cross_dataset_distill_refuses_logit_methods(tmp_path):
+    datasets = {"cifar100": {"root": "d100"}, "cifar10": {"root": "d10"}}
+    exp = {**EXP, "dataset": "cifar10", "teacher_dataset": "cifar100", "methods": ["student", "fkd", "kd"]}
+    bad = write_suite(tmp_path / "bad.yaml", tmp_path / "data", datasets=datasets, experiments=[exp])
+    with pytest.raises(SuiteError, match=r"kd read the teacher's logits.*label spaces differ.*Methods that can: .*fkd"):
+        load_suite(bad)
+    good = write_suite(tmp_path / "good.yaml", tmp_path / "data", datasets=datasets,
+                       experiments=[{**exp, "methods": ["student", "fkd", "rkd", "sp"]}])
+    suite = load_suite(good)
+    teacher = [r for r in suite.runs.values() if r.spec.dataset == "cifar100"]
+    assert len(teacher) == 1
+    fkd = [r for r in suite.runs.values() if r.spec.method == "fkd"]
+    assert all(r.id.startswith("cifar10/cifar100.resnet8--resnet8/fkd/") for r in fkd)
+    assert all(r.spec.teacher_dataset == "cifar100" and r.needs == (teacher[0].id,) for r in fkd)
+
+
+def test_linear_probe_runs_follow_each_model(tmp_path):
+    datasets = {"cifar100": {"root": "d100"}, "cifar10": {"root": "d10"}}
+    exp = {**EXP, "linear_probe": {"datasets": ["cifar10"]}}
+    suite = load_suite(write_suite(tmp_path / "s.yaml", tmp_path / "data", datasets=datasets, experiments=[exp]))
+    probes = [r for r in suite.runs.values() if r.kind == "probe"]
+    sources = [r for r in suite.runs.values() if r.kind != "probe"]
+    assert len(probes) == len(sources) == 4
+    for p in probes:
+        assert p.spec.dataset == "cifar10" and p.spec.recipe.weight_decay == 0.0
+        assert p.needs[0] in suite.runs and p.spec.init_ckpt.endswith(f"{p.needs[0]}/model.pt")
+    assert {c.column for c in suite.cells if c.dataset == "cifar10"} == {"teacher", "student", "kd"}
+
+
+def test_imported_teacher_checkpoints_replace_teacher_runs(tmp_path):
+    exp = {**EXP, "teacher_checkpoints": {"resnet8": "teachers/resnet8.pt"}}
+    suite = load_suite(write_suite(tmp_path / "s.yaml", tmp_path / "data", experiments=[exp]))
+    kd = [r for r in suite.runs.values() if r.kind == "distill"]
+    assert kd and all(r.spec.teacher_ckpts == ("teachers/resnet8.pt",) and r.needs == () for r in kd)
+    assert "teacher" not in {c.column for c in suite.cells}

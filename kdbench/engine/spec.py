@@ -81,6 +81,13 @@ class RunSpec:
     teacher_ids: tuple[str, ...] = ()
     method_overrides: dict = field(default_factory=dict)
     recipe: Recipe = field(default_factory=Recipe)
+    #: cross_dataset_distill: the dataset the teacher was trained on (None = the student's)
+    teacher_dataset: str | None = None
+    #: "fit" (train or distill) or "linear_probe" (train a new linear layer on a frozen model)
+    protocol: str = "fit"
+    #: linear_probe: the frozen model's file (not hashed) and its run id (hashed)
+    init_ckpt: str | None = None
+    init_id: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,4 +107,5 @@ class RunSpec:
         d = self.to_dict()
         d.pop("data_root")
         d.pop("teacher_ckpts")
+        d.pop("init_ckpt")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

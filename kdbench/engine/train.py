@@ -100,6 +100,9 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
 
     ``stop_after_epochs`` stops after that many epochs of this invocation (for tests of resume).
     """
+    if spec.protocol == "linear_probe":
+        from .linear_probe import fit_probe
+        return fit_probe(spec, out_dir, device=device, run_id=run_id, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -114,7 +117,11 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
     if method_probe.needs_teacher:
         if not spec.teacher_ckpts:
             raise ValueError(f"method {spec.method!r} needs a teacher: give teacher checkpoint(s)")
-        teacher = load_teacher(spec.teacher_ckpts, spec.teacher, data.num_classes, dev)
+        cross = spec.teacher_dataset not in (None, spec.dataset)
+        if cross and "logits" in teacher_fields(method_probe):
+            raise ValueError(f"method {spec.method!r} reads the teacher's logits, but the teacher was trained on "
+                             f"{spec.teacher_dataset} and the student on {spec.dataset}: the label spaces differ")
+        teacher = load_teacher(spec.teacher_ckpts, spec.teacher, None if cross else data.num_classes, dev)
     size = data.info.image_size
     ctx = MethodContext(feature_shapes(student, size), feature_shapes(teacher, size) if teacher is not None else None,
                         data.num_classes, train_loader.labels, spec.student, spec.teacher)
@@ -203,6 +210,12 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
 def build_objective_spec(spec: RunSpec):
     from ..methods import METHODS
     return METHODS.get(spec.method).with_overrides(spec.method_overrides)
+
+
+def teacher_fields(method_spec) -> frozenset[str]:
+    """The teacher Features fields a method reads (from its terms' ``teacher_needs``)."""
+    from ..methods import LOSSES
+    return frozenset().union(*(LOSSES.get(t).teacher_needs for t in method_spec.terms))
 
 
 def _method_dict(objective: Objective) -> dict:

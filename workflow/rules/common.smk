@@ -7,9 +7,9 @@ wildcard_constraints:
 
 def run_inputs(wildcards):
     run = SUITE.runs[wildcards.run]
-    # a teacher's metrics.json marks it finished; a failed teacher leaves no model.pt and the
-    # distillation job then stops with a message naming it
-    inputs = [f"{RUNS_DIR}/{t}/metrics.json" for t in run.teacher_runs]
+    # a teacher's (or probed model's) metrics.json marks it finished; a failed run leaves no
+    # model.pt and the job that needs it then stops with a message naming it
+    inputs = [f"{RUNS_DIR}/{t}/metrics.json" for t in run.needs]
     synthetic = SUITE.synthetic_datasets()
     if run.spec.dataset in synthetic:
         inputs.append(f"{synthetic[run.spec.dataset]['root']}/kdbench-synthetic.json")

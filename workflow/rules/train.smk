@@ -3,7 +3,7 @@
 
 
 def _fit_command(wildcards):
-    return "distill" if SUITE.runs[wildcards.run].kind == "distill" else "train-teacher"
+    return {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}[SUITE.runs[wildcards.run].kind]
 
 
 rule fit:
