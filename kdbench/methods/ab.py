@@ -24,12 +24,11 @@ from __future__ import annotations
 import itertools
 from typing import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from ..models.features import Features
 from .adapters import ConvReg
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from .base import Batch, InitStageLoss, MethodContext, register_loss, register_method
 
 
 def margin_loss(source: Tensor, target: Tensor, margin: float = 1.0) -> Tensor:
@@ -47,7 +46,7 @@ def ab_loss(g_s: list[Tensor], g_t: list[Tensor], margin: float = 1.0) -> Tensor
 
 
 @register_loss("ab")
-class AB(DistillLoss):
+class AB(InitStageLoss):
     teacher_needs = frozenset({"preact"})
 
     def __init__(self, ctx: MethodContext, margin: float = 1.0, init_epochs: int = 30,
@@ -74,11 +73,6 @@ class AB(DistillLoss):
 
     def init_loss(self, s: Features, t: Features, batch: Batch) -> Tensor:
         return self.loss(s, t)
-
-    def forward(self, s: Features, t: Features, batch: Batch) -> Tensor:
-        if self.main_loss:
-            return self.loss(s, t)
-        return s.logits.new_zeros((), dtype=torch.float32)
 
 
 register_method("ab", ce=1.0, terms={"ab": 1.0}, params={"ab": {"init_epochs": 30}},

@@ -82,6 +82,18 @@ class DistillLoss(nn.Module):
         return base_lr
 
 
+class InitStageLoss(DistillLoss):
+    """A term whose loss trains an initialisation stage only (RepDistiller's AB and FSP): the
+    main-stage term is 0 unless ``main_loss`` keeps ``init_loss`` on there too."""
+
+    main_loss: bool = False
+
+    def forward(self, s: Features, t: Features, batch: Batch) -> Tensor:
+        if self.main_loss:
+            return self.init_loss(s, t, batch)
+        return s.logits.new_zeros((), dtype=torch.float32)
+
+
 LOSSES: Registry[type[DistillLoss]] = Registry("distillation loss")
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..models.features import Features
 from .adapters import pool_to_smaller
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from .base import Batch, InitStageLoss, MethodContext, register_loss, register_method
 
 
 def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
@@ -43,7 +43,7 @@ def fsp_loss(s_maps: list[Tensor], t_maps: list[Tensor]) -> Tensor:
 
 
 @register_loss("fsp")
-class FSP(DistillLoss):
+class FSP(InitStageLoss):
     teacher_needs = frozenset({"stages"})
 
     def __init__(self, ctx: MethodContext, init_epochs: int = 30, main_loss: bool = False):
@@ -65,11 +65,6 @@ class FSP(DistillLoss):
 
     def init_loss(self, s: Features, t: Features, batch: Batch) -> Tensor:
         return fsp_loss(s.stages, [f.detach() for f in t.stages])
-
-    def forward(self, s: Features, t: Features, batch: Batch) -> Tensor:
-        if self.main_loss:
-            return self.init_loss(s, t, batch)
-        return s.logits.new_zeros((), dtype=torch.float32)
 
 
 register_method("fsp", ce=1.0, terms={"fsp": 50.0}, params={"fsp": {"init_epochs": 30}},
