@@ -214,6 +214,13 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
     for arch in exp.get("teacher_checkpoints", {}):
         if arch not in {t for t, _ in exp["pairs"]}:
             raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
+    n_teachers = max([len(exp.get("teacher_seeds", [0]))] + [len(v) for v in exp.get("teacher_checkpoints", {}).values()
+                                                              if isinstance(v, list)])
+    if n_teachers > 1:
+        staged = [m for m in exp["methods"] if any(LOSSES.get(t).teacher_needs & {"stages", "preact"} for t in METHODS.get(m).terms)]
+        if staged:
+            raise SuiteError(f"{where}: a teacher ensemble has no single feature map, but {', '.join(staged)} read the "
+                             f"teacher's stage features; ensembles work with methods on logits or pooled features")
     if exp.get("teacher_dataset", exp["dataset"]) == exp["dataset"]:
         return
     logit = [m for m in exp["methods"] if any("logits" in LOSSES.get(t).teacher_needs for t in METHODS.get(m).terms)]

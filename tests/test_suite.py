@@ -115,3 +115,14 @@ def test_imported_teacher_checkpoints_replace_teacher_runs(tmp_path):
     kd = [r for r in suite.runs.values() if r.kind == "distill"]
     assert kd and all(r.spec.teacher_ckpts == ("teachers/resnet8.pt",) and r.needs == () for r in kd)
     assert "teacher" not in {c.column for c in suite.cells}
+
+
+def test_ensemble_teacher_refuses_stage_feature_methods(tmp_path):
+    bad = write_suite(tmp_path / "s.yaml", tmp_path / "data",
+                      experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["kd", "fkd", "at"]}])
+    with pytest.raises(SuiteError, match="at read the teacher's stage features"):
+        load_suite(bad)
+    ok = load_suite(write_suite(tmp_path / "t.yaml", tmp_path / "data",
+                                experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["kd", "fkd"]}]))
+    kd = [r for r in ok.runs.values() if r.kind == "distill"]
+    assert all(len(r.spec.teacher_ckpts) == 2 and len(r.needs) == 2 for r in kd)

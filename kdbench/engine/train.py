@@ -121,6 +121,9 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
         if cross and "logits" in teacher_fields(method_probe):
             raise ValueError(f"method {spec.method!r} reads the teacher's logits, but the teacher was trained on "
                              f"{spec.teacher_dataset} and the student on {spec.dataset}: the label spaces differ")
+        if len(spec.teacher_ckpts) > 1 and teacher_fields(method_probe) & {"stages", "preact"}:
+            raise ValueError(f"method {spec.method!r} reads the teacher's stage features, which a teacher ensemble "
+                             f"does not have")
         teacher = load_teacher(spec.teacher_ckpts, spec.teacher, None if cross else data.num_classes, dev)
     size = data.info.image_size
     ctx = MethodContext(feature_shapes(student, size), feature_shapes(teacher, size) if teacher is not None else None,
