@@ -13,6 +13,10 @@ RUNS_DIR = SUITE.runs_dir
 RESULTS = config.get("results_dir", f"results/{SUITE.name}")
 
 include: "workflow/rules/common.smk"
+
+# light jobs run where snakemake runs, never submitted to a cluster
+localrules: all, aggregate
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/tables.smk"

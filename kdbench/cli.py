@@ -31,7 +31,8 @@ def cmd_fit(args, want: str) -> int:
     torch_threads(args.threads or suite.config.get("threads", 1))
     metrics = fit(run.spec, suite.run_dir(run.id), device=args.device or suite.config.get("device", "auto"),
                   run_id=run.id, progress=not args.quiet)
-    print(json.dumps({k: metrics.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
+        print(json.dumps({k: metrics.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
     return 0
 
 

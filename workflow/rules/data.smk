@@ -9,5 +9,10 @@ for _name, _ds in SUITE.synthetic_datasets().items():
             f"{_ds['root']}/kdbench-synthetic.json",
         params:
             dataset=_name,
+        resources:
+            gpus=0,
+            mem_mb=2000,
+            runtime=10,
+        localrule: True
         shell:
             "kdbench make-data --suite {SUITE_FILE:q} --dataset {params.dataset}"

@@ -6,5 +6,9 @@ rule aggregate:
         all_metrics(),
     output:
         table_outputs(),
+    resources:
+        gpus=0,
+        mem_mb=2000,
+        runtime=10,
     shell:
         "kdbench aggregate --suite {SUITE_FILE:q} --out {RESULTS:q}"
