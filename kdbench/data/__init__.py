@@ -1,8 +1,23 @@
-"""Dataset registry: each entry reads a dataset's real on-disk format into an :class:`ImageSet`.
+"""Dataset registry: each entry reads a dataset's real on-disk format.
 
 ``load_dataset(name, root)`` returns the train and test splits and the normalisation and
-augmentation its protocol uses. Synthetic data (the default suite) is written in the real
-format by :mod:`kdbench.data.synthetic` and read back through the same readers.
+augmentation its protocol uses; :meth:`LoadedDataset.loaders` gives the engine's loaders. Small
+datasets (CIFAR, SVHN, STL-10 and Tiny-ImageNet at 32 px) are decoded once into uint8 arrays and
+go through the device-resident :class:`TensorLoader`; ImageNet is listed as files and streamed
+by :class:`~kdbench.data.stream.StreamingLoader` (worker processes). Under DDP each rank gets its
+shard of every global batch (:mod:`kdbench.data.sharded`). Synthetic data (the default suite) is
+written in the real format by :mod:`kdbench.data.synthetic` and read back through the same readers.
+
+Registered names and their protocol (details in each reader's docstring):
+
+==============  ==========================================================================
+cifar100/10     official pickles; crop 32 (pad 4) + flip
+svhn            ``train_32x32.mat``/``test_32x32.mat``; crop 32 (pad 4), no flip
+svhn_extra      as ``svhn``, training on train + extra (604,388 digits)
+stl10           ``stl10_binary``, resized 96 → 32; crop 32 (pad 4) + flip
+tinyimagenet    ``tiny-imagenet-200``, resized 64 → 32; crop 32 (pad 4) + flip; test = val
+imagenet        ``train/<wnid>``, ``val/<wnid>``; RandomResizedCrop 224 + flip / resize 256 + centre 224
+==============  ==========================================================================
 """
 
 from __future__ import annotations
@@ -12,39 +27,71 @@ from typing import Callable
 
 from ..registry import Registry
 from .cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetMissingError, ImageSet, read_cifar
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, FileImageSet, read_imagenet
 from .loader import TensorLoader
+from .stl10 import STL10_MEAN, STL10_STD, read_stl10
+from .svhn import SVHN_MEAN, SVHN_STD, read_svhn
+from .tinyimagenet import TINY_MEAN, TINY_STD, read_tinyimagenet
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    read: Callable[[str, str], ImageSet]  # (root, split) -> ImageSet
+    read: Callable[[str, str], "ImageSet | FileImageSet"]  # (root, split) -> the split
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_size: int = 32
     pad: int = 4  # RandomCrop padding used by the training augmentation
     fetch_hint: str = ""
+    flip: bool = True  # random horizontal flips in training (not for digits)
+    streaming: bool = False  # files decoded by worker processes (ImageNet) instead of a device tensor
+    resize: int = 0  # streaming test transform: resize the short side to this, then centre-crop image_size
+    train_size: int = 50000  # official training-set size (job resource estimates; no data needed)
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
 DATASETS.register("cifar100", DatasetInfo("cifar100", lambda r, s: read_cifar(r, "cifar100", s), CIFAR100_MEAN, CIFAR100_STD))
 DATASETS.register("cifar10", DatasetInfo("cifar10", lambda r, s: read_cifar(r, "cifar10", s), CIFAR10_MEAN, CIFAR10_STD))
+DATASETS.register("svhn", DatasetInfo("svhn", read_svhn, SVHN_MEAN, SVHN_STD, flip=False, train_size=73257))
+DATASETS.register("svhn_extra", DatasetInfo("svhn_extra", lambda r, s: read_svhn(r, "train+extra" if s == "train" else s),
+                                            SVHN_MEAN, SVHN_STD, flip=False, train_size=604388))
+DATASETS.register("stl10", DatasetInfo("stl10", lambda r, s: read_stl10(r, s, 32), STL10_MEAN, STL10_STD, train_size=5000))
+DATASETS.register("tinyimagenet", DatasetInfo("tinyimagenet", lambda r, s: read_tinyimagenet(r, s, 32), TINY_MEAN, TINY_STD,
+                                              train_size=100000))
+DATASETS.register("imagenet", DatasetInfo("imagenet", read_imagenet, IMAGENET_MEAN, IMAGENET_STD, image_size=224, pad=0,
+                                          streaming=True, resize=256, train_size=1281167))
 
 
 @dataclass
 class LoadedDataset:
     info: DatasetInfo
-    train: ImageSet
-    test: ImageSet
+    train: ImageSet | FileImageSet
+    test: ImageSet | FileImageSet
 
     @property
     def num_classes(self) -> int:
         return len(self.train.classes)
 
-    def loaders(self, batch_size: int, test_batch_size: int, device) -> tuple[TensorLoader, TensorLoader]:
+    def loaders(self, batch_size: int, test_batch_size: int, device, rank: int = 0, world_size: int = 1,
+                workers: int | None = None):
+        """Train and test loaders. ``batch_size`` is the global batch: under DDP (``world_size`` > 1)
+        each rank gets its 1/world_size slice of every global batch (see :mod:`kdbench.data.sharded`).
+        ``workers``: decoding processes per rank for streamed datasets (default: the CPUs / ranks)."""
         i = self.info
-        return (TensorLoader(self.train.images, self.train.labels, i.mean, i.std, batch_size, True, device, i.pad),
-                TensorLoader(self.test.images, self.test.labels, i.mean, i.std, test_batch_size, False, device))
+        if i.streaming:
+            from .stream import StreamingLoader
+            kw = dict(mean=i.mean, std=i.std, device=device, crop=i.image_size, resize=i.resize, rank=rank,
+                      world_size=world_size, workers=workers)
+            return (StreamingLoader(self.train, batch_size=batch_size, train=True, **kw),
+                    StreamingLoader(self.test, batch_size=test_batch_size, train=False, **kw))
+        if world_size == 1 and i.flip:  # the reference path
+            return (TensorLoader(self.train.images, self.train.labels, i.mean, i.std, batch_size, True, device, i.pad),
+                    TensorLoader(self.test.images, self.test.labels, i.mean, i.std, test_batch_size, False, device))
+        from .sharded import ShardedTensorLoader
+        return (ShardedTensorLoader(self.train.images, self.train.labels, i.mean, i.std, batch_size, True, device, i.pad,
+                                    flip=i.flip, rank=rank, world_size=world_size),
+                ShardedTensorLoader(self.test.images, self.test.labels, i.mean, i.std, test_batch_size, False, device,
+                                    rank=rank, world_size=world_size))
 
 
 def load_dataset(name: str, root: str) -> LoadedDataset:
@@ -52,4 +99,4 @@ def load_dataset(name: str, root: str) -> LoadedDataset:
     return LoadedDataset(info, info.read(root, "train"), info.read(root, "test"))
 
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "ImageSet", "LoadedDataset", "TensorLoader", "load_dataset"]
+__all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "FileImageSet", "ImageSet", "LoadedDataset", "TensorLoader", "load_dataset"]

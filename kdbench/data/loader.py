@@ -27,13 +27,32 @@ def random_crop(padded: Tensor, size: int, dy: Tensor, dx: Tensor) -> Tensor:
     return padded[n, :, rows, cols].permute(0, 3, 1, 2)  # advanced dims come first: N,H,W,C
 
 
-def crop_flip(padded: Tensor, size: int, pad: int, generator: torch.Generator | None) -> Tensor:
-    n, dev = padded.shape[0], padded.device
-    dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
-    flip = torch.rand(n, device=dev, generator=generator) < 0.5
+def draw_views(n: int, pad: int, device, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image crop offsets (dy, dx) ∈ [0, 2·pad] and flips (bool), in this order of draws."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def apply_views(padded: Tensor, size: int, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
     x = random_crop(padded, size, dy, dx)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def view_id(dy: Tensor, dx: Tensor, flip: Tensor, pad: int) -> Tensor:
+    """The view's number in [0, 2·(2·pad+1)²): ((dy·(2·pad+1) + dx)·2 + flip). 162 for pad 4."""
+    return (dy * (2 * pad + 1) + dx) * 2 + flip.long()
+
+
+def view_params(view: Tensor, pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`view_id`: (dy, dx, flip)."""
+    side = 2 * pad + 1
+    return (view // 2) // side, (view // 2) % side, (view % 2).bool()
+
+
+def crop_flip(padded: Tensor, size: int, pad: int, generator: torch.Generator | None) -> Tensor:
+    return apply_views(padded, size, *draw_views(padded.shape[0], pad, padded.device, generator))
 
 
 class TensorLoader:
@@ -60,13 +79,33 @@ class TensorLoader:
     def normalise(self, x_uint8: Tensor) -> Tensor:
         return (x_uint8.float() - self.mean) / self.std
 
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield ``(x, y, index)``; shuffled and augmented when ``train``."""
+    @property
+    def num_views(self) -> int:
+        """Distinct augmented views per image: (2·pad+1)² crops × 2 flips (1 without augmentation)."""
+        return 2 * (2 * self.pad + 1) ** 2 if self.train else 1
+
+    def batches(self, generator: torch.Generator | None = None, views: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """Yield ``(x, y, index)``; shuffled and augmented when ``train``. With ``views=True``
+        also each sample's view id (:func:`view_id`; 0 without augmentation): the random draws
+        and the images are the same either way."""
         n = len(self.labels)
         order = torch.randperm(n, device=self.device, generator=generator) if self.train else torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             raw = self.images[idx]
+            view = None
             if self.train:
-                raw = crop_flip(raw, self.size, self.pad, generator)
-            yield self.normalise(raw), self.labels[idx], idx
+                dy, dx, flip = draw_views(raw.shape[0], self.pad, self.device, generator)
+                raw = apply_views(raw, self.size, dy, dx, flip)
+                view = view_id(dy, dx, flip, self.pad) if views else None
+            if views:
+                yield self.normalise(raw), self.labels[idx], idx, torch.zeros_like(idx) if view is None else view
+            else:
+                yield self.normalise(raw), self.labels[idx], idx
+
+    def view_images(self, index: Tensor, view: Tensor) -> Tensor:
+        """The normalised images of samples ``index`` in views ``view`` (what training saw)."""
+        raw = self.images[index]
+        if self.train:
+            raw = apply_views(raw, self.size, *view_params(view, self.pad))
+        return self.normalise(raw)

@@ -66,6 +66,61 @@ class Recipe:
         return base * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("none", "graph", "compile")
+CACHE_DTYPES = ("none", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run executes: options that speed it up (``kdbench/engine/fast.py``,
+    ``teacher_cache.py``). Only options that change what is computed enter the run hash:
+
+    - ``precision``: ``fp32`` (default) or ``bf16`` autocast for the forward passes (losses stay
+      fp32). bf16 changes the results, so ``bf16`` is hashed; ``fp32`` is not (old ids stay).
+    - ``channels_last``: NHWC memory layout for models and inputs. Same maths, only the order of
+      floating-point sums inside a convolution may change (like cuDNN's algorithm choice): not hashed.
+    - ``compile``: ``none`` (eager), ``graph`` (the whole step captured as a CUDA graph, CUDA only)
+      or ``compile`` (``torch.compile`` of the models). Same maths, fused kernels: not hashed.
+    - ``teacher_cache``: ``none``, or the storage dtype of the exact teacher-output cache.
+      ``fp32`` stores the teacher's outputs as computed (exact): not hashed; ``bf16``/``fp16``
+      round them (different results): hashed.
+    - ``cache_dir``: where teacher caches are kept between processes (None: in memory for this
+      process only). A path: not hashed.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str = "none"
+    teacher_cache: str = "none"
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        for key, valid in (("precision", PRECISIONS), ("compile", COMPILE_MODES), ("teacher_cache", CACHE_DTYPES)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"execution.{key}: unknown value {getattr(self, key)!r}; valid: {', '.join(valid)}")
+
+    @classmethod
+    def from_config(cls, cfg: "dict | Execution | None") -> "Execution":
+        if isinstance(cfg, Execution):
+            return cfg
+        cfg = dict(cfg or {})
+        valid = {f.name for f in fields(cls)}
+        unknown = set(cfg) - valid
+        if unknown:
+            raise ValueError(f"unknown execution keys {sorted(unknown)}; valid: {sorted(valid)}")
+        return cls(**cfg)
+
+    def hashed(self) -> dict:
+        """The options that change results (empty for the plain fp32 path)."""
+        out = {}
+        if self.precision != "fp32":
+            out["precision"] = self.precision
+        if self.teacher_cache not in ("none", "fp32"):
+            out["teacher_cache"] = self.teacher_cache
+        return out
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run. ``teacher_ckpts`` has one path (a teacher) or several (an ensemble)."""
@@ -88,6 +143,8 @@ class RunSpec:
     #: linear_probe: the frozen model's file (not hashed) and its run id (hashed)
     init_ckpt: str | None = None
     init_id: str | None = None
+    #: execution options (see :class:`Execution`); only ``Execution.hashed()`` enters the hash
+    execution: Execution = field(default_factory=Execution)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,6 +157,7 @@ class RunSpec:
         d["recipe"] = Recipe.from_config(d.get("recipe"))
         d["teacher_ckpts"] = tuple(d.get("teacher_ckpts", ()))
         d["teacher_ids"] = tuple(d.get("teacher_ids", ()))
+        d["execution"] = Execution.from_config(d.get("execution"))
         return cls(**d)
 
     def config_hash(self) -> str:
@@ -108,4 +166,7 @@ class RunSpec:
         d.pop("data_root")
         d.pop("teacher_ckpts")
         d.pop("init_ckpt")
+        d.pop("execution")
+        if self.execution.hashed():
+            d["execution"] = self.execution.hashed()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

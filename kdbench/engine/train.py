@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..data import TensorLoader, load_dataset
-from ..methods import Batch, MethodContext, Objective, build_objective
+from ..methods import MethodContext, Objective, build_objective
 from ..models import build_model, feature_shapes
+from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
+from .fast import Runtime, TeacherRequest, step_names
 from .optim import SGD
 from .io import atomic_torch_save, atomic_write_json, provenance
 from .seeding import derive_seed, generator
@@ -48,41 +50,35 @@ def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
         hit = top == y[:, None]
         sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum")]).double()
     model.train(was)
-    top1, top5, loss = (sums / loader.num_samples).tolist()
+    top1, top5, loss = (distributed.all_reduce_sum(sums) / loader.num_samples).tolist()
     return {"top1": 100 * top1, "top5": 100 * top5, "loss": loss}
 
 
 def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, optimizer,
-           loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None, lr_at=None) -> dict:
+           loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None, lr_at=None,
+           runtime: Runtime | None = None):
     """One pass over the training set; returns per-sample means of every loss term.
 
+    A generator: for each step that needs the teacher it yields a :class:`TeacherRequest` and is
+    sent back the teacher's Features (``drive`` answers with a forward pass or the teacher cache;
+    ``pack.py`` with one forward pass for several runs). The step itself is
+    ``fast.train_step``, executed as ``runtime`` says (eager by default).
     ``lr_at(progress)``, if given, sets the lr before each step (per-step schedules)."""
     student.train()
     objective.train()
-    names = ["loss", *(["init"] if init_term else list(objective.terms) + (["ce"] if objective.spec.ce else []))]
+    runtime = runtime or Runtime(device=loader.device)
+    names = step_names(objective, init_term)
     sums = torch.zeros(len(names) + 1, device=loader.device, dtype=torch.float64)
-    for i, (x, y, idx) in enumerate(loader.batches(gen)):
+    step = runtime.stepper(student, objective, optimizer, names, sums, epoch, gen, init_term)
+    batches = loader.batches(gen, views=True) if runtime.needs_views else ((*b, None) for b in loader.batches(gen))
+    for i, (x, y, idx, view) in enumerate(batches):
         if lr_at is not None:
             optimizer.lr = lr_at(i / len(loader))
-        batch = Batch(x, y, idx, epoch, gen)
-        s = student(x)
-        t = None
-        if teacher is not None:
-            with torch.no_grad():
-                t = teacher(x)
-        if init_term is not None:
-            terms = {"init": init_term.init_loss(s, t, batch)}
-        else:
-            terms = objective(s, t, batch)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = x.shape[0]
-        vals = [loss.detach(), *(terms[k].detach() for k in names[1:])]
-        correct = (s.logits.detach().argmax(1) == y).sum()
-        sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
-    out = (sums / loader.num_samples).tolist()  # the epoch's one host sync
+        x = runtime.input(x)
+        t = (yield TeacherRequest(x, idx, view, teacher, runtime)) if teacher is not None else None
+        step(x, y, idx, t)
+    distributed.sync_buffers(student)  # DDP: every rank takes rank 0's BN statistics
+    out = (distributed.all_reduce_sum(sums) / loader.num_samples).tolist()  # the epoch's one host sync
     stats = dict(zip(names, out[:-1]))
     stats["train_acc"] = 100 * out[-1]
     if not all(map(lambda v: v == v and abs(v) != float("inf"), out)):
@@ -103,12 +99,33 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
     if spec.protocol == "linear_probe":
         from .linear_probe import fit_probe
         return fit_probe(spec, out_dir, device=device, run_id=run_id, progress=progress)
+    return drive(fit_steps(spec, out_dir, device, run_id, progress, stop_after_epochs))
+
+
+def drive(steps) -> dict:
+    """Run a :func:`fit_steps` generator alone, answering its teacher requests; its metrics."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(request.runtime.teacher_features(request.teacher, [request])[0])
+    except StopIteration as done:
+        return done.value
+
+
+def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | None = None,
+              progress: bool = True, stop_after_epochs: int | None = None, shared: dict | None = None):
+    """:func:`fit` as a generator of :class:`TeacherRequest` (see :func:`_epoch`) returning the
+    metrics: :func:`drive` runs one, ``pack.py`` several in lockstep. ``shared`` may hold the
+    ``data`` and ``loaders`` that several packed runs share."""
+    shared = shared or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dctx = distributed.init(resolve_device(device))  # torchrun: this rank's process group and device
+    dev = dctx.device
     recipe = spec.recipe
-    data = load_dataset(spec.dataset, spec.data_root)
-    train_loader, test_loader = data.loaders(recipe.batch_size, recipe.test_batch_size, dev)
+    data = shared.get("data") or load_dataset(spec.dataset, spec.data_root)
+    train_loader, test_loader = shared.get("loaders") or data.loaders(recipe.batch_size, recipe.test_batch_size, dev,
+                                                                      **dctx.loader_kwargs())
 
     torch.manual_seed(derive_seed(spec.seed, "init"))
     student = build_model(spec.student, data.num_classes).to(dev)
@@ -131,9 +148,13 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
     objective = build_objective(method_probe, ctx).to(dev)
     base_lr = recipe.base_lr(spec.student)
     optimizer = _sgd(list(student.parameters()) + list(objective.parameters()), base_lr, recipe)
+    runtime = Runtime(spec.execution, dev)  # the fast path's options (kdbench/engine/fast.py)
+    runtime.prepare(student, teacher, objective)
+    runtime.attach_cache(teacher, objective, train_loader)
 
     stages = [(f"init:{n}", t, t.init_epochs) for n, t in objective.terms.items() if t.init_epochs > 0]
     stages.append(("main", None, recipe.epochs))
+    model = distributed.wrap(student, find_unused=len(stages) > 1)  # DDP-wrapped under torchrun
     state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time()}
     init_opt = None
     ckpt_path = out / "checkpoint.pt"
@@ -150,10 +171,11 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
             init_opt = ck["init_optimizer"]
 
     prov = provenance(dev)
+    prov["world_size"] = dctx.world_size  # DDP processes (per-rank BN batches change results)
     t0 = time.time() - state["elapsed"]
     done_now = 0
     status, failure = "ok", None
-    bar = _progress(progress, spec, stages, state)
+    bar = _progress(progress and dctx.is_main, spec, stages, state)
     try:
         for si in range(state["stage"], len(stages)):
             name, term, n_epochs = stages[si]
@@ -170,7 +192,7 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
                 per_step = None
                 if term is None and recipe.schedule != "step":
                     per_step = lambda progress, e=epoch: recipe.lr_at(e, spec.student, progress)  # noqa: E731
-                stats = _epoch(student, teacher, objective, opt, train_loader, gen, epoch, term, per_step)
+                stats = yield from _epoch(model, teacher, objective, opt, train_loader, gen, epoch, term, per_step, runtime)
                 stats = {"epoch": epoch, "lr": opt.lr, **stats}
                 if term is None:
                     objective.on_epoch_end(epoch)
@@ -181,10 +203,11 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
                     state["init_curve"].append({"stage": name, **stats})
                 state["epoch"] = epoch
                 state["elapsed"] = time.time() - t0
-                atomic_torch_save(ckpt_path, {
-                    "format": CHECKPOINT_FORMAT, "hash": spec.config_hash(), "state": state,
-                    "student": student.state_dict(), "objective": objective.state_dict(),
-                    "optimizer": optimizer.state_dict(), "init_optimizer": opt.state_dict() if term is not None else None})
+                if dctx.is_main:  # DDP: rank 0 writes
+                    atomic_torch_save(ckpt_path, {
+                        "format": CHECKPOINT_FORMAT, "hash": spec.config_hash(), "state": state,
+                        "student": student.state_dict(), "objective": objective.state_dict(),
+                        "optimizer": optimizer.state_dict(), "init_optimizer": opt.state_dict() if term is not None else None})
                 bar.update(1)
                 bar.set_postfix_str(f"{name} ep{epoch} " + (f"acc {stats['test_acc']:.2f}" if term is None else f"loss {stats['loss']:.4f}"))
                 done_now += 1
@@ -203,10 +226,12 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
                    spec=spec.to_dict(), resolved_method=_method_dict(objective),
                    wall_time_s=time.time() - t0, provenance=prov,
                    curve=state["curve"], init_curve=state["init_curve"])
-    if status == "ok":
+    if status == "ok" and dctx.is_main:
         save_model(out / "model.pt", student, spec.student, data.num_classes, spec.dataset,
                    run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash())
-    atomic_write_json(out / "metrics.json", metrics)
+    if dctx.is_main:
+        atomic_write_json(out / "metrics.json", metrics)
+    distributed.close()
     return metrics
 
 

@@ -1,1 +1,69 @@
-# Paper-layout tables, figures and the kernel diagnostics (owned by the tables work; see issue 5).
+# Paper-layout tables (`kdbench tables`), paper figures (`kdbench figures`) and the kernel-gap
+# records they read (`kdbench kernel-gap`, KDA Fig. 3 and teacher-ensemble accuracies).
+# paper_outputs() lists every output; `snakemake paper` builds them (and `all`, once it lists them).
+from kdbench.stats.paper_tables import diagnostic_targets, table_specs
+
+PAPER_DIR = f"{RESULTS}/paper"
+_PAPER_SPECS = table_specs(SUITE)
+PAPER_TABLES = [s.name for s in _PAPER_SPECS]
+PAPER_FIGURES = [s.name for s in _PAPER_SPECS if s.figure]
+DIAGNOSTICS = diagnostic_targets(SUITE)  # record path -> (run id, teacher run folders or model files)
+DEVICE_ARG = SUITE.config.get("device", "auto")
+
+
+def paper_outputs():
+    tables = [f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv")]
+    return tables + [f"{PAPER_DIR}/{n}.png" for n in PAPER_FIGURES]
+
+
+def _diagnostic_inputs():
+    runs = {f"{RUNS_DIR}/{r}" for r in SUITE.runs}
+    needed = set()
+    for run, teachers in DIAGNOSTICS.values():
+        # a run is finished when its metrics.json exists; an imported teacher is its model file
+        needed.add(f"{RUNS_DIR}/{run}/metrics.json")
+        needed.update(f"{t}/metrics.json" if t in runs else t for t in teachers)
+    return sorted(needed)
+
+
+if DIAGNOSTICS:
+
+    # one job for every record: loading torch and the test set once costs more than the records
+    rule kernel_gap:
+        input:
+            _diagnostic_inputs(),
+        output:
+            list(DIAGNOSTICS),
+        resources:
+            gpus=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,
+        shell:
+            "kdbench kernel-gap --suite {SUITE_FILE:q} --device {DEVICE_ARG}"
+
+
+if PAPER_TABLES:
+
+    rule paper_tables:
+        input:
+            all_metrics(),
+            list(DIAGNOSTICS),
+        output:
+            [f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv")],
+        shell:
+            "kdbench tables --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
+
+
+if PAPER_FIGURES:
+
+    rule paper_figures:
+        input:
+            all_metrics(),
+            list(DIAGNOSTICS),
+        output:
+            [f"{PAPER_DIR}/{n}.png" for n in PAPER_FIGURES],
+        shell:
+            "kdbench figures --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
+
+
+rule paper:
+    input:
+        paper_outputs(),

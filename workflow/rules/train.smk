@@ -6,6 +6,21 @@ def _fit_command(wildcards):
     return {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}[SUITE.runs[wildcards.run].kind]
 
 
+def _res(key):
+    """One of the run's resource requests (kdbench.engine.distributed.job_resources: GPUs, DDP
+    processes, threads, memory, runtime in minutes), computed without reading any data."""
+    from kdbench.engine.distributed import job_resources
+    return lambda wildcards, **_: job_resources(SUITE.runs[wildcards.run], SUITE.config, config)[key]
+
+
+def _launch(wildcards, resources):
+    """GPU runs go through the launcher (claims free GPUs locally, starts torchrun for DDP runs)."""
+    import sys
+    if resources.gpus == 0 and resources.nproc == 1:
+        return "kdbench"
+    return f"{sys.executable} -m kdbench.engine.distributed --gpus {resources.gpus} --nproc {resources.nproc} --"
+
+
 rule fit:
     input:
         run_inputs,
@@ -15,8 +30,13 @@ rule fit:
         f"{RUNS_DIR}/{{run}}/log.txt",
     params:
         command=_fit_command,
-    threads: SUITE.config.get("threads", 1)
+        launch=_launch,
+    threads: _res("threads")
     resources:
-        gpus=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,
+        gpus=_res("gpus"),  # local scheduling: at most --resources gpus=N at once
+        gpu=_res("gpu"),  # the SLURM executor plugin's name (sbatch --gpus)
+        nproc=_res("nproc"),  # DDP processes (torchrun) for this run
+        mem_mb=_res("mem_mb"),
+        runtime=_res("runtime"),  # minutes
     shell:
-        "kdbench {params.command} --suite {SUITE_FILE:q} --run {wildcards.run:q} --quiet > {log:q} 2>&1"
+        "{params.launch} {params.command} --suite {SUITE_FILE:q} --run {wildcards.run:q} --quiet > {log:q} 2>&1"

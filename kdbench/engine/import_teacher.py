@@ -1,0 +1,213 @@
+"""``kdbench import-teacher``: published teacher checkpoints → kdbench model files.
+
+Accepted inputs (detected from the file's content):
+
+* **RepDistiller** ``save/models/<arch>_vanilla/ckpt_epoch_240.pth`` — a dict with ``model`` (the
+  state dict) plus ``epoch``/``accuracy``/``optimizer``; the set re-hosted by mdistiller
+  (``cifar_teachers.tar``) has the same layout. The architecture is taken from the folder name
+  when ``--arch`` is not given.
+* **torchvision** ImageNet weights (``resnet34-b627a593.pth``, ``resnet18-f37072fd.pth``, or the
+  older ``resnet34-333f7ec4.pth``): a bare state dict, mapped onto ``imagenet_resnet34/18``. When
+  the file name carries torchvision's hash suffix, the file's SHA-256 must start with it.
+
+Checks, each refusing the file with a message that says why: readable as a weights-only torch
+file; the right kind of content; every key and shape equal to the kdbench architecture's (the
+zoo keeps the original module names; a DataParallel ``module.`` prefix and a
+Sequential-wrapped ``classifier.0.*`` are mapped); all values finite. With ``--check-data ROOT``
+the model is evaluated on the dataset's test split and must be within ``--tolerance`` (default
+0.1 points, recipes.md §11) of the published top-1: RepDistiller's README values (recipes.md §3.1)
+or torchvision's documented ImageNet accuracy.
+
+The output is a ``kdbench-model/1`` file (:func:`~kdbench.engine.checkpoint.save_model`) whose
+``meta`` records the source file, its SHA-256, the format and the accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MODEL_FORMAT, CheckpointError, load_state_checked, save_model
+
+#: top-1 % of the published checkpoints on their test sets
+PUBLISHED_TOP1 = {
+    # RepDistiller README (CIFAR-100 test set, last epoch of 240), recipes.md §3.1
+    ("cifar100", "wrn_40_2"): 75.61, ("cifar100", "resnet56"): 72.34, ("cifar100", "resnet110"): 74.31,
+    ("cifar100", "resnet32x4"): 79.42, ("cifar100", "vgg13"): 74.64, ("cifar100", "ResNet50"): 79.34,
+    # torchvision docs, IMAGENET1K_V1 weights (ImageNet val, resize 256 + centre crop 224)
+    ("imagenet", "imagenet_resnet34"): 73.314, ("imagenet", "imagenet_resnet18"): 69.758,
+}
+FORMATS = ("repdistiller", "torchvision")
+TORCHVISION_ARCH = {"resnet18": "imagenet_resnet18", "resnet34": "imagenet_resnet34"}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: Path) -> tuple[str, dict, dict]:
+    """(format, state dict, extra info) of a published checkpoint; refuses anything else."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}). It is truncated or corrupt: download it "
+                              f"again.") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict (RepDistiller checkpoint or state dict), found {type(obj).__name__}")
+    if obj.get("format") == MODEL_FORMAT:
+        raise CheckpointError(f"{path}: is already a {MODEL_FORMAT} file; use it directly")
+    if isinstance(obj.get("model"), dict):
+        info = {k: _plain(obj[k]) for k in ("epoch", "accuracy", "best_acc") if k in obj}
+        return "repdistiller", obj["model"], info
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return "torchvision", obj, {}
+    raise CheckpointError(f"{path}: neither a RepDistiller checkpoint (a dict with a 'model' state dict) nor a "
+                          f"torchvision state dict (tensors only); top-level keys: {sorted(map(str, obj))[:8]}")
+
+
+def _plain(v):
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+def infer_arch(path: Path, fmt: str) -> str | None:
+    """RepDistiller: the ``<arch>_vanilla`` folder; torchvision: the ``resnetNN-<hash>.pth`` name."""
+    if fmt == "repdistiller":
+        m = re.fullmatch(r"(.+)_vanilla", path.parent.name)
+        return m.group(1) if m else None
+    m = re.match(r"(resnet\d+)-", path.name)
+    return TORCHVISION_ARCH.get(m.group(1)) if m else None
+
+
+def check_hash_suffix(path: Path) -> str:
+    """torchvision names files ``<name>-<first hex digits of sha256>.pth``; verify when present."""
+    digest = sha256(path)
+    m = re.search(r"-([a-f0-9]{8,})\.pth?$", path.name)
+    if m and not digest.startswith(m.group(1)):
+        raise CheckpointError(f"{path}: SHA-256 {digest[:12]}… does not start with the {m.group(1)} in its name; the "
+                              f"download is corrupt or altered — download it again")
+    return digest
+
+
+def normalise_keys(state: dict, model: torch.nn.Module) -> dict:
+    """Map the originals' key variants onto the model's: DataParallel's ``module.`` prefix, and a
+    classifier wrapped in a Sequential (``classifier.0.weight``, RepDistiller's MobileNetV2)."""
+    own = model.state_dict().keys()
+    out = {}
+    for k, v in state.items():
+        k2 = k[len("module."):] if k.startswith("module.") else k
+        if k2 not in own:
+            alt = re.sub(r"^(classifier|fc|linear)\.0\.", r"\1.", k2)
+            k2 = alt if alt in own else k2
+        out[k2] = v
+    return out
+
+
+def classifier_name(model: torch.nn.Module) -> str:
+    target = model.classifier
+    return next(n for n, m in model.named_modules() if m is target)
+
+
+def import_teacher(src: str | Path, out: str | Path, arch: str | None = None, dataset: str | None = None,
+                   check_data: str | None = None, tolerance: float = 0.1, device: str = "auto",
+                   batch_size: int = 256, published: float | None = None) -> dict:
+    """Convert ``src`` into a kdbench model file at ``out``; return what was checked."""
+    from ..models import MODELS, build_model
+
+    src = Path(src)
+    fmt, state, info = read_checkpoint(src)
+    digest = check_hash_suffix(src)
+    arch = arch or infer_arch(src, fmt)
+    if arch is None:
+        raise CheckpointError(f"{src}: cannot tell the architecture from its path; pass --arch (one of "
+                              f"{', '.join(MODELS.names())})")
+    if arch not in MODELS:
+        raise CheckpointError(MODELS.unknown_message(arch))
+    dataset = dataset or ("cifar100" if fmt == "repdistiller" else "imagenet")
+    probe = build_model(arch, 10)
+    state = normalise_keys(state, probe)
+    cls_w = f"{classifier_name(probe)}.weight"
+    if cls_w not in state or state[cls_w].dim() != 2:
+        raise CheckpointError(f"{src}: no classifier weight {cls_w!r} — not a {arch} checkpoint "
+                              f"(keys start {sorted(state)[:4]}); pass the right --arch")
+    num_classes = state[cls_w].shape[0]
+    model = build_model(arch, num_classes)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    load_state_checked(model, state, f"{src} (as {arch}, {num_classes} classes)")
+    report = {"source": str(src), "sha256": digest, "format": fmt, "arch": arch, "num_classes": num_classes,
+              "dataset": dataset, "published_top1": published if published is not None else PUBLISHED_TOP1.get((dataset, arch)), **{f"file_{k}": v for k, v in info.items()}}
+    if check_data:
+        report.update(check_accuracy(model, dataset, check_data, report["published_top1"], tolerance, device, batch_size))
+    save_model(out, model, arch, num_classes, dataset, imported=report)
+    return report
+
+
+def check_accuracy(model, dataset: str, root: str, published: float | None, tolerance: float, device: str,
+                   batch_size: int) -> dict:
+    from ..data import load_dataset
+    from .train import evaluate, resolve_device
+
+    data = load_dataset(dataset, root)
+    if data.num_classes != model.classifier.out_features:
+        raise CheckpointError(f"the model has {model.classifier.out_features} classes but {dataset} at {root} has "
+                              f"{data.num_classes}")
+    dev = resolve_device(device)
+    _, test = data.loaders(batch_size, batch_size, dev)
+    got = evaluate(model.to(dev).eval(), test)
+    model.cpu()
+    out = {"measured_top1": got["top1"], "measured_top5": got["top5"], "tolerance": tolerance}
+    if published is not None and abs(got["top1"] - published) > tolerance:
+        raise CheckpointError(f"{model.arch} top-1 on {dataset} test is {got['top1']:.2f}%, published {published:.2f}% "
+                              f"(tolerance {tolerance}): the checkpoint does not reproduce its published accuracy, or "
+                              f"the dataset at {root} is not the official one")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kdbench import-teacher", description="Import a published teacher checkpoint (RepDistiller/mdistiller "
+                                "ckpt_epoch_240.pth, or torchvision ImageNet ResNet weights) as a kdbench model file, "
+                                "checking keys, shapes, values and, with --check-data, the published accuracy.",
+                                epilog="Examples:\n  kdbench import-teacher save/models/resnet32x4_vanilla/ckpt_epoch_240.pth "
+                                       "teachers/resnet32x4.pt --check-data data/cifar100\n  kdbench import-teacher "
+                                       "resnet34-b627a593.pth teachers/imagenet_resnet34.pt --check-data data/imagenet",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="RepDistiller/mdistiller ckpt_epoch_240.pth, or a torchvision resnet18/34 .pth")
+    p.add_argument("out", help="kdbench model file to write (e.g. runs/teachers/resnet32x4.pt)")
+    p.add_argument("--arch", help="kdbench architecture (default: from the RepDistiller folder <arch>_vanilla or "
+                                  "the torchvision file name)")
+    p.add_argument("--dataset", help="dataset the teacher was trained on (default: cifar100 for RepDistiller files, "
+                                     "imagenet for torchvision files)")
+    p.add_argument("--check-data", metavar="ROOT", help="evaluate on this dataset root's test split and compare with "
+                                                        "the published top-1")
+    p.add_argument("--tolerance", type=float, default=0.1, help="allowed |measured - published| top-1, in points (0.1)")
+    p.add_argument("--published", type=float, help="the published top-1 %% to check against (default: kdbench's table of "
+                                                   "RepDistiller's and torchvision's teachers)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (for --check-data)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (for --check-data)")
+    a = p.parse_args(argv)
+    from ..data import DatasetMissingError
+    try:
+        report = import_teacher(a.checkpoint, a.out, a.arch, a.dataset, a.check_data, a.tolerance, a.device, a.batch_size,
+                                a.published)
+    except (CheckpointError, DatasetMissingError) as e:
+        print(f"kdbench import-teacher: error: {e}", file=sys.stderr)
+        return 2
+    acc = f", measured top-1 {report['measured_top1']:.2f}% (published {report['published_top1']})" \
+        if "measured_top1" in report else ""
+    print(f"{a.out}: {report['arch']} ({report['num_classes']} classes, {report['format']} format){acc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

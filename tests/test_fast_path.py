@@ -1,0 +1,247 @@
+"""The fast path computes what the plain path computes (kdbench/engine/fast.py, optim.py, spec.py).
+
+No timing here: speed is measured by `kdbench bench`. CUDA-graph tests run only where CUDA is
+available; torch.compile's test needs KDBENCH_SLOW_TESTS=1 (≈80 s of compilation on 2 cores).
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from kdbench.data.synthetic_files import ensure_synthetic
+from kdbench.engine.checkpoint import save_model
+from kdbench.engine.fast import Runtime, split_features, step_names, train_step
+from kdbench.engine.optim import SGD
+from kdbench.engine.spec import Execution, Recipe, RunSpec
+from kdbench.engine.train import fit
+from kdbench.methods import METHODS, Batch, MethodContext, build_objective
+from kdbench.models import build_model, feature_shapes
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    ensure_synthetic("cifar100", str(root / "data"), {"classes": 5, "train_per_class": 8, "test_per_class": 4})
+    torch.manual_seed(0)
+    save_model(root / "t.pt", build_model("resnet8", 5), "resnet8", 5, "cifar100")
+    return root
+
+
+def spec(tiny, method="kd", seed=0, **execution):
+    return RunSpec("cifar100", str(tiny / "data"), "resnet8", method, seed, "resnet8", (str(tiny / "t.pt"),),
+                   recipe=Recipe.from_config({"epochs": 2, "batch_size": 16}), execution=Execution(**execution))
+
+
+def curve(metrics):
+    return [{k: v for k, v in row.items()} for row in metrics["curve"]]
+
+
+def assert_curves_close(a, b, rel):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-9), k
+
+
+def test_capturable_sgd_matches_plain_sgd_bit_for_bit():
+    """Device-tensor lr + preallocated momentum (the CUDA-graph optimiser) = plain SGD = torch's."""
+    torch.manual_seed(0)
+    models = [build_model("resnet8", 5) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    plain = SGD(models[0].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    graph = SGD(models[1].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4).make_capturable()
+    ref = torch.optim.SGD(models[2].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=False)
+    for step in range(4):
+        x = torch.randn(4, 3, 32, 32)
+        for model, opt in zip(models, (plain, graph, ref)):
+            opt.zero_grad()
+            model(x).logits.square().mean().backward()
+            if step == 0:  # the stem conv gets no gradient in step 0: left untouched, no momentum yet
+                next(model.parameters()).grad = None
+            opt.step()
+        if step == 1:
+            plain.lr = graph.lr = ref.param_groups[0]["lr"] = 0.005
+    assert graph.lr_tensor.item() == pytest.approx(0.005) and graph.capturable and not plain.capturable
+    for pa, pb, pc in zip(*(m.parameters() for m in models)):
+        assert torch.equal(pa, pb) and torch.equal(pa, pc)
+    # a plain optimiser's state (None buffers included) loads into a capturable one in place
+    fresh = SGD(models[1].parameters(), lr=1.0, momentum=0.9, weight_decay=5e-4).make_capturable()
+    before = [b.data_ptr() for b in fresh.buffers]
+    fresh.load_state_dict(plain.state_dict())
+    assert [b.data_ptr() for b in fresh.buffers] == before
+    assert all(torch.equal(a, b) for a, b in zip(fresh.buffers, plain.buffers) if b is not None)
+    assert fresh.lr_tensor.item() == pytest.approx(0.005)
+
+
+def test_train_step_is_one_hand_written_kd_step():
+    """train_step against the textbook KD step written out with torch.optim.SGD."""
+    torch.manual_seed(1)
+    student, teacher = build_model("resnet8", 5), build_model("resnet8", 5).eval()
+    twin = build_model("resnet8", 5)
+    twin.load_state_dict(student.state_dict())
+    labels = torch.arange(5).repeat(4)
+    ctx = MethodContext(feature_shapes(student), feature_shapes(teacher), 5, labels)
+    objective = build_objective(METHODS.get("kd"), ctx)
+    x, y = torch.randn(8, 3, 32, 32), labels[:8]
+    names = step_names(objective)
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+    with torch.no_grad():
+        t = teacher(x)
+    opt = SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    train_step(student, objective, opt, Batch(x, y, torch.arange(8)), t, None, names, sums)
+
+    ref_opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=False)
+    out = twin(x).logits
+    T = 4.0
+    p_t = torch.softmax(t.logits / T, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(out / T, 1))).sum() / 8 * T * T
+    ce = torch.nn.functional.cross_entropy(out, y)
+    loss = 0.1 * ce + 0.9 * kl
+    ref_opt.zero_grad()
+    loss.backward()
+    ref_opt.step()
+    assert names == ["loss", "kd", "ce"]
+    torch.testing.assert_close(sums[:3].float(), 8 * torch.stack([loss, 0.9 * kl, 0.1 * ce]).detach(), rtol=1e-5, atol=1e-6)
+    assert sums[3] == (out.argmax(1) == y).sum()
+    for a, b in zip(student.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_gives_the_plain_metrics(tiny, tmp_path):
+    plain = fit(spec(tiny, "kd"), tmp_path / "a", "cpu", progress=False)
+    nhwc = fit(spec(tiny, "kd", channels_last=True), tmp_path / "b", "cpu", progress=False)
+    assert_curves_close(curve(plain), curve(nhwc), rel=1e-5)
+    assert plain["hash"] == nhwc["hash"]
+
+
+def test_bf16_autocast_is_applied_and_close_to_fp32(tiny, tmp_path):
+    runtime = Runtime(Execution(precision="bf16"), "cpu")
+    teacher = build_model("resnet8", 5).eval()
+    with runtime.autocast():
+        s = build_model("resnet8", 5)(torch.randn(2, 3, 32, 32))
+    assert s.logits.dtype == torch.bfloat16
+    from kdbench.engine.fast import TeacherRequest
+    (t,) = runtime.teacher_features(teacher, [TeacherRequest(torch.randn(2, 3, 32, 32), torch.arange(2), None, teacher, runtime)])
+    assert t.logits.dtype == torch.bfloat16
+    fp32 = fit(spec(tiny, "kd"), tmp_path / "a", "cpu", progress=False)
+    bf16 = fit(spec(tiny, "kd", precision="bf16"), tmp_path / "b", "cpu", progress=False)
+    assert fp32["curve"][0]["loss"] != bf16["curve"][0]["loss"]  # it did run in bf16
+    assert bf16["curve"][0]["loss"] == pytest.approx(fp32["curve"][0]["loss"], rel=2e-2)
+    assert fp32["hash"] != bf16["hash"]
+
+
+def test_only_result_changing_options_enter_the_hash(tiny):
+    base = spec(tiny)
+    same = [dict(channels_last=True), dict(compile="graph"), dict(compile="compile"), dict(teacher_cache="fp32"),
+            dict(cache_dir="/somewhere")]
+    for ex in same:
+        assert spec(tiny, **ex).config_hash() == base.config_hash(), ex
+    hashes = {spec(tiny, **ex).config_hash() for ex in (dict(precision="bf16"), dict(teacher_cache="bf16"),
+                                                         dict(teacher_cache="fp16"))}
+    assert len(hashes) == 3 and base.config_hash() not in hashes
+    # a spec written before execution options existed still loads, with the same hash
+    old = base.to_dict()
+    old.pop("execution")
+    assert RunSpec.from_dict(old).config_hash() == base.config_hash()
+    s = spec(tiny, precision="bf16", channels_last=True)
+    assert RunSpec.from_dict(s.to_dict()) == s
+
+
+def test_bad_execution_options_name_the_valid_choices():
+    with pytest.raises(ValueError, match="valid: fp32, bf16"):
+        Execution(precision="fp16")
+    with pytest.raises(ValueError, match="valid: none, graph, compile"):
+        Execution.from_config({"compile": "jit"})
+    with pytest.raises(ValueError, match="unknown execution keys"):
+        Execution.from_config({"precison": "bf16"})
+    if not CUDA:
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            Runtime(Execution(compile="graph"), "cpu")
+
+
+def test_split_features_cuts_every_field():
+    torch.manual_seed(0)
+    f = build_model("resnet8", 5).eval()(torch.randn(5, 3, 32, 32))
+    a, b = split_features(f, [2, 3])
+    for whole, parts in ((f.logits, (a.logits, b.logits)), (f.pooled, (a.pooled, b.pooled)),
+                         (f.stages[-1], (a.stages[-1], b.stages[-1])), (f.preact[1], (a.preact[1], b.preact[1]))):
+        assert torch.equal(torch.cat(parts), whole)
+    assert a.logits.shape[0] == 2 and len(b.stages) == len(f.stages)
+
+
+class FakeGraphs:
+    """A CPU stand-in for CUDA graphs with their semantics: a capture leaves no trace (state and
+    generators restored), a replay runs the recorded step on the static buffers."""
+
+    calls = {"capture": 0, "replay": 0}
+
+    class Graph:
+        fn = None
+
+    side_stream = staticmethod(contextlib.nullcontext)
+    new_graph = Graph
+
+    @classmethod
+    def capture(cls, graph, fn, state, generators):
+        saved, gens = [t.detach().clone() for t in state], [g.get_state() for g in generators]
+        out = fn()
+        with torch.no_grad():
+            for t, v in zip(state, saved):
+                t.copy_(v)
+        for g, st in zip(generators, gens):
+            g.set_state(st)
+        graph.fn = fn
+        cls.calls["capture"] += 1
+        return out
+
+    @classmethod
+    def replay(cls, graph, out=None):
+        new = graph.fn()
+        if out is not None:  # a graph writes into the tensors it returned at capture
+            for dst, src in zip((*out.stages, *out.preact, out.pooled, out.logits), (*new.stages, *new.preact, new.pooled, new.logits)):
+                dst.copy_(src)
+        cls.calls["replay"] += 1
+
+
+@pytest.mark.parametrize("method", ["kd", "crd", "dkd", "ab"])
+def test_graph_step_logic_with_a_cpu_stand_in(tiny, tmp_path, monkeypatch, method):
+    """The CUDA-graph path's own logic — static buffers, the eager last partial batch, warm-up
+    without a trace, per-epoch re-capture, generator draws inside the step (CRD), epoch-dependent
+    terms (DKD), an init stage with its own optimiser (AB), the device-tensor lr — run on CPU
+    with a stand-in for the CUDA primitives: the same metrics as the eager path."""
+    monkeypatch.setattr(Runtime, "graph_backend", FakeGraphs)
+    FakeGraphs.calls.update(capture=0, replay=0)
+    overrides = {"crd": {"params": {"crd": {"nce_k": 16}}}, "ab": {"params": {"ab": {"init_epochs": 1}}}}.get(method, {})
+    eager = fit(dataclasses.replace(spec(tiny, method), method_overrides=overrides), tmp_path / "a", "cpu", progress=False)
+    graph = fit(dataclasses.replace(spec(tiny, method, compile="graph"), method_overrides=overrides), tmp_path / "b",
+                "cpu", progress=False)
+    assert FakeGraphs.calls["replay"] > 0 and FakeGraphs.calls["capture"] >= 2
+    assert_curves_close(curve(eager), curve(graph), rel=1e-6)
+    assert len(graph["init_curve"]) == (1 if method == "ab" else 0)
+    for a, b in zip(eager["init_curve"], graph["init_curve"]):
+        assert a["stage"] == b["stage"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["kd", "crd", "fitnet"])
+def test_cuda_graph_step_matches_eager_on_gpu(tiny, tmp_path, method):
+    """Whole-step CUDA graphs vs eager, same fp32 maths: equal up to kernel rounding."""
+    overrides = {"params": {"crd": {"nce_k": 16}}} if method == "crd" else {}
+    a = fit(dataclasses.replace(spec(tiny, method), method_overrides=overrides), tmp_path / "a", "cuda", progress=False)
+    b = fit(dataclasses.replace(spec(tiny, method, compile="graph"), method_overrides=overrides), tmp_path / "b", "cuda",
+            progress=False)
+    assert_curves_close(curve(a), curve(b), rel=1e-3)
+
+
+@pytest.mark.skipif(os.environ.get("KDBENCH_SLOW_TESTS") != "1", reason="torch.compile takes minutes; KDBENCH_SLOW_TESTS=1")
+def test_torch_compile_matches_eager(tiny, tmp_path):
+    a = fit(spec(tiny, "kd"), tmp_path / "a", "cpu", progress=False)
+    b = fit(spec(tiny, "kd", compile="compile"), tmp_path / "b", "cpu", progress=False)
+    assert_curves_close(curve(a), curve(b), rel=1e-4)

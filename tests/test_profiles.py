@@ -1,0 +1,117 @@
+"""Snakemake profiles: the paper suite dry-runs through the SLURM executor plugin without any
+data and every job requests the right resources; the ImageNet pipeline runs data-parallel
+(torchrun, two gloo processes) from rule ``fit`` through the local profile; the launcher never
+gives one GPU to two jobs."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kdbench.engine.distributed import claim_gpus, launch_command
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "workflow/profiles/slurm"
+LOCAL = REPO / "workflow/profiles/local"
+
+
+def snakemake(workdir: Path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def fit_jobs(output: str) -> dict[str, dict]:
+    """run id -> resources, from a dry run's job listing."""
+    jobs = {}
+    for block in output.split("rule fit:")[1:]:
+        run = re.search(r"wildcards: run=(\S+)", block).group(1)
+        res = re.search(r"resources: (.*)", block).group(1)
+        jobs[run] = dict(kv.split("=", 1) for kv in res.split(", "))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def paper_dry_run(tmp_path_factory):
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.fail("the SLURM profile needs the executor plugin: pip install snakemake-executor-plugin-slurm")
+    work = tmp_path_factory.mktemp("slurm")  # no data/ here: the dry run must not read datasets
+    done = snakemake(work, "-n", "--workflow-profile", str(SLURM), "--config", "suite=paper")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_slurm_profile_dry_runs_the_paper_suite_without_data(paper_dry_run):
+    from kdbench.suite import load_suite
+    suite = load_suite(REPO / "workflow/suites/paper.yaml")
+    jobs = fit_jobs(paper_dry_run)
+    assert set(jobs) == set(suite.runs)  # every run is a job
+    datasets = {r.spec.dataset for r in suite.runs.values()}
+    assert {"cifar100", "cifar10", "svhn", "stl10", "tinyimagenet", "imagenet"} <= datasets
+    for run_id, res in jobs.items():
+        assert res["slurm_partition"] == "" and res["slurm_account"] == ""  # the profile's documented settings
+        mem, minutes = int(res["mem_mb"]), int(res["runtime"])
+        if run_id.startswith("imagenet/"):  # torchvision ResNets, 100 epochs of 1.28M images, DDP
+            assert (res["gpus"], res["gpu"], res["nproc"]) == ("4", "4", "4")
+            assert 16 * 60 <= minutes <= 3 * 24 * 60 and mem >= 32000
+        else:
+            assert (res["gpus"], res["gpu"], res["nproc"]) == ("1", "1", "1")
+            assert 15 <= minutes <= 24 * 60 and 4000 <= mem <= 16000
+    probe = next(r for r in jobs if "/probe/" in r and r.startswith("stl10/"))
+    train = next(r for r in jobs if r.startswith("cifar100/scratch/"))
+    assert int(jobs[probe]["runtime"]) < int(jobs[train]["runtime"])  # 40 epochs on 5k images vs 240 on 50k
+    assert "-m kdbench.engine.distributed --gpus 4 --nproc 4 -- distill" in paper_dry_run
+
+
+def test_slurm_plugin_turns_the_requests_into_sbatch_flags(paper_dry_run):
+    """What sbatch receives for an ImageNet job, rendered by the installed plugin itself."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from kdbench.engine.distributed import job_resources
+    from kdbench.suite import load_suite
+
+    suite = load_suite(REPO / "workflow/suites/paper.yaml")
+    run_id = next(r for r in suite.runs if r.startswith("imagenet/") and "/kd/" in r)
+    res = {k: (int(v) if v.isdigit() else v) for k, v in fit_jobs(paper_dry_run)[run_id].items()}
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = SimpleNamespace(resources=Resources(res), threads=job_resources(suite.runs[run_id], suite.config)["threads"])
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "fit", "account": " -A proj",
+              "partition": " -p gpu", "workdir": "/w"}
+    call = get_submit_command(job, params) + set_gres_string(job)  # as the plugin's run_job builds it
+    for flag in ("--gpus=4", "--cpus-per-task=32", "--mem 60000", f"-t {res['runtime']}", "-A proj", "-p gpu"):
+        assert flag in call, call
+
+
+def test_imagenet_trains_with_torchrun_from_the_fit_rule(tmp_path, subprocess_env):
+    """rule fit starts two gloo processes per ImageNet run (synthetic JPEGs in the real layout)."""
+    done = snakemake(tmp_path, "--workflow-profile", str(LOCAL), "--cores", "2", "--config",
+                     "suite=imagenet_smoke", "ddp_procs=2", env=subprocess_env, timeout=400)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert log.count("kdbench.engine.distributed --gpus 0 --nproc 2 --") == 2  # teacher and KD student
+    runs = sorted((tmp_path / "runs/imagenet").rglob("metrics.json"))
+    assert len(runs) == 2
+    for m in map(lambda p: json.loads(p.read_text()), runs):
+        assert m["status"] == "ok" and m["provenance"]["world_size"] == 2
+        assert m["num_classes"] == 2 and len(m["curve"]) == 1
+    assert (tmp_path / "results/imagenet_smoke/imagenet.md").is_file()
+
+
+def test_launcher_gives_each_job_its_own_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDBENCH_GPU_LOCKS", str(tmp_path))
+    assert claim_gpus(1, 3) == [0]  # each claim opens its own lock file descriptions
+    assert claim_gpus(2, 3) == [1, 2]
+    with pytest.raises(TimeoutError):
+        claim_gpus(1, 3, poll_s=0.01, timeout_s=0.05)
+    with pytest.raises(SystemExit, match="needs 4 GPUs"):
+        claim_gpus(4, 3)
+    assert launch_command(1, ["distill"])[1:] == ["-m", "kdbench.cli", "distill"]
+    assert "--nproc_per_node=4" in launch_command(4, ["distill", "--run", "r"])

@@ -1,0 +1,64 @@
+"""Every published number is a cell of some paper table of the `paper` suite, or is excluded
+once, with a reason, in kdbench/reference/coverage.yaml."""
+
+import pandas as pd
+import pytest
+import yaml
+
+from kdbench.stats import paper_tables as pt
+from kdbench.suite import load_suite
+
+from conftest import REPO
+
+PUBLISHED = pd.read_csv(REPO / "kdbench/reference/published.csv")
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_suite(REPO / "workflow/suites/paper.yaml")
+
+
+def test_reference_copy_is_the_shared_one():
+    shared = REPO.parent / "shared/reference/published.csv"
+    if shared.is_file():
+        assert shared.read_bytes() == (REPO / "kdbench/reference/published.csv").read_bytes()
+
+
+def test_every_published_row_is_shown_or_excluded_once(paper):
+    shown = pt.published_coverage(paper)
+    excluded = pt.exclusions()
+    rows = set(PUBLISHED.index)
+    assert set(shown) | set(excluded) == rows, PUBLISHED.loc[sorted(rows - set(shown) - set(excluded))].to_string()
+    assert not set(shown) & set(excluded), "a row is both shown by a table and excluded"
+    assert all(len(reasons) == 1 and len(reasons[0].split()) >= 8 for reasons in excluded.values())
+    text, problems = pt.coverage_report(paper)
+    assert problems == 0 and len(text.splitlines()) == len(PUBLISHED)
+
+
+def test_every_exclusion_matches_rows_and_has_a_reason():
+    entries = yaml.safe_load((REPO / "kdbench/reference/coverage.yaml").read_text())["excluded"]
+    for e in entries:
+        assert set(e) == {"match", "reason"} and e["reason"].strip()
+        assert len(pt.match_published(e["match"])) >= 1, e["match"]
+
+
+def test_shown_rows_are_cells_the_suite_runs(paper):
+    """A shown row's table cell exists: its column ran for the row's pair in the table's experiments."""
+    rec = pt.Records(paper)
+    for spec in pt.table_specs(paper):
+        for g in spec.groups:
+            for label, row in spec.rows.items():
+                column = g.rows.get(label, row["column"])
+                matched = pt.match_published(pt._published_filter(spec, g, label))
+                if len(matched) and column != "teacher_ensemble":
+                    assert pt.group_cells(rec, g, column), (spec.name, label, g.label)
+
+
+def test_every_paper_table_has_a_suite_and_a_statistic(paper):
+    names = {s.name for s in pt.table_specs(paper)}
+    assert names == {"crd_table1", "crd_table2", "crd_transfer", "kda_table2", "kda_table3", "kda_fig3",
+                     "fkd_table2", "fkd_fig4", "fkd_table1", "ot_cifar100", "ot_imagenet", "ot_svhn"}
+    metric = {s.name: {g.metric for g in s.groups} for s in pt.table_specs(paper)}
+    assert metric["crd_table1"] == metric["ot_cifar100"] == {"acc_last"}  # CRD, OT: last epoch
+    assert metric["kda_table2"] == {"acc_best"}  # KDA's code keeps the best checkpoint
+    assert metric["ot_imagenet"] == {"err_last", "err5_last"}
