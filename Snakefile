@@ -29,3 +29,4 @@ rule all:
         # whose downstream outputs exist, and a deleted run must be recomputed (then its tables)
         all_metrics(),
         table_outputs(),
+        paper_outputs(),

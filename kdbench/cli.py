@@ -67,7 +67,9 @@ def cmd_list_runs(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .stats.paper_tables import table_specs
     suite = _suite(args)
+    table_specs(suite)  # paper-table columns, pairs and `like` references
     print(f"{suite.path}: valid suite {suite.name!r} with {len(suite.runs)} runs")
     return 0
 
