@@ -33,12 +33,11 @@ device name; figures from different devices (H100 vs H200, CPU) are not comparab
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import math
 import os
 import platform
 import sys
-import copy
 import time
 
 import numpy as np
@@ -172,7 +171,7 @@ def reference_sps(setup: Setup, method: str, steps: int, warmup: int, workers: i
     student.train()
     objective.train()
     it = iter(loader)
-    t0 = None
+    t0, meters = None, []
     for i in range(warmup + steps):
         if i == warmup:
             sync(dev)
@@ -193,7 +192,7 @@ def reference_sps(setup: Setup, method: str, steps: int, warmup: int, workers: i
             value = _ref_crd(term, s, t, index, batch[3].to(dev)) if term is crd else term(s, t, b)
             loss = loss + objective.spec.terms[name] * value
         loss_value = loss.item()  # RepDistiller: losses.update(loss.item(), input.size(0))
-        top1 = (s.logits.argmax(1) == y).float().mean()  # noqa: F841 (RepDistiller's accuracy meter)
+        meters.append((s.logits.argmax(1) == y).float().mean())  # RepDistiller's accuracy meter (a tensor)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -104,6 +104,7 @@ MODULE_COMMANDS = {
     "import-teacher": ("kdbench.engine.import_teacher", "import a published teacher checkpoint"),
     "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
     "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
+    "pack": ("kdbench.engine.pack", "train several runs that share a teacher together on one device"),
 }
 
 

@@ -22,7 +22,7 @@ import jsonschema
 import yaml
 
 from .data import DATASETS
-from .engine.spec import Recipe, RunSpec
+from .engine.spec import Execution, Recipe, RunSpec
 from .methods import LOSSES, METHODS
 from .models import MODELS
 
@@ -131,7 +131,7 @@ def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
     here = path.resolve()
     if here in seen:
         raise SuiteError(f"{path}: include cycle through {' -> '.join(map(str, seen))}")
-    out = {k: v for k, v in cfg.items() if k not in ("include", "recipe", "methods", "term_params")}
+    out = {k: v for k, v in cfg.items() if k not in ("include", "recipe", "methods", "term_params", "execution")}
     out["datasets"], out["experiments"], out["tables"] = {}, [], []
 
     def add(sub: dict, where: Path) -> None:
@@ -157,6 +157,7 @@ def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
         if "teacher_recipe" in exp:
             e["teacher_recipe"] = {**recipe, **exp["teacher_recipe"]}
         e["method_overrides"] = _merge_overrides(methods, exp.get("method_overrides") or {})
+        e["execution"] = {**(cfg.get("execution") or {}), **(exp.get("execution") or {})}
         e["term_params"] = {t: {**terms.get(t, {}), **p} for t, p in {**terms, **(exp.get("term_params") or {})}.items()}
         own.append(e)
     add({"datasets": cfg.get("datasets", {}), "experiments": own, "tables": cfg.get("tables", [])}, path)
@@ -234,6 +235,7 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
 def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
+    execution = Execution.from_config(exp.get("execution"))
     tds = exp.get("teacher_dataset", ds)  # cross_dataset_distill when it differs
     external = exp.get("teacher_checkpoints", {})
 
@@ -250,7 +252,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds) -> Run:
         spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
-                       method_overrides=overrides("student"))
+                       method_overrides=overrides("student"), execution=execution)
         return Run(f"{dataset}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
 
     def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
@@ -261,7 +263,8 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
         probe_recipe = Recipe.from_config({**PROBE_RECIPE, **(lp.get("recipe") or {})})
         for pds in lp["datasets"]:
             spec = RunSpec(pds, cfg["datasets"][pds]["root"], src.spec.student, "student", seed, recipe=probe_recipe,
-                           protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id)
+                           protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id,
+                           execution=execution)
             run = Run(f"{pds}/probe/{src.id}/probe-{spec.config_hash()}", spec, exp["name"], (src.id,))
             yield Cell(exp["name"], pds, t_arch, s_arch, column, seed, run.id), run
 
@@ -285,7 +288,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                     yield from cell(method, seed, scratch(s_arch, seed))
                     continue
                 spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, overrides(method), recipe,
-                               teacher_dataset=None if tds == ds else tds)
+                               teacher_dataset=None if tds == ds else tds, execution=execution)
                 pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
                 rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
                 yield from cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))

@@ -245,3 +245,28 @@ def test_torch_compile_matches_eager(tiny, tmp_path):
     a = fit(spec(tiny, "kd"), tmp_path / "a", "cpu", progress=False)
     b = fit(spec(tiny, "kd", compile="compile"), tmp_path / "b", "cpu", progress=False)
     assert_curves_close(curve(a), curve(b), rel=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="host synchronisation is a GPU matter")
+@pytest.mark.parametrize("method", ["kd", "crd"])
+@pytest.mark.parametrize("compile_mode", ["none", "graph"])
+def test_no_host_sync_inside_training_steps_on_gpu(method, compile_mode):
+    """torch.cuda's sync debug mode raises on any host synchronisation during the steps (after
+    the epoch's first step: its data order and, in graph mode, the capture may synchronise)."""
+    import argparse
+
+    from kdbench import bench
+    setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))
+    student, objective, params, make_opt = setup.member(method, 0)
+    runtime = Runtime(Execution(compile=compile_mode), "cuda")
+    epoch = bench._epoch_gen(setup, (student, objective, make_opt()), runtime, setup.loader(), 0, 1)
+    answer = lambda req: runtime.teacher_features(req.teacher, [req])[0]  # noqa: E731
+    req = epoch.send(answer(next(epoch)))  # step 1 done, batch 2 prepared
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):  # steps 2..6 of 8
+            req = epoch.send(answer(req))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        epoch.close()

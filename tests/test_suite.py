@@ -126,3 +126,15 @@ def test_ensemble_teacher_refuses_stage_feature_methods(tmp_path):
                                 experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["kd", "fkd"]}]))
     kd = [r for r in ok.runs.values() if r.kind == "distill"]
     assert all(len(r.spec.teacher_ckpts) == 2 and len(r.needs) == 2 for r in kd)
+
+
+def test_execution_options_reach_runs_and_only_result_changing_ones_rename_them(tmp_path):
+    plain = load_suite(write_suite(tmp_path / "a.yaml", tmp_path / "data"))
+    fast = load_suite(write_suite(tmp_path / "b.yaml", tmp_path / "data",
+                                  execution={"channels_last": True, "teacher_cache": "fp32"}))
+    bf16 = load_suite(write_suite(tmp_path / "c.yaml", tmp_path / "data", execution={"precision": "bf16"}))
+    assert list(fast.runs) == list(plain.runs)
+    assert all(r.spec.execution.channels_last for r in fast.runs.values())
+    assert not set(bf16.runs) & set(plain.runs)
+    with pytest.raises(SuiteError, match="precision"):
+        load_suite(write_suite(tmp_path / "d.yaml", tmp_path / "data", execution={"precision": "fp8"}))

@@ -10,8 +10,8 @@ The plain path is eager fp32. The fast path (``performance.md`` §7–§8) adds,
   it). Not hashed: the same maths.
 - ``compile: graph`` (CUDA only) — the whole student step (student forward, losses, backward,
   SGD step with a device-tensor lr, metric accumulation) captured once per epoch as a CUDA
-  graph and replayed for every full batch; the teacher's outputs (or cache lookups) are copied
-  into the graph's static inputs. Per-epoch capture keeps terms that read ``batch.epoch`` (DKD's
+  graph and replayed for every full batch; the teacher's outputs (from its own graph per input
+  shape, or from cache lookups) are copied into the step graph's static inputs. Per-epoch capture keeps terms that read ``batch.epoch`` (DKD's
   warm-up weight, KDA's warm-up switch) and per-epoch state (KDA centroids) correct. The last
   partial batch runs eagerly (same maths, another shape). The first capture of a run warms up on
   a side stream for 3 steps and then restores every parameter, buffer, momentum, metric sum and
@@ -33,7 +33,7 @@ lookup) — for one run, or for the concatenated batches of several packed runs 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -235,18 +235,14 @@ class CudaGraphs:
     """The CUDA-graph primitives :class:`GraphStep` and the teacher's graph use."""
 
     @staticmethod
+    @contextmanager
     def side_stream():
         """Warm-up runs on a side stream before a capture (PyTorch's CUDA-graph recipe)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                yield
-            torch.cuda.current_stream().wait_stream(side)
-        return ctx()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
 
     @staticmethod
     def new_graph():

@@ -45,7 +45,7 @@ from .io import atomic_torch_save, atomic_write_json, provenance
 from .optim import SGD
 from .seeding import derive_seed, generator
 from .spec import Recipe, RunSpec
-from .train import NonFiniteLoss, evaluate, resolve_device, summarise
+from .train import NonFiniteLoss, evaluate, resolve_device, run_record
 
 PROBE_LR_ARCH = "linear"  # Recipe.lr_at(…, arch): not a small-lr architecture, so recipe.lr applies
 
@@ -142,16 +142,12 @@ def fit_probe(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     finally:
         bar.close()
 
-    metrics = summarise(state["curve"], recipe.epochs)
-    metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
-                   dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
-                   protocol="linear_probe", loss="CE (new linear layer on the frozen pooled feature)",
-                   num_classes=data.num_classes, spec=spec.to_dict(),
-                   resolved_method={"name": "linear_probe", "ce": 1.0, "terms": {}, "params": {}},
-                   probe={"init_ckpt": str(spec.init_ckpt), "init_sha256": init_sha, "init_id": getattr(spec, "init_id", None),
-                          "feature_dim": head.in_features, "image_size": data.info.image_size,
-                          "frozen": "weights and BN statistics (eval mode)"},
-                   wall_time_s=time.time() - t0, provenance=prov, curve=state["curve"], init_curve=[])
+    metrics = run_record(spec, state, status, failure, run_id, data.num_classes, time.time() - t0, prov,
+                         protocol="linear_probe", loss="CE (new linear layer on the frozen pooled feature)",
+                         resolved_method={"name": "linear_probe", "ce": 1.0, "terms": {}, "params": {}},
+                         probe={"init_ckpt": str(spec.init_ckpt), "init_sha256": init_sha, "init_id": spec.init_id,
+                                "feature_dim": head.in_features, "image_size": data.info.image_size,
+                                "frozen": "weights and BN statistics (eval mode)"})
     if status == "ok":
         save_model(out / "model.pt", model, model.arch, data.num_classes, spec.dataset, run=run_id,
                    acc_last=metrics["acc_last"], hash=spec.config_hash(), probe_of=str(spec.init_ckpt))

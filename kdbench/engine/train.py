@@ -219,13 +219,8 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     finally:
         bar.close()
 
-    metrics = summarise(state["curve"], recipe.epochs)
-    metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
-                   dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
-                   loss=objective.spec.describe(), num_classes=data.num_classes,
-                   spec=spec.to_dict(), resolved_method=_method_dict(objective),
-                   wall_time_s=time.time() - t0, provenance=prov,
-                   curve=state["curve"], init_curve=state["init_curve"])
+    metrics = run_record(spec, state, status, failure, run_id, data.num_classes, time.time() - t0, prov,
+                         loss=objective.spec.describe(), resolved_method=_method_dict(objective))
     if status == "ok" and dctx.is_main:
         save_model(out / "model.pt", student, spec.student, data.num_classes, spec.dataset,
                    run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash())
@@ -249,6 +244,17 @@ def teacher_fields(method_spec) -> frozenset[str]:
 def _method_dict(objective: Objective) -> dict:
     s = objective.spec
     return {"name": s.name, "ce": s.ce, "terms": s.terms, "params": s.params}
+
+
+def run_record(spec: RunSpec, state: dict, status: str, failure: str | None, run_id: str | None,
+               num_classes: int, wall_time_s: float, prov: dict, **extra) -> dict:
+    """The content of a run's metrics.json: results, the resolved spec, curves and provenance."""
+    metrics = summarise(state["curve"], spec.recipe.epochs)
+    metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
+                   dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
+                   num_classes=num_classes, spec=spec.to_dict(), **extra, wall_time_s=wall_time_s,
+                   provenance=prov, curve=state["curve"], init_curve=state.get("init_curve", []))
+    return metrics
 
 
 def summarise(curve: list[dict], epochs: int) -> dict:
