@@ -82,35 +82,18 @@ def train_step(student: nn.Module, objective: Objective, optimizer, batch: Batch
 
 def split_features(f: Features, sizes: list[int]) -> list[Features]:
     """Split a batch's Features into consecutive parts of ``sizes`` samples (views, no copies)."""
-    parts = [[] for _ in sizes]
+    pieces = [t.split(sizes, dim=0) for t in f.tensors()]  # per tensor, one piece per part
+    return [_rebuild(f, [p[k] for p in pieces]) for k in range(len(sizes))]
 
-    def cut(t: Tensor) -> list[Tensor]:
-        return list(t.split(sizes, dim=0))
 
-    stages = [cut(t) for t in f.stages]
-    preact = [cut(t) for t in f.preact]
-    pooled, logits = cut(f.pooled), cut(f.logits)
-    members = [split_features(m, sizes) for m in f.members] if f.members is not None else None
-    for k in range(len(sizes)):
-        parts[k] = Features([s[k] for s in stages], [p[k] for p in preact], pooled[k], logits[k],
-                            None if members is None else [m[k] for m in members])
-    return parts
+def _rebuild(like: Features, flat: list[Tensor]) -> Features:
+    """A record shaped like ``like`` from tensors in :meth:`Features.tensors` order."""
+    it = iter(flat)
+    return like.apply(lambda _: next(it))
 
 
 def _features_tensors(f: Features | None) -> list[Tensor]:
-    if f is None:
-        return []
-    out = [*f.stages, *f.preact, f.pooled, f.logits]
-    for m in f.members or []:
-        out += _features_tensors(m)
-    return out
-
-
-def _clone_features(f: Features | None) -> Features | None:
-    if f is None:
-        return None
-    return Features([t.clone() for t in f.stages], [t.clone() for t in f.preact], f.pooled.clone(), f.logits.clone(),
-                    None if f.members is None else [_clone_features(m) for m in f.members])
+    return [] if f is None else f.tensors()
 
 
 class Runtime:
@@ -291,7 +274,7 @@ class GraphStep:
         self.backend.replay(self.graph)
 
     def _capture(self, x, y, idx, t) -> None:
-        self.static = (x.clone(), y.clone(), idx.clone(), _clone_features(t))
+        self.static = (x.clone(), y.clone(), idx.clone(), None if t is None else t.apply(torch.clone))
         if not self.warm:  # lazy initialisations (cuDNN, cuBLAS, autograd streams) before capture
             saved = [s.detach().clone() for s in self.state]
             gen_states = [g.get_state() for g in self.generators]

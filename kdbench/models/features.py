@@ -30,14 +30,20 @@ class Features:
     logits: Tensor
     members: list["Features"] | None = None
 
+    def apply(self, fn) -> "Features":
+        """The same record with ``fn`` applied to every tensor (members included)."""
+        return Features([fn(f) for f in self.stages], [fn(f) for f in self.preact], fn(self.pooled),
+                        fn(self.logits), None if self.members is None else [m.apply(fn) for m in self.members])
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the record, members' last, in a fixed order."""
+        out = [*self.stages, *self.preact, self.pooled, self.logits]
+        for m in self.members or []:
+            out += m.tensors()
+        return out
+
     def detach(self) -> "Features":
-        return Features(
-            [f.detach() for f in self.stages],
-            [f.detach() for f in self.preact],
-            self.pooled.detach(),
-            self.logits.detach(),
-            None if self.members is None else [m.detach() for m in self.members],
-        )
+        return self.apply(Tensor.detach)
 
 
 @dataclass(frozen=True)
