@@ -23,7 +23,7 @@ import yaml
 
 from .data import DATASETS
 from .engine.spec import Execution, Recipe, RunSpec
-from .methods import LOSSES, METHODS
+from .methods import LOSSES, METHODS, resolve_method
 from .models import MODELS
 
 SCHEMA = Path(__file__).parent / "schemas" / "suite.schema.yaml"
@@ -207,9 +207,8 @@ def build_suite(cfg: dict, path: Path) -> Suite:
 
 def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
     """cross_dataset_distill refuses logit-based methods; every dataset must be declared."""
-    for key in ("teacher_dataset",):
-        if key in exp:
-            _check_name("dataset", exp[key], cfg["datasets"], where + f" ({key}, datasets declared in this suite)")
+    if "teacher_dataset" in exp:
+        _check_name("dataset", exp["teacher_dataset"], cfg["datasets"], where + " (teacher_dataset, datasets declared in this suite)")
     for pds in (exp.get("linear_probe") or {}).get("datasets", []):
         _check_name("dataset", pds, cfg["datasets"], where + " (linear_probe, datasets declared in this suite)")
     for arch in exp.get("teacher_checkpoints", {}):
@@ -218,15 +217,15 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
     n_teachers = max([len(exp.get("teacher_seeds", [0]))] + [len(v) for v in exp.get("teacher_checkpoints", {}).values()
                                                               if isinstance(v, list)])
     if n_teachers > 1:
-        staged = [m for m in exp["methods"] if any(LOSSES.get(t).teacher_needs & {"stages", "preact"} for t in METHODS.get(m).terms)]
+        staged = [m for m in exp["methods"] if METHODS.get(m).teacher_needs & {"stages", "preact"}]
         if staged:
             raise SuiteError(f"{where}: a teacher ensemble has no single feature map, but {', '.join(staged)} read the "
                              f"teacher's stage features; ensembles work with methods on logits or pooled features")
     if exp.get("teacher_dataset", exp["dataset"]) == exp["dataset"]:
         return
-    logit = [m for m in exp["methods"] if any("logits" in LOSSES.get(t).teacher_needs for t in METHODS.get(m).terms)]
+    logit = [m for m in exp["methods"] if "logits" in METHODS.get(m).teacher_needs]
     if logit:
-        ok = [m for m in METHODS.names() if not any("logits" in LOSSES.get(t).teacher_needs for t in METHODS.get(m).terms)]
+        ok = [m for m in METHODS.names() if "logits" not in METHODS.get(m).teacher_needs]
         raise SuiteError(f"{where}: cross-dataset distillation ({exp['teacher_dataset']} teacher, {exp['dataset']} "
                          f"student): {', '.join(logit)} read the teacher's logits, which cannot apply because the "
                          f"label spaces differ. Methods that can: {', '.join(ok)}")
@@ -242,7 +241,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     def overrides(method: str) -> dict:
         """Suite-wide term_params for the method's terms, then the method's own overrides."""
         own = dict(exp.get("method_overrides", {}).get(method, {}))
-        spec = METHODS.get(method).with_overrides(own)
+        spec = resolve_method(method, own)
         params = {t: dict(p) for t, p in exp.get("term_params", {}).items() if t in spec.terms}
         for t, p in (own.get("params") or {}).items():
             params.setdefault(t, {}).update(p)

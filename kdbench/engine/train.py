@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..data import TensorLoader, load_dataset
-from ..methods import MethodContext, Objective, build_objective
+from ..methods import MethodContext, Objective, build_objective, resolve_method
 from ..models import build_model, feature_shapes
 from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
@@ -129,16 +129,16 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
 
     torch.manual_seed(derive_seed(spec.seed, "init"))
     student = build_model(spec.student, data.num_classes).to(dev)
-    method_probe = build_objective_spec(spec)
+    method_probe = resolve_method(spec.method, spec.method_overrides)
     teacher = None
     if method_probe.needs_teacher:
         if not spec.teacher_ckpts:
             raise ValueError(f"method {spec.method!r} needs a teacher: give teacher checkpoint(s)")
         cross = spec.teacher_dataset not in (None, spec.dataset)
-        if cross and "logits" in teacher_fields(method_probe):
+        if cross and "logits" in method_probe.teacher_needs:
             raise ValueError(f"method {spec.method!r} reads the teacher's logits, but the teacher was trained on "
                              f"{spec.teacher_dataset} and the student on {spec.dataset}: the label spaces differ")
-        if len(spec.teacher_ckpts) > 1 and teacher_fields(method_probe) & {"stages", "preact"}:
+        if len(spec.teacher_ckpts) > 1 and method_probe.teacher_needs & {"stages", "preact"}:
             raise ValueError(f"method {spec.method!r} reads the teacher's stage features, which a teacher ensemble "
                              f"does not have")
         teacher = load_teacher(spec.teacher_ckpts, spec.teacher, None if cross else data.num_classes, dev)
@@ -228,17 +228,6 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
         atomic_write_json(out / "metrics.json", metrics)
     distributed.close()
     return metrics
-
-
-def build_objective_spec(spec: RunSpec):
-    from ..methods import METHODS
-    return METHODS.get(spec.method).with_overrides(spec.method_overrides)
-
-
-def teacher_fields(method_spec) -> frozenset[str]:
-    """The teacher Features fields a method reads (from its terms' ``teacher_needs``)."""
-    from ..methods import LOSSES
-    return frozenset().union(*(LOSSES.get(t).teacher_needs for t in method_spec.terms))
 
 
 def _method_dict(objective: Objective) -> dict:

@@ -11,9 +11,14 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["LOSSES", "METHODS", "Batch", "DistillLoss", "MethodContext", "MethodSpec", "Objective",
-           "register_loss", "register_method", "build_objective"]
+           "register_loss", "register_method", "build_objective", "resolve_method"]
+
+
+def resolve_method(method: str | MethodSpec, overrides: dict | None = None) -> MethodSpec:
+    """A registered method (or a given spec) with a suite's overrides applied."""
+    spec = METHODS.get(method) if isinstance(method, str) else method
+    return spec.with_overrides(overrides)
 
 
 def build_objective(method: str | MethodSpec, ctx: MethodContext, overrides: dict | None = None) -> Objective:
-    spec = METHODS.get(method) if isinstance(method, str) else method
-    return Objective(spec.with_overrides(overrides), ctx)
+    return Objective(resolve_method(method, overrides), ctx)

@@ -117,6 +117,11 @@ class MethodSpec:
     def needs_teacher(self) -> bool:
         return bool(self.terms)
 
+    @property
+    def teacher_needs(self) -> frozenset[str]:
+        """The teacher Features fields the method's terms read."""
+        return frozenset().union(*(LOSSES.get(t).teacher_needs for t in self.terms))
+
     def describe(self) -> str:
         parts = [f"{self.ce:g}·CE"] if self.ce else []
         parts += [f"{w:g}·{n}" for n, w in self.terms.items()]
@@ -163,8 +168,7 @@ class Objective(nn.Module):
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        needs = frozenset().union(*(t.teacher_needs for t in self.terms.values())) if self.terms else frozenset()
-        return needs
+        return self.spec.teacher_needs
 
     def init_terms(self) -> list[DistillLoss]:
         return [t for t in self.terms.values() if t.init_epochs > 0]
