@@ -10,31 +10,23 @@ Failed runs (non-finite loss) and missing runs are counted and shown, never aver
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
-from ..engine.io import atomic_write_bytes
+from ..engine.io import atomic_write_bytes, read_json
 from ..suite import Suite
 from .ci import mean_ci
 
 METRICS = ("acc_last", "acc_best")
 
 
-def read_metrics(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def run_records(suite: Suite) -> pd.DataFrame:
     rows = []
     for c in suite.cells:
-        m = read_metrics(Path(suite.run_dir(c.run)) / "metrics.json")
+        m = read_json(Path(suite.run_dir(c.run)) / "metrics.json")
         status = "missing" if m is None else m.get("status", "unknown")
         row = {"experiment": c.experiment, "dataset": c.dataset, "teacher": c.teacher, "student": c.student,
                "method": c.column, "seed": c.seed, "status": status, "run": c.run}

@@ -32,7 +32,6 @@ import argparse
 import difflib
 import functools
 import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
+from ..engine.io import read_json
 from ..suite import Cell, Suite, SuiteError
 from .ci import mean_ci
 from .paired import PairedTest, holm, paired_test
@@ -219,13 +219,6 @@ def _stand_in_note(cfg: dict, suite: Suite, groups: list[Group]) -> str:
 
 
 # ----------------------------------------------------------------------------- run outputs
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
 
 def teachers_of(rec: "Records", cell: Cell) -> list[str]:
     """What a cell's model is compared with: its own teachers (distilled runs), else the teachers
