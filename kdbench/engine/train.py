@@ -37,6 +37,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def topk_hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits] of a batch, as a float64 device tensor (top-k ≤ classes)."""
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` in eval mode."""
@@ -45,10 +51,7 @@ def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
     sums = torch.zeros(3, device=loader.device, dtype=torch.float64)
     for x, y, _ in loader.batches():
         logits = model(x).logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y[:, None]
-        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), nn.functional.cross_entropy(logits, y, reduction="sum")]).double()
+        sums += torch.cat([topk_hits(logits, y), nn.functional.cross_entropy(logits, y, reduction="sum").double()[None]])
     model.train(was)
     top1, top5, loss = (distributed.all_reduce_sum(sums) / loader.num_samples).tolist()
     return {"top1": 100 * top1, "top5": 100 * top5, "loss": loss}

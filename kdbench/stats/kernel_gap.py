@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.train import topk_hits
 from .kernels import KernelGap
 
 
@@ -40,12 +41,6 @@ def _status(run_dir: Path) -> tuple[str, dict | None]:
     return m.get("status", "unknown"), m
 
 
-def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top == y[:, None]
-    return torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
-
-
 @torch.no_grad()
 def _teacher_outputs(teachers: list[str], loader, num_classes: int, dev) -> list[tuple]:
     """Per test batch: the teachers' pooled and logit features (concatenated, 1/√E-scaled, so
@@ -58,7 +53,7 @@ def _teacher_outputs(teachers: list[str], loader, num_classes: int, dev) -> list
         t = teacher(x)
         members = t.members or [t]
         scale = 1 / math.sqrt(len(members))
-        hits = _accuracy(t.logits.float(), y) if t.logits.shape[1] == num_classes else None
+        hits = topk_hits(t.logits.float(), y) if t.logits.shape[1] == num_classes else None
         out.append((torch.cat([m.pooled for m in members], 1) * scale, torch.cat([m.logits for m in members], 1) * scale, hits))
     return out
 
@@ -101,7 +96,7 @@ def diagnose(run_dir: str | Path, teachers: list[str], device: str = "cpu", batc
         s = student(x)
         gaps["pooled"].update(s.pooled, t_pooled)
         gaps["logits"].update(s.logits, t_logits)
-        hits["student"] += _accuracy(s.logits.float(), y)
+        hits["student"] += topk_hits(s.logits.float(), y)
         same_labels = t_hits is not None
         if same_labels:
             hits["teacher"] += t_hits
