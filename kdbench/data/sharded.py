@@ -31,15 +31,17 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-class ShardedTensorLoader(TensorLoader):
-    def __init__(self, images, labels, mean, std, batch_size: int, train: bool, device="cpu", pad: int = 4,
-                 flip: bool = True, rank: int = 0, world_size: int = 1):
+class RankShards:
+    """The batch geometry of a loader sharded over DDP ranks (see the module docstring): the
+    global batches of an epoch, this rank's number of steps and the samples used per epoch.
+    Needs ``labels``, ``batch_size``, ``train``, ``rank`` and ``world_size``."""
+
+    @staticmethod
+    def check_ranks(batch_size: int, train: bool, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if train and batch_size < world_size:
             raise ValueError(f"global batch {batch_size} is smaller than the {world_size} ranks")
-        super().__init__(images, labels, mean, std, batch_size, train, device, pad)
-        self.flip, self.rank, self.world_size = flip, rank, world_size
 
     def _global_batches(self) -> list[int]:
         n = len(self.labels)
@@ -56,6 +58,14 @@ class ShardedTensorLoader(TensorLoader):
     def num_samples(self) -> int:
         """Samples per epoch over all ranks (the divisor of all-reduced sums)."""
         return sum(self._global_batches()) if self.train else len(self.labels)
+
+
+class ShardedTensorLoader(RankShards, TensorLoader):
+    def __init__(self, images, labels, mean, std, batch_size: int, train: bool, device="cpu", pad: int = 4,
+                 flip: bool = True, rank: int = 0, world_size: int = 1):
+        self.check_ranks(batch_size, train, rank, world_size)
+        super().__init__(images, labels, mean, std, batch_size, train, device, pad)
+        self.flip, self.rank, self.world_size = flip, rank, world_size
 
     def batches(self, generator: torch.Generator | None = None, views: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """This rank's ``(x, y, index)`` (and view ids with ``views=True``, as TensorLoader)."""

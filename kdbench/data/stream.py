@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .imagenet import FileImageSet
-from .sharded import shard_bounds
+from .sharded import RankShards, shard_bounds
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -83,15 +83,12 @@ class _Plan(Sampler):
         return len(self.batches)
 
 
-class StreamingLoader:
+class StreamingLoader(RankShards):
     def __init__(self, files: FileImageSet, mean, std, batch_size: int, train: bool, device="cpu",
                  crop: int = 224, resize: int = 256, rank: int = 0, world_size: int = 1, workers: int | None = None):
         import torchvision.transforms as T
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if train and batch_size < world_size:
-            raise ValueError(f"global batch {batch_size} is smaller than the {world_size} ranks")
+        self.check_ranks(batch_size, train, rank, world_size)
         self.files, self.batch_size, self.train = files, batch_size, train
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -105,22 +102,6 @@ class StreamingLoader:
         self.loader = DataLoader(_Files(files, transform), batch_sampler=self.plan, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
-
-    def _global_batches(self) -> list[int]:
-        n = len(self.files)
-        sizes = [min(self.batch_size, n - s) for s in range(0, n, self.batch_size)]
-        return [b for b in sizes if b >= self.world_size]
-
-    def __len__(self) -> int:
-        if self.train:
-            return len(self._global_batches())
-        lo, hi = shard_bounds(len(self.files), self.rank, self.world_size)
-        return -(-(hi - lo) // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch over all ranks (the divisor of all-reduced sums)."""
-        return sum(self._global_batches()) if self.train else len(self.files)
 
     def _make_plan(self, generator: torch.Generator | None) -> list[list[tuple[int, int | None]]]:
         n = len(self.files)
