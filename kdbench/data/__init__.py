@@ -42,7 +42,6 @@ class DatasetInfo:
     std: tuple[float, float, float]
     image_size: int = 32
     pad: int = 4  # RandomCrop padding used by the training augmentation
-    fetch_hint: str = ""
     flip: bool = True  # random horizontal flips in training (not for digits)
     streaming: bool = False  # files decoded by worker processes (ImageNet) instead of a device tensor
     resize: int = 0  # streaming test transform: resize the short side to this, then centre-crop image_size

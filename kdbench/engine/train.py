@@ -9,6 +9,7 @@ device and are read once per epoch. A non-finite loss ends the run with ``status
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, 
     out = (distributed.all_reduce_sum(sums) / loader.num_samples).tolist()  # the epoch's one host sync
     stats = dict(zip(names, out[:-1]))
     stats["train_acc"] = 100 * out[-1]
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), out)):
+    if not all(map(math.isfinite, out)):
         raise NonFiniteLoss(f"non-finite loss in epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return stats
 
@@ -241,7 +242,7 @@ def _method_dict(objective: Objective) -> dict:
 def run_record(spec: RunSpec, state: dict, status: str, failure: str | None, run_id: str | None,
                num_classes: int, wall_time_s: float, prov: dict, **extra) -> dict:
     """The content of a run's metrics.json: results, the resolved spec, curves and provenance."""
-    metrics = summarise(state["curve"], spec.recipe.epochs)
+    metrics = summarise(state["curve"])
     metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
                    dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
                    num_classes=num_classes, spec=spec.to_dict(), **extra, wall_time_s=wall_time_s,
@@ -249,7 +250,7 @@ def run_record(spec: RunSpec, state: dict, status: str, failure: str | None, run
     return metrics
 
 
-def summarise(curve: list[dict], epochs: int) -> dict:
+def summarise(curve: list[dict]) -> dict:
     """Last-epoch (CRD/RepDistiller's statistic) and best-epoch (mdistiller's) test accuracy."""
     if not curve:
         return {"acc_last": None, "acc5_last": None, "acc_best": None, "epoch_best": None, "epochs_done": 0}
