@@ -165,3 +165,18 @@ def test_lossy_storage_rounds_and_is_hashed():
     assert not torch.equal(b.pooled, a.pooled)
     with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
         TeacherCache.build(t, ld, dtype="int8")
+
+
+def test_cache_covers_every_sample_of_a_sharded_loader_that_drops_a_tail_batch():
+    """Under DDP an epoch may skip a last global batch smaller than the ranks; the cache must
+    still hold every training sample, since any of them can be drawn in another epoch."""
+    from kdbench.data.sharded import ShardedTensorLoader
+    imgs = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    sharded = ShardedTensorLoader(imgs, np.arange(9) % 3, (0.5,) * 3, (0.5,) * 3, batch_size=4, train=True,
+                                  rank=0, world_size=2)
+    assert sharded.num_samples == 8  # the last global batch of 1 sample is dropped in an epoch
+    cache = TeacherCache.build(teacher(), sharded, build_batch=4)
+    assert cache.num_samples == 9
+    index = torch.tensor([8])
+    ref = teacher().eval()(sharded.view_images(index, torch.tensor([7])))
+    torch.testing.assert_close(cache.lookup(index, torch.tensor([7])).logits, ref.logits)

@@ -92,7 +92,7 @@ class TeacherCache:
                              f"{type(loader).__name__} has none — run without execution.teacher_cache")
         was = teacher.training
         teacher.eval()
-        n, v, dev = loader.num_samples, loader.num_views, loader.device
+        n, v, dev = len(loader.labels), loader.num_views, loader.device  # every sample, not the ones one epoch uses
         table, layout = None, None
         try:
             for view in range(v):
