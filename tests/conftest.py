@@ -30,6 +30,20 @@ def write_suite(path: Path, data_root: Path, **overrides) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """5-class synthetic CIFAR-format data (``tiny/data``) and a random resnet8 teacher (``tiny/t.pt``)."""
+    from kdbench.data.synthetic_files import ensure_synthetic
+    from kdbench.engine.checkpoint import save_model
+    from kdbench.models import build_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    ensure_synthetic("cifar100", str(root / "data"), {"classes": 5, "train_per_class": 8, "test_per_class": 4})
+    torch.manual_seed(0)
+    save_model(root / "t.pt", build_model("resnet8", 5), "resnet8", 5, "cifar100")
+    return root
+
+
 @pytest.fixture
 def tiny_suite(tmp_path):
     return write_suite(tmp_path / "tiny.yaml", tmp_path / "data")

@@ -11,8 +11,6 @@ import os
 import pytest
 import torch
 
-from kdbench.data.synthetic_files import ensure_synthetic
-from kdbench.engine.checkpoint import save_model
 from kdbench.engine.fast import Runtime, split_features, step_names, train_step
 from kdbench.engine.optim import SGD
 from kdbench.engine.spec import Execution, Recipe, RunSpec
@@ -21,15 +19,6 @@ from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.models import build_model, feature_shapes
 
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fast")
-    ensure_synthetic("cifar100", str(root / "data"), {"classes": 5, "train_per_class": 8, "test_per_class": 4})
-    torch.manual_seed(0)
-    save_model(root / "t.pt", build_model("resnet8", 5), "resnet8", 5, "cifar100")
-    return root
 
 
 def spec(tiny, method="kd", seed=0, **execution):

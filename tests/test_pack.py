@@ -19,15 +19,6 @@ from conftest import write_suite
 RECIPE = Recipe.from_config({"epochs": 2, "batch_size": 16})
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pack")
-    ensure_synthetic("cifar100", str(root / "data"), {"classes": 5, "train_per_class": 8, "test_per_class": 4})
-    torch.manual_seed(0)
-    save_model(root / "t.pt", build_model("resnet8", 5), "resnet8", 5, "cifar100")
-    return root
-
-
 def spec(tiny, method, seed, recipe=RECIPE, **overrides):
     return RunSpec("cifar100", str(tiny / "data"), "resnet8", method, seed, "resnet8",
                    (str(tiny / "t.pt"),) if method != "student" else (), method_overrides=overrides, recipe=recipe)
