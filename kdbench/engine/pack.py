@@ -27,11 +27,11 @@ Runs may be at different stages (an AB/FT/FSP initialisation stage while another
 main stage) and of different lengths; a finished run leaves the pack. A run that fails with an
 error does not stop the others; :class:`PackError` lists the failures at the end.
 
-Not done yet — **horizontal fusion** (HFTA): the K students still run as K sequences of small
-kernels. Fusing same-architecture students into one model with grouped convolutions (channel
-group k = run k's batch, BN over K·C channels with per-run running statistics) is the bigger GPU
-lever (performance.md §5); it must keep each member's BN running statistics and optimizer state
-separate to stay exact, and is the next step.
+Not done yet — **horizontal fusion** (HFTA) in the pack: the K students still run as K
+sequences of small kernels. :mod:`kdbench.engine.fusion` fuses same-architecture students
+(resnet, wrn, vgg) into one model with grouped convolutions and per-member BN statistics, tested
+exact against separate models; wiring it into :func:`fit_packed` (its docstring gives the plan)
+is the next step and the bigger GPU lever (performance.md §5).
 """
 
 from __future__ import annotations
