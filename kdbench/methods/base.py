@@ -119,7 +119,8 @@ class MethodSpec:
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        """The teacher Features fields the method's terms read."""
+        """The teacher Features fields the method's terms read by default (their class values),
+        known before any term is built: what the suite and the engine check early."""
         return frozenset().union(*(LOSSES.get(t).teacher_needs for t in self.terms))
 
     def describe(self) -> str:
@@ -168,7 +169,9 @@ class Objective(nn.Module):
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        return self.spec.teacher_needs
+        """Exact: the built terms' values, which may depend on their parameters (KDA's ``layer``,
+        OT's ``layers``); :attr:`MethodSpec.teacher_needs` is the terms' class defaults."""
+        return frozenset().union(*(t.teacher_needs for t in self.terms.values()))
 
     def init_terms(self) -> list[DistillLoss]:
         return [t for t in self.terms.values() if t.init_epochs > 0]
