@@ -30,3 +30,10 @@ rule all:
         all_metrics(),
         table_outputs(),
         paper_outputs(),
+
+
+onsuccess:
+    print(f"\nkdbench: suite {SUITE.name!r} is complete ({len(SUITE.runs)} runs in {RUNS_DIR}/).")
+    print(f"  seed tables:  {RESULTS}/*.md, per-seed {RESULTS}/runs.csv, per-cell {RESULTS}/summary.csv")
+    if PAPER_TABLES:
+        print(f"  paper tables: {PAPER_DIR}/*.md ({len(PAPER_TABLES)} tables), figures: {PAPER_DIR}/*.png")
