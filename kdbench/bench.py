@@ -19,7 +19,9 @@ synthetic data (``make_synthetic``, 100 classes, 32×32 uint8 images):
     one-off build time is reported separately — it is shared by every run with that teacher).
 (c) **packed grid** — K runs (``--pack``; seeds × ``--grid-methods``) trained together with
     ``pack.drive_packed`` (one teacher forward per step for all K), against running the same K
-    runs one after another with the reference loop.
+    runs one after another with the reference loop; measured twice where the student is fusable
+    (resnet, wrn, vgg): the K students as K models, and fused into one model (``pack+fuse``:
+    grouped convolutions, one kernel sequence for all K; ``--no-fuse`` skips it).
 
 Each timing skips ``--warmup`` steps (worker start-up, cuDNN autotuning, graph capture), then
 times ``--steps`` steps with the device synchronised at both ends; figures are steps/s (of one
@@ -230,12 +232,12 @@ def take_steps(epoch_gen, n: int):
         epoch_gen.close()
 
 
-def _epoch_gen(setup: Setup, member, runtime, loader, seed: int, epoch: int):
+def _epoch_gen(setup: Setup, member, runtime, loader, seed: int, epoch: int, fused: bool = False):
     from .engine.seeding import generator
     from .engine.train import _epoch
     student, objective, optimizer = member
     return _epoch(student, setup.teacher, objective, optimizer, loader, generator(setup.dev, seed * 1000 + epoch), epoch,
-                  runtime=runtime)
+                  runtime=runtime, fused=fused)
 
 
 def _runtime(setup: Setup, execution, loader, objective):
@@ -247,9 +249,11 @@ def _runtime(setup: Setup, execution, loader, objective):
     return runtime, (time.perf_counter() - t0 if runtime.cache is not None else None)
 
 
-def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pack: list[str] | None = None):
+def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pack: list[str] | None = None,
+               fuse: bool = False):
     """Steps/s of kdbench's epoch loop for one run (or, with ``pack`` = methods of the K
-    members, the packed grid's total steps/s), and the teacher-cache build time (or None)."""
+    members, the packed grid's total steps/s; ``fuse``: with the students fused into one model),
+    and the teacher-cache build time (or None)."""
     from .engine.pack import drive_packed
     methods = pack or [method]
     setup.fresh_teacher()
@@ -261,11 +265,13 @@ def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pa
     runtime, build_s = _runtime(setup, execution, loader, members[0][1])
     runtime.prepare(setup.teacher, *(m[0] for m in members), *(m[1] for m in members))
 
+    fusers: dict = {}  # the fused model stays across the warm-up and the timed call
+
     def run(n: int, epoch: int) -> float:
-        gens = [take_steps(_epoch_gen(setup, mem, runtime, loader, k, epoch), n) for k, mem in enumerate(members)]
+        gens = [take_steps(_epoch_gen(setup, mem, runtime, loader, k, epoch, fuse), n) for k, mem in enumerate(members)]
         sync(setup.dev)
         t0 = time.perf_counter()
-        drive_packed(gens, setup.dev, [0] * len(gens))
+        drive_packed(gens, setup.dev, [0] * len(gens), [0] * len(gens), fusers)
         sync(setup.dev)
         return time.perf_counter() - t0
 
@@ -352,8 +358,11 @@ def run_bench(args) -> dict:
             for m in dict.fromkeys([args.method, *grid])}
     jobs.update({("engine", c): lambda c=c: engine_sps(setup, args.method, execution_for(c, dev, args.compile),
                                                        args.steps, args.warmup) for c in configs})
-    jobs[("pack", pack_config)] = lambda: engine_sps(setup, args.method, execution_for(pack_config, dev, args.compile),
-                                                     args.steps, args.warmup, pack=members)
+    from .engine.fusion import SUPPORTED_ARCHS
+    grids = ["pack", "pack+fuse"] if args.fuse and setup.s_arch in SUPPORTED_ARCHS else ["pack"]
+    for g in grids:
+        jobs[(g, pack_config)] = lambda g=g: engine_sps(setup, args.method, execution_for(pack_config, dev, args.compile),
+                                                        args.steps, args.warmup, pack=members, fuse=g == "pack+fuse")
     best: dict[tuple, tuple] = {}
     for _ in range(args.repeat):
         for key, job in jobs.items():
@@ -377,15 +386,18 @@ def run_bench(args) -> dict:
         say(f"  engine {config:11s} {sps:8.2f} steps/s  ×{row['ratio']:.2f} vs reference"
             + (f"   MFU {100 * row['mfu']:.2f}%" if peak else "") + (f"   (cache built in {build_s:.1f} s)" if build_s else ""))
     ex = execution_for(pack_config, dev, args.compile)
-    grid_sps, build_s = best[("pack", pack_config)]
     sequential = len(members) / sum(1 / ref[m] for m in members)  # one reference run after another
-    out["pack"] = {"k": len(members), "methods": members, "execution": ex.__dict__, "config": pack_config,
-                   "sps": grid_sps, "sequential_reference_sps": sequential, "ratio": grid_sps / sequential,
-                   "mfu": mfu(grid_sps, build_s is not None) if set(members) == {args.method} else None,
-                   "cache_build_s": build_s}
-    say(f"  packed grid of {len(members)} runs ({pack_config}): {grid_sps:8.2f} run-steps/s vs "
-        f"{sequential:.2f} one reference run after another: ×{grid_sps / sequential:.2f}"
-        + (f"   MFU {100 * out['pack']['mfu']:.2f}%" if peak and out["pack"]["mfu"] else ""))
+    for g in grids:
+        grid_sps, build_s = best[(g, pack_config)]
+        out[g] = {"k": len(members), "methods": members, "execution": ex.__dict__, "config": pack_config,
+                  "fused": g == "pack+fuse", "sps": grid_sps, "sequential_reference_sps": sequential,
+                  "ratio": grid_sps / sequential,
+                  "mfu": mfu(grid_sps, build_s is not None) if set(members) == {args.method} else None,
+                  "cache_build_s": build_s}
+        label = "packed grid" + (", students fused" if g == "pack+fuse" else "")
+        say(f"  {label} of {len(members)} runs ({pack_config}): {grid_sps:8.2f} run-steps/s vs "
+            f"{sequential:.2f} one reference run after another: ×{grid_sps / sequential:.2f}"
+            + (f"   MFU {100 * out[g]['mfu']:.2f}%" if peak and out[g]["mfu"] else ""))
     if args.verify:
         out["agreement"] = {c: agreement(setup, args.method, execution_for(c, dev, args.compile), args.verify)
                             for c in configs if c != "plain"}
@@ -420,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=["none", "graph", "compile"], help="override the fast configs' compile mode")
     p.add_argument("--pack", type=int, help="runs in the packed grid (default 12 on GPU, 3 on CPU)")
     p.add_argument("--pack-config", choices=CONFIGS, help="engine config of the packed grid (default fast on GPU, plain on CPU)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="measure the packed grid only without horizontal fusion (by default it is measured both ways "
+                        "when the student is fusable: resnet, wrn, vgg)")
     p.add_argument("--grid-methods", type=lambda s: s.split(","),
                    help="methods the grid cycles through (default: --method); seeds differ per run")
     p.add_argument("--verify", type=int, default=0, metavar="N",

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -59,3 +60,37 @@ def subprocess_env():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+class FakeGraphs:
+    """A CPU stand-in for CUDA graphs with their semantics: a capture leaves no trace (state and
+    generators restored), a replay runs the recorded step on the static buffers."""
+
+    calls = {"capture": 0, "replay": 0}
+
+    class Graph:
+        fn = None
+
+    side_stream = staticmethod(contextlib.nullcontext)
+    new_graph = Graph
+
+    @classmethod
+    def capture(cls, graph, fn, state, generators):
+        saved, gens = [t.detach().clone() for t in state], [g.get_state() for g in generators]
+        out = fn()
+        with torch.no_grad():
+            for t, v in zip(state, saved):
+                t.copy_(v)
+        for g, st in zip(generators, gens):
+            g.set_state(st)
+        graph.fn = fn
+        cls.calls["capture"] += 1
+        return out
+
+    @classmethod
+    def replay(cls, graph, out=None):
+        new = graph.fn()
+        if out is not None:  # a graph writes into the tensors it returned at capture
+            for dst, src in zip((*out.stages, *out.preact, out.pooled, out.logits), (*new.stages, *new.preact, new.pooled, new.logits)):
+                dst.copy_(src)
+        cls.calls["replay"] += 1

@@ -35,7 +35,8 @@ def test_bench_cpu_prints_and_writes_every_figure(tmp_path, capsys):
                        "--workers", "1", "--pack", "2", "--configs", "plain,fast", "--verify", "2",
                        "--peak-tflops", "1.0", "--threads", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    for key in ("reference loop", "engine plain", "engine fast", "packed grid of 2 runs", "steps/s", "MFU",
+    for key in ("reference loop", "engine plain", "engine fast", "packed grid of 2 runs", "packed grid, students fused",
+                "steps/s", "MFU",
                 "agreement plain vs fast", "CPU"):
         assert key in text, key
     r = json.loads(out.read_text())
@@ -43,6 +44,7 @@ def test_bench_cpu_prints_and_writes_every_figure(tmp_path, capsys):
     assert r["reference_sps"] > 0 and r["engine"]["plain"]["sps"] > 0 and r["engine"]["fast"]["sps"] > 0
     assert r["engine"]["plain"]["ratio"] == pytest.approx(r["engine"]["plain"]["sps"] / r["reference_sps"])
     assert r["pack"]["k"] == 2 and r["pack"]["ratio"] == pytest.approx(r["pack"]["sps"] / r["pack"]["sequential_reference_sps"])
+    assert r["pack+fuse"]["fused"] and not r["pack"]["fused"] and r["pack+fuse"]["sps"] > 0
     assert r["engine"]["fast"]["execution"]["channels_last"] is True
     assert r["agreement"]["fast"]["max_rel_param_diff"] < 1e-4  # channels_last on CPU: the same maths
     # FLOPs: the teacher's forward equals a count from the layer shapes; fwd+bwd ≈ 3 forwards

@@ -4,7 +4,6 @@ No timing here: speed is measured by `kdbench bench`. CUDA-graph tests run only 
 available; torch.compile's test needs KDBENCH_SLOW_TESTS=1 (≈80 s of compilation on 2 cores).
 """
 
-import contextlib
 import dataclasses
 import os
 
@@ -17,6 +16,8 @@ from kdbench.engine.spec import Execution, Recipe, RunSpec
 from kdbench.engine.train import fit
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.models import build_model, feature_shapes
+
+from conftest import FakeGraphs
 
 CUDA = torch.cuda.is_available()
 
@@ -163,40 +164,6 @@ def test_split_features_cuts_every_field():
                          (f.stages[-1], (a.stages[-1], b.stages[-1])), (f.preact[1], (a.preact[1], b.preact[1]))):
         assert torch.equal(torch.cat(parts), whole)
     assert a.logits.shape[0] == 2 and len(b.stages) == len(f.stages)
-
-
-class FakeGraphs:
-    """A CPU stand-in for CUDA graphs with their semantics: a capture leaves no trace (state and
-    generators restored), a replay runs the recorded step on the static buffers."""
-
-    calls = {"capture": 0, "replay": 0}
-
-    class Graph:
-        fn = None
-
-    side_stream = staticmethod(contextlib.nullcontext)
-    new_graph = Graph
-
-    @classmethod
-    def capture(cls, graph, fn, state, generators):
-        saved, gens = [t.detach().clone() for t in state], [g.get_state() for g in generators]
-        out = fn()
-        with torch.no_grad():
-            for t, v in zip(state, saved):
-                t.copy_(v)
-        for g, st in zip(generators, gens):
-            g.set_state(st)
-        graph.fn = fn
-        cls.calls["capture"] += 1
-        return out
-
-    @classmethod
-    def replay(cls, graph, out=None):
-        new = graph.fn()
-        if out is not None:  # a graph writes into the tensors it returned at capture
-            for dst, src in zip((*out.stages, *out.preact, out.pooled, out.logits), (*new.stages, *new.preact, new.pooled, new.logits)):
-                dst.copy_(src)
-        cls.calls["replay"] += 1
 
 
 @pytest.mark.parametrize("method", ["kd", "crd", "dkd", "ab"])

@@ -125,3 +125,99 @@ def test_pack_command_trains_suite_runs(tmp_path):
         assert json.loads((Path(suite.run_dir(r)) / "metrics.json").read_text())["status"] == "ok"
     with pytest.raises(SystemExit, match="not in suite"):
         main(["--suite", str(suite_file), "--run", "nope"])
+
+
+def test_fused_packed_runs_equal_runs_one_by_one(tiny, tmp_path):
+    """Students of one architecture fused into one model (grouped convolutions, one BN over K·C
+    channels): two KD runs of different lengths (when one leaves, the rest are fused anew), a
+    plain student with no teacher, and an AB run whose initialisation stage runs beside the
+    others' main stage. Each run equals its run alone up to float32 rounding, which the tiny
+    batches amplify (an AB run alone at 1 vs 2 CPU threads differs more than this tolerance)."""
+    long = Recipe.from_config({"epochs": 3, "batch_size": 16})
+    specs = [spec(tiny, "kd", 0), spec(tiny, "kd", 1, recipe=long), spec(tiny, "student", 3),
+             spec(tiny, "ab", 0, params={"ab": {"init_epochs": 1}})]
+    alone = [fit(s, tmp_path / f"alone{k}", "cpu", progress=False) for k, s in enumerate(specs)]
+    packed = fit_packed(specs, [tmp_path / f"pack{k}" for k in range(len(specs))], "cpu", fuse=True)
+    assert [len(m["curve"]) for m in packed] == [2, 3, 2, 2] and len(packed[3]["init_curve"]) == 1
+    for k, (a, b) in enumerate(zip(alone, packed)):
+        chaotic = specs[k].method == "ab"
+        assert_same(strip(a), strip(b), rel=1e-3 if chaotic else 1e-4)
+        m_a = torch.load(tmp_path / f"alone{k}" / "model.pt", weights_only=True)["state_dict"]
+        m_b = torch.load(tmp_path / f"pack{k}" / "model.pt", weights_only=True)["state_dict"]
+        for name in m_a:
+            torch.testing.assert_close(m_b[name], m_a[name], rtol=0, atol=5e-3 if chaotic else 5e-5)
+            assert m_b[name].untyped_storage().nbytes() == m_a[name].untyped_storage().nbytes()  # not the fused storage
+        ck = torch.load(tmp_path / f"pack{k}" / "checkpoint.pt", weights_only=False)["student"]
+        assert sum(t.untyped_storage().nbytes() for t in ck.values()) == sum(t.untyped_storage().nbytes() for t in m_a.values())
+
+
+@pytest.mark.parametrize("method,overrides", [("crd", {"params": {"crd": {"nce_k": 16}}}), ("fitnet", {}), ("dkd", {}),
+                                              ("ab", {}), ("student", {})])
+def test_fused_steps_equal_separate_steps(method, overrides):
+    """Three steps of two runs fused (their own objectives, optimizers, data) vs each alone: equal
+    to float32 rounding for every kind of term (logits, stage features + adapter, CRD's memory and
+    negatives from the run's generator, AB's initialisation loss, CE only)."""
+    from kdbench.engine.fast import StudentStep, fused_train_step, step_names, train_step
+    from kdbench.engine.fusion import fuse
+    from kdbench.engine.optim import SGD
+    from kdbench.methods import METHODS, Batch, MethodContext, build_objective
+    from kdbench.models import feature_shapes
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 5).eval()
+    labels = torch.randint(0, 5, (64,))
+    x, y, idx = torch.randn(2, 16, 3, 32, 32), labels[:32].view(2, 16), torch.arange(32).view(2, 16)
+    with torch.no_grad():
+        ts = [teacher(x[k]) if method != "student" else None for k in range(2)]
+
+    def run(seed):
+        torch.manual_seed(seed)
+        student = build_model("resnet8", 5)
+        ctx = MethodContext(feature_shapes(student), feature_shapes(teacher), 5, labels, "resnet8", "resnet8")
+        objective = build_objective(METHODS.get(method).with_overrides(overrides), ctx)
+        init = objective.init_terms()[0] if method == "ab" else None  # AB: its initialisation stage
+        params = list(init.init_parameters(student)) if init else list(student.parameters()) + list(objective.parameters())
+        names = step_names(objective, init)
+        return StudentStep(None, None, student, objective, SGD(params, 0.05, 0.9, 5e-4), init, names,
+                           torch.zeros(len(names) + 1, dtype=torch.float64), None)
+
+    alone, fused = [run(k) for k in range(2)], [run(k) for k in range(2)]
+    model = fuse([f.student for f in fused])
+    model.bind([f.student for f in fused])
+    gens = [[torch.Generator().manual_seed(k) for k in range(2)] for _ in range(2)]  # each run's, alone and fused
+    for _ in range(3):
+        for k, a in enumerate(alone):
+            train_step(a.student, a.objective, a.optimizer, Batch(x[k], y[k], idx[k], 1, gens[0][k]), ts[k], a.init_term,
+                       a.names, a.sums)
+        fused_train_step(model, fused, [Batch(x[k], y[k], idx[k], 1, gens[1][k]) for k in range(2)], ts)
+    for a, f in zip(alone, fused):
+        for module in ("student", "objective"):
+            for (name, ta), tb in zip(getattr(a, module).state_dict().items(), getattr(f, module).state_dict().values()):
+                torch.testing.assert_close(tb, ta, rtol=1e-4, atol=1e-5, msg=f"{module}.{name}")
+        torch.testing.assert_close(f.sums, a.sums, rtol=1e-5, atol=1e-6)
+        assert a.sums[0] > 0
+
+
+def test_fused_pack_graph_logic_with_a_cpu_stand_in(tiny, tmp_path, monkeypatch):
+    """The fused pack's CUDA-graph path (one graph for the K runs' step, re-captured each epoch
+    and when a run leaves; warm-up without a trace; CRD's draws from each run's generator; the
+    eager last partial batch) on CPU with a stand-in for the CUDA primitives: the same results as
+    the eager fused pack."""
+    from kdbench.engine.fast import Runtime
+    from conftest import FakeGraphs
+    long = Recipe.from_config({"epochs": 3, "batch_size": 16})
+
+    def specs(**execution):
+        ex = Execution(**execution)
+        return [RunSpec("cifar100", str(tiny / "data"), "resnet8", m, s, "resnet8", (str(tiny / "t.pt"),), recipe=r,
+                        method_overrides=o, execution=ex)
+                for m, s, r, o in (("kd", 0, RECIPE, {}), ("crd", 1, long, {"params": {"crd": {"nce_k": 16}}}),
+                                   ("dkd", 2, long, {}))]
+    eager = fit_packed(specs(), [tmp_path / f"e{k}" for k in range(3)], "cpu", fuse=True)
+    monkeypatch.setattr(Runtime, "graph_backend", FakeGraphs)
+    FakeGraphs.calls.update(capture=0, replay=0)
+    graph = fit_packed(specs(compile="graph"), [tmp_path / f"g{k}" for k in range(3)], "cpu", fuse=True)
+    assert FakeGraphs.calls["replay"] > 0 and FakeGraphs.calls["capture"] >= 3  # the step: one per epoch
+    for a, b in zip(eager, graph):
+        assert b["spec"].pop("execution")["compile"] == "graph" and a["spec"].pop("execution")["compile"] == "none"
+        assert_same(strip(a), strip(b), rel=1e-6)

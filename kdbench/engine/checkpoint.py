@@ -36,7 +36,8 @@ def read_file(path: str | Path, fmt: str) -> dict:
 
 
 def save_model(path: str | Path, model: nn.Module, arch: str, num_classes: int, dataset: str, **meta) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a copy even on CPU: a fused packed student's tensors are views, and torch.save writes a view's whole storage
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     atomic_torch_save(path, {"format": MODEL_FORMAT, "arch": arch, "num_classes": num_classes,
                              "dataset": dataset, "state_dict": state, "meta": meta})
 

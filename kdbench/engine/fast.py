@@ -57,27 +57,77 @@ class TeacherRequest:
     runtime: "Runtime"
 
 
+@dataclass
+class StudentStep:
+    """One step of a run whose student is fused with other packed runs' (``pack.py``): the epoch
+    loop yields it, and the driver takes the step for all the fused runs at once
+    (:func:`fused_train_step`)."""
+
+    teacher: TeacherRequest | None  # the step's teacher request (None: no teacher)
+    batch: Batch
+    student: nn.Module
+    objective: Objective
+    optimizer: object
+    init_term: object  # the initialisation stage's term, or None in the main stage
+    names: list[str]
+    sums: Tensor
+    runtime: "Runtime"
+
+
 def step_names(objective: Objective, init_term=None) -> list[str]:
     """The names of the per-step sums: total loss, then each term (or ``init``)."""
     return ["loss", *(["init"] if init_term else list(objective.terms) + (["ce"] if objective.spec.ce else []))]
 
 
+def step_loss(s: Features, objective: Objective, batch: Batch, t: Features | None, init_term) -> dict[str, Tensor]:
+    """A step's weighted loss terms by name (their sum is the loss): the initialisation stage's
+    one term, or the method's."""
+    return {"init": init_term.init_loss(s, t, batch)} if init_term is not None else objective(s, t, batch)
+
+
+def record_step(sums: Tensor, loss: Tensor, terms: dict[str, Tensor], names: list[str], logits: Tensor,
+                batch: Batch) -> None:
+    """Add [n·loss, n·term..., correct] to the run's device-resident ``sums`` (no host sync)."""
+    n = batch.x.shape[0]
+    vals = [loss.detach(), *(terms[k].detach() for k in names[1:])]
+    correct = (logits.detach().argmax(1) == batch.y).sum()
+    sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
+
+
 def train_step(student: nn.Module, objective: Objective, optimizer, batch: Batch, t: Features | None,
                init_term, names: list[str], sums: Tensor, autocast: Callable = nullcontext) -> None:
-    """One optimisation step — the maths of every training path. Adds [n·loss, n·term..., correct]
-    to ``sums`` on the device (no host synchronisation)."""
+    """One optimisation step — the maths of every training path."""
     with autocast():
         s = student(batch.x)
-        terms = {"init": init_term.init_loss(s, t, batch)} if init_term is not None else objective(s, t, batch)
+        terms = step_loss(s, objective, batch, t, init_term)
         loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     distributed.average_gradients(optimizer.params)  # the objective's (DDP: no-op otherwise)
     optimizer.step()
-    n = batch.x.shape[0]
-    vals = [loss.detach(), *(terms[k].detach() for k in names[1:])]
-    correct = (s.logits.detach().argmax(1) == batch.y).sum()
-    sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
+    record_step(sums, loss, terms, names, s.logits, batch)
+
+
+def fused_train_step(fused: nn.Module, steps: list["StudentStep"], batches: list[Batch], ts: list[Features | None],
+                     autocast: Callable = nullcontext, forward: Callable | None = None) -> None:
+    """:func:`train_step` for K packed runs whose students are fused into one model (a bound
+    :class:`~kdbench.engine.fusion.FusedModel`): one forward and one backward pass of the fused
+    model (``forward``: e.g. its compiled version); each run's own loss terms, optimizer step and
+    sums. The backward pass is of the sum of the runs' losses, whose gradient in member k's slice
+    of a fused tensor is member k's own."""
+    with autocast():
+        outs = (forward or fused)([b.x for b in batches])
+        terms = [step_loss(s, st.objective, b, t, st.init_term) for s, st, b, t in zip(outs, steps, batches, ts)]
+        losses = [sum(tm.values()) for tm in terms]
+    total = sum(losses)
+    for st in steps:
+        st.optimizer.zero_grad(set_to_none=True)
+    fused.zero_grad(set_to_none=True)
+    total.backward()
+    fused.sync_members([st.student for st in steps])
+    for st, s, loss, tm, b in zip(steps, outs, losses, terms, batches):
+        st.optimizer.step()
+        record_step(st.sums, loss, tm, st.names, s.logits, b)
 
 
 def split_features(f: Features, sizes: list[int]) -> list[Features]:
@@ -90,10 +140,6 @@ def _rebuild(like: Features, flat: list[Tensor]) -> Features:
     """A record shaped like ``like`` from tensors in :meth:`Features.tensors` order."""
     it = iter(flat)
     return like.apply(lambda _: next(it))
-
-
-def _features_tensors(f: Features | None) -> list[Tensor]:
-    return [] if f is None else f.tensors()
 
 
 class Runtime:
@@ -214,6 +260,28 @@ class Runtime:
         return step
 
 
+    def fused_stepper(self, fused: nn.Module, steps: list[StudentStep], warm: bool) -> Callable:
+        """A function ``step(xs, ys, indices, ts)`` running :func:`fused_train_step` for the fused
+        runs ``steps`` at their current epochs and stages (``pack.py`` makes a new one whenever a
+        run's epoch, stage or membership changes). ``warm``: a graph of this fused model was
+        captured before, so no warm-up steps are needed."""
+        forward = self.compiled(fused)
+
+        def eager(xs, ys, idxs, ts):
+            batches = [Batch(x, y, i, st.batch.epoch, st.batch.generator) for x, y, i, st in zip(xs, ys, idxs, steps)]
+            fused_train_step(fused, steps, batches, ts, self.autocast, forward)
+
+        if self.execution.compile != "graph":
+            return eager
+        state = [*fused.parameters(), *fused.buffers()]
+        for st in steps:
+            st.optimizer.make_capturable()
+            state += [*st.student.buffers(), *st.objective.parameters(), *st.objective.buffers(),
+                      *(b for b in st.optimizer.buffers if b is not None), st.sums]
+        gens = [st.batch.generator for st in steps if st.batch.generator is not None]
+        return GraphStep(eager, state, gens, warm=warm, backend=self.graph_backend)
+
+
 class CudaGraphs:
     """The CUDA-graph primitives :class:`GraphStep` and the teacher's graph use."""
 
@@ -244,11 +312,39 @@ class CudaGraphs:
         graph.replay()
 
 
+def _leaves(args) -> list[Tensor]:
+    """The tensors of a step's arguments (tensors, Features, None, or lists of those), in order."""
+    out: list[Tensor] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, Features):
+            out.extend(a.tensors())
+        elif isinstance(a, (list, tuple)):
+            out.extend(_leaves(a))
+    return out
+
+
+def _clone_args(args):
+    """A copy of a step's arguments with every tensor cloned (the graph's static inputs)."""
+    def one(a):
+        if isinstance(a, Tensor):
+            return a.clone()
+        if isinstance(a, Features):
+            return a.apply(torch.clone)
+        if isinstance(a, (list, tuple)):
+            return [one(b) for b in a]
+        return a
+    return tuple(one(a) for a in args)
+
+
 class GraphStep:
-    """``fn(x, y, index, t)`` captured as a CUDA graph on its first call and replayed for every
-    batch of that shape; other shapes (the last partial batch) run ``fn`` eagerly. ``state``:
-    every tensor a step changes (parameters, buffers, momenta, metric sums), restored with the
-    ``generators`` after the warm-up steps so that they leave no trace."""
+    """``fn(*args)`` captured as a CUDA graph on its first call and replayed for every call whose
+    tensors have the same shapes; other shapes (the last partial batch) run ``fn`` eagerly.
+    ``args``: tensors, Features, None, or lists of those (``x, y, index, t`` for one run; lists of
+    them for fused packed runs). ``state``: every tensor a step changes (parameters, buffers,
+    momenta, metric sums), restored with the ``generators`` after the warm-up steps so that they
+    leave no trace."""
 
     def __init__(self, fn: Callable, state: list[Tensor], generators: list[torch.Generator], warm: bool,
                  backend=CudaGraphs, warmup_steps: int = 3):
@@ -257,24 +353,23 @@ class GraphStep:
         self.graph, self.static, self.shapes = None, None, None
 
     @staticmethod
-    def _shapes(x, y, idx, t) -> tuple:
-        return tuple(tuple(a.shape) for a in (x, y, idx, *_features_tensors(t)))
+    def _shapes(args) -> tuple:
+        return tuple(tuple(a.shape) for a in _leaves(args))
 
-    def __call__(self, x: Tensor, y: Tensor, idx: Tensor, t: Features | None) -> None:
-        shapes = self._shapes(x, y, idx, t)
+    def __call__(self, *args) -> None:
+        shapes = self._shapes(args)
         if self.graph is None:
-            self._capture(x, y, idx, t)
+            self._capture(args)
             self.shapes = shapes
         if shapes != self.shapes:
-            self.fn(x, y, idx, t)
+            self.fn(*args)
             return
-        sx, sy, sidx, st = self.static
-        for dst, src in zip((sx, sy, sidx, *_features_tensors(st)), (x, y, idx, *_features_tensors(t))):
+        for dst, src in zip(_leaves(self.static), _leaves(args), strict=True):
             dst.copy_(src)
         self.backend.replay(self.graph)
 
-    def _capture(self, x, y, idx, t) -> None:
-        self.static = (x.clone(), y.clone(), idx.clone(), None if t is None else t.apply(torch.clone))
+    def _capture(self, args) -> None:
+        self.static = _clone_args(args)
         if not self.warm:  # lazy initialisations (cuDNN, cuBLAS, autograd streams) before capture
             saved = [s.detach().clone() for s in self.state]
             gen_states = [g.get_state() for g in self.generators]

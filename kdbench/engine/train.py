@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ..data import TensorLoader, load_dataset
-from ..methods import MethodContext, Objective, build_objective, resolve_method
+from ..methods import Batch, MethodContext, Objective, build_objective, resolve_method
 from ..models import build_model, feature_shapes
 from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
-from .fast import Runtime, TeacherRequest, step_names
+from .fast import Runtime, StudentStep, TeacherRequest, step_names
 from .optim import SGD
 from .io import atomic_torch_save, atomic_write_json, provenance
 from .seeding import derive_seed, generator
@@ -60,27 +60,33 @@ def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
 
 def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, optimizer,
            loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None, lr_at=None,
-           runtime: Runtime | None = None):
+           runtime: Runtime | None = None, fused: bool = False):
     """One pass over the training set; returns per-sample means of every loss term.
 
     A generator: for each step that needs the teacher it yields a :class:`TeacherRequest` and is
     sent back the teacher's Features (``drive`` answers with a forward pass or the teacher cache;
     ``pack.py`` with one forward pass for several runs). The step itself is
-    ``fast.train_step``, executed as ``runtime`` says (eager by default).
-    ``lr_at(progress)``, if given, sets the lr before each step (per-step schedules)."""
+    ``fast.train_step``, executed as ``runtime`` says (eager by default). With ``fused`` (packed
+    runs whose students are fused, ``pack.py``) it yields a :class:`StudentStep` for every step
+    instead, and the driver takes the step. ``lr_at(progress)``, if given, sets the lr before
+    each step (per-step schedules)."""
     student.train()
     objective.train()
     runtime = runtime or Runtime(device=loader.device)
     names = step_names(objective, init_term)
     sums = torch.zeros(len(names) + 1, device=loader.device, dtype=torch.float64)
-    step = runtime.stepper(student, objective, optimizer, names, sums, epoch, gen, init_term)
+    step = None if fused else runtime.stepper(student, objective, optimizer, names, sums, epoch, gen, init_term)
     batches = loader.batches(gen, views=True) if runtime.needs_views else ((*b, None) for b in loader.batches(gen))
     for i, (x, y, idx, view) in enumerate(batches):
         if lr_at is not None:
             optimizer.lr = lr_at(i / len(loader))
         x = runtime.input(x)
-        t = (yield TeacherRequest(x, idx, view, teacher, runtime)) if teacher is not None else None
-        step(x, y, idx, t)
+        request = TeacherRequest(x, idx, view, teacher, runtime) if teacher is not None else None
+        if fused:
+            yield StudentStep(request, Batch(x, y, idx, epoch, gen), student, objective, optimizer, init_term, names,
+                              sums, runtime)
+            continue
+        step(x, y, idx, (yield request) if request is not None else None)
     distributed.sync_buffers(student)  # DDP: every rank takes rank 0's BN statistics
     out = (distributed.all_reduce_sum(sums) / loader.num_samples).tolist()  # the epoch's one host sync
     stats = dict(zip(names, out[:-1]))
@@ -120,7 +126,8 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
               progress: bool = True, stop_after_epochs: int | None = None, shared: dict | None = None):
     """:func:`fit` as a generator of :class:`TeacherRequest` (see :func:`_epoch`) returning the
     metrics: :func:`drive` runs one, ``pack.py`` several in lockstep. ``shared`` may hold the
-    ``data`` and ``loaders`` that several packed runs share."""
+    ``data`` and ``loaders`` that several packed runs share, and ``fuse: True`` to yield a
+    :class:`StudentStep` per step (``pack.py`` fuses the students)."""
     shared = shared or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +203,8 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
                 per_step = None
                 if term is None and recipe.schedule != "step":
                     per_step = lambda progress, e=epoch: recipe.lr_at(e, spec.student, progress)  # noqa: E731
-                stats = yield from _epoch(model, teacher, objective, opt, train_loader, gen, epoch, term, per_step, runtime)
+                stats = yield from _epoch(model, teacher, objective, opt, train_loader, gen, epoch, term, per_step, runtime,
+                                          fused=shared.get("fuse", False))
                 stats = {"epoch": epoch, "lr": opt.lr, **stats}
                 if term is None:
                     objective.on_epoch_end(epoch)
@@ -210,7 +218,7 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
                 if dctx.is_main:  # DDP: rank 0 writes
                     atomic_torch_save(ckpt_path, {
                         "format": CHECKPOINT_FORMAT, "hash": spec.config_hash(), "state": state,
-                        "student": student.state_dict(), "objective": objective.state_dict(),
+                        "student": _own(student.state_dict()), "objective": objective.state_dict(),
                         "optimizer": optimizer.state_dict(), "init_optimizer": opt.state_dict() if term is not None else None})
                 bar.update(1)
                 bar.set_postfix_str(f"{name} ep{epoch} " + (f"acc {stats['test_acc']:.2f}" if term is None else f"loss {stats['loss']:.4f}"))
@@ -232,6 +240,12 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
         atomic_write_json(out / "metrics.json", metrics)
     distributed.close()
     return metrics
+
+
+def _own(state: dict) -> dict:
+    """Tensors with their own storage: a fused packed student's tensors are views of the fused
+    model's, and ``torch.save`` writes a view's whole storage."""
+    return {k: v.clone() for k, v in state.items()}
 
 
 def _method_dict(objective: Objective) -> dict:
