@@ -342,3 +342,27 @@ def test_fitnet_hint_stage_trains_guided_layers_and_regressor():
     loss = term.init_loss(student(x), t, batch())
     loss.backward()
     assert student.blocks[0][0].weight.grad is not None and student.blocks[3][0].weight.grad is None
+
+
+@pytest.mark.parametrize("overrides", [None, {"params": {"kda": {"layer": "logits"}}},
+                                       {"params": {"remd": {"layers": ["stage:-1", "pooled"]}}},
+                                       {"params": {"ipot": {"layers": "preact:1"}}}])
+def test_teacher_needs_known_before_building_equal_the_built_terms(overrides):
+    """What the suite and the engine check before a run starts (MethodSpec.teacher_needs, with the
+    run's overrides) is what the built objective reads, for every method."""
+    from kdbench.methods import resolve_method
+    from kdbench.models import build_model, feature_shapes
+    shapes = feature_shapes(build_model("resnet8", 5))
+    ctx = MethodContext(shapes, shapes, 5, torch.arange(200) % 5, "resnet8", "resnet8")
+    checked = 0
+    for name in METHODS.names():
+        spec = METHODS.get(name)
+        own = {"params": {t: p for t, p in (overrides or {}).get("params", {}).items() if t in spec.terms}}
+        if overrides and not own["params"]:
+            continue
+        if "crd" in spec.terms:
+            own["params"]["crd"] = {"nce_k": 16}
+        spec = resolve_method(name, own)
+        assert build_objective(spec, ctx).teacher_needs == spec.teacher_needs, name
+        checked += 1
+    assert checked >= (41 if overrides is None else 1)

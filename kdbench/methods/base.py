@@ -65,6 +65,12 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.ctx = ctx
 
+    @classmethod
+    def needs_for(cls, params: dict) -> frozenset[str]:
+        """The teacher fields a term built with ``params`` reads, known before it is built: the
+        class value unless a parameter chooses the layer (KDA's ``layer``, OT's ``layers``)."""
+        return cls.teacher_needs
+
     def forward(self, s: Features, t: Features, batch: Batch) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -119,9 +125,9 @@ class MethodSpec:
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        """The teacher Features fields the method's terms read by default (their class values),
-        known before any term is built: what the suite and the engine check early."""
-        return frozenset().union(*(LOSSES.get(t).teacher_needs for t in self.terms))
+        """The teacher Features fields the method's terms read with their parameters, known
+        before any term is built: what the suite and the engine check early."""
+        return frozenset().union(*(LOSSES.get(t).needs_for(self.params.get(t, {})) for t in self.terms))
 
     def describe(self) -> str:
         parts = [f"{self.ce:g}·CE"] if self.ce else []
@@ -169,8 +175,7 @@ class Objective(nn.Module):
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        """Exact: the built terms' values, which may depend on their parameters (KDA's ``layer``,
-        OT's ``layers``); :attr:`MethodSpec.teacher_needs` is the terms' class defaults."""
+        """The built terms' teacher fields (equal to :attr:`MethodSpec.teacher_needs`)."""
         return frozenset().union(*(t.teacher_needs for t in self.terms.values()))
 
     def init_terms(self) -> list[DistillLoss]:

@@ -43,15 +43,22 @@ LAYERS = ("pooled", "logits")
 
 @register_loss("kda")
 class KDA(DistillLoss):
-    def __init__(self, ctx: MethodContext, layer: str = "pooled", warmup_epochs: int = 5,
+    default_layer = "pooled"
+
+    @classmethod
+    def needs_for(cls, params: dict) -> frozenset[str]:
+        return frozenset({params.get("layer", cls.default_layer)})
+
+    def __init__(self, ctx: MethodContext, layer: str | None = None, warmup_epochs: int = 5,
                  beta: float = 1.0):
         super().__init__(ctx)
+        layer = layer or self.default_layer
         if layer not in LAYERS:
             raise ValueError(f"KDA layer {layer!r} is not one of {LAYERS}")
         if ctx.teacher is None:
             raise ValueError("KDA needs a teacher")
         self.layer, self.warmup_epochs, self.beta = layer, int(warmup_epochs), float(beta)
-        self.teacher_needs = frozenset({layer})
+        self.teacher_needs = self.needs_for({"layer": layer})
         n = ctx.num_classes
         d_s = math.prod(getattr(ctx.student, layer))
         d_t = math.prod(getattr(ctx.teacher, layer))
@@ -94,8 +101,7 @@ class KDA(DistillLoss):
 class KDALogits(KDA):
     """KDA after the FC layer: the second term of "Combo"."""
 
-    def __init__(self, ctx: MethodContext, layer: str = "logits", **kw):
-        super().__init__(ctx, layer=layer, **kw)
+    default_layer = "logits"
 
 
 PAPER = "Qian, Li & Hu, arXiv 2009.14416 (official code idstcv/KDA)"

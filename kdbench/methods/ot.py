@@ -82,6 +82,12 @@ def pick(record, layer: str):
 class OTLoss(DistillLoss):
     """Sum over ``layers`` of an OT cost between the student's and the teacher's batch."""
 
+    @classmethod
+    def needs_for(cls, params: dict) -> frozenset[str]:
+        layers = params.get("layers", ("pooled",))
+        layers = [layers] if isinstance(layers, str) else layers
+        return frozenset(FIELDS[f] for f in (la.partition(":")[0] for la in layers) if f in FIELDS)
+
     def __init__(self, ctx: MethodContext, layers=("pooled",), embed: str = "auto", embed_dim: int = 128):
         super().__init__(ctx)
         self.layers = [layers] if isinstance(layers, str) else list(layers)
@@ -90,7 +96,7 @@ class OTLoss(DistillLoss):
         bad = [la for la in self.layers if not re.fullmatch(r"pooled|logits|(stage|preact):-?\d+", la)]
         if bad or not self.layers:
             raise ValueError(f"OT layers {bad or self.layers!r}; valid: 'pooled', 'logits', 'stage:K', 'preact:K' (K an integer)")
-        self.teacher_needs = frozenset(FIELDS[layer.partition(":")[0]] for layer in self.layers)
+        self.teacher_needs = self.needs_for({"layers": self.layers})
         self.embed_s, self.embed_t = nn.ModuleDict(), nn.ModuleDict()
         for layer in self.layers:
             d_s, d_t = math.prod(pick(ctx.student, layer)), math.prod(pick(ctx.teacher, layer))
