@@ -38,7 +38,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import sys
 import time
 
@@ -53,7 +52,8 @@ CONFIGS = ("plain", "fast", "fast+cache")
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    from .engine.io import cpu_name
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:

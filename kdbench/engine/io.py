@@ -67,6 +67,19 @@ def git_sha() -> tuple[str | None, bool | None]:
         return None, None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``platform.processor()`` is often just the architecture, e.g.
+    "x86_64"): from /proc/cpuinfo on Linux, sysctl on macOS."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        if platform.system() == "Darwin":
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+    return name or platform.processor() or platform.machine()
+
+
 def provenance(device: torch.device) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -91,7 +104,7 @@ def provenance(device: torch.device) -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else f"{cpu_name()} ({os.cpu_count()} cores)",
         "threads": torch.get_num_threads(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
