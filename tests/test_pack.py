@@ -120,7 +120,7 @@ def test_pack_command_trains_suite_runs(tmp_path):
             fit(r.spec, suite.run_dir(r.id), "cpu", progress=False)
     distill = [r.id for r in suite.runs.values() if r.kind == "distill" and "/kd/" in r.id]
     assert len(distill) == 2
-    assert main(["--suite", str(suite_file), *sum((["--run", r] for r in distill), [])]) == 0
+    assert main(["--suite", str(suite_file), "--fuse", *sum((["--run", r] for r in distill), [])]) == 0
     for r in distill:
         assert json.loads((Path(suite.run_dir(r)) / "metrics.json").read_text())["status"] == "ok"
     with pytest.raises(SystemExit, match="not in suite"):
@@ -221,3 +221,32 @@ def test_fused_pack_graph_logic_with_a_cpu_stand_in(tiny, tmp_path, monkeypatch)
     for a, b in zip(eager, graph):
         assert b["spec"].pop("execution")["compile"] == "graph" and a["spec"].pop("execution")["compile"] == "none"
         assert_same(strip(a), strip(b), rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter")
+@pytest.mark.parametrize("compile_mode", ["none", "graph"])
+def test_fused_pack_steps_do_not_synchronise_on_gpu(compile_mode):
+    """torch.cuda's sync debug mode raises on any host synchronisation during fused steps 2..5
+    (step 1 fuses the students and, in graph mode, captures the step: those may synchronise)."""
+    import argparse
+
+    from kdbench import bench
+    from kdbench.engine.fast import Runtime
+    from kdbench.engine.pack import drive_packed
+    setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))
+    runtime, loader = Runtime(Execution(compile=compile_mode), "cuda"), setup.loader()
+    members = [setup.member(m, k) for k, m in enumerate(("kd", "crd", "kd"))]
+    gens = [bench.take_steps(bench._epoch_gen(setup, (s, o, make_opt()), runtime, loader, k, 1, fused=True), 6)
+            for k, (s, o, _, make_opt) in enumerate(members)]
+
+    def watched(gen):  # member 0 yields its request k after fused step k-1
+        try:
+            for k, req in enumerate(gen):
+                if k == 2:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                yield req
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    results = drive_packed([watched(gens[0]), *gens[1:]], torch.device("cuda"), [0] * 3, [0] * 3)
+    assert not any(isinstance(r, Exception) for r in results), results
