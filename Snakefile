@@ -3,6 +3,7 @@
 #   snakemake --cores 2                           # the default suite (smoke)
 #   snakemake --cores 2 --config suite=crd        # workflow/suites/crd.yaml
 #   snakemake --cores 2 --config suite_file=my.yaml
+#   snakemake --cores 2 --config pack_size=12     # distillations 12 per job (kdbench pack), see train.smk
 #
 # The suite is validated (schema + registry names) when this file is parsed, before any job.
 from kdbench.suite import load_suite

@@ -15,6 +15,8 @@ a student shares its run. A teacher is the plain-trained run of its architecture
 from __future__ import annotations
 
 import difflib
+import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,60 @@ class Suite:
 
     def synthetic_datasets(self) -> dict[str, dict]:
         return {n: d for n, d in self.config["datasets"].items() if "synthetic" in d}
+
+    def pack_options(self, overrides: dict | None = None) -> dict:
+        """The suite's ``pack: {size, fuse}``, where Snakemake's ``--config pack_size=N
+        pack_fuse=true`` (``overrides``) wins: turning packing on is a choice of machine, not of
+        suite, and changes no result beyond float rounding."""
+        own, overrides = self.config.get("pack") or {}, overrides or {}
+        size, fuse = overrides.get("pack_size", own.get("size", 1)), overrides.get("pack_fuse", own.get("fuse", False))
+        if isinstance(fuse, str) and fuse.lower() in ("true", "false"):
+            fuse = fuse.lower() == "true"
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or not isinstance(fuse, bool):
+            raise SuiteError(f"pack_size={size!r} pack_fuse={fuse!r}: pack_size is a whole number >= 1 (1: one job "
+                             f"per run), pack_fuse is true or false")
+        return {"size": size, "fuse": fuse}
+
+    def packs(self, size: int) -> dict[str, list[str]]:
+        """Pack id -> the runs one ``kdbench pack`` job trains together (one process, one device).
+
+        Only distillations are packed (kind "distill", protocol fit; teachers, plain students and
+        probes stay one job each), and not on streamed datasets (ImageNet trains with DDP, which a
+        pack cannot). Runs are grouped by what :func:`kdbench.engine.pack.check_packable` requires
+        to be shared (dataset and root, execution options, batch size, teacher); inside a group
+        they are ordered by student, method, seed, so same-student runs sit together (fusion fuses
+        neighbours), and the group is cut into ceil(n/size) packs of near-equal size (a pack of
+        one run is left to rule ``fit``). A pack's id names its dataset, teacher and students and
+        ends with a hash of its run ids: same runs, same id. Run ids and folders do not depend on
+        packing, so switching it does not retrain finished runs."""
+        if size < 2:
+            return {}
+        groups: dict[tuple, list[Run]] = {}
+        for run in self.runs.values():
+            s = run.spec
+            if run.kind != "distill" or s.protocol != "fit" or DATASETS.get(s.dataset).streaming:
+                continue
+            key = (s.dataset, s.data_root, repr(s.execution), s.recipe.batch_size, s.teacher, s.teacher_ckpts,
+                   s.teacher_dataset or "")
+            groups.setdefault(key, []).append(run)
+        packs = {}
+        for key in sorted(groups, key=repr):
+            runs = sorted(groups[key], key=lambda r: (r.spec.student, r.spec.method, r.spec.seed, r.id))
+            n = math.ceil(len(runs) / size)
+            cuts = [len(runs) * i // n for i in range(n + 1)]
+            for chunk in (runs[a:b] for a, b in zip(cuts, cuts[1:])):
+                if len(chunk) > 1:
+                    packs[_pack_id(chunk)] = [r.id for r in chunk]
+        return packs
+
+
+def _pack_id(runs: list[Run]) -> str:
+    """``<dataset>.<teacher>--<student>[+<student>...].<8 hex digits of the run ids>``."""
+    s = runs[0].spec
+    teacher = f"{s.teacher_dataset}.{s.teacher}" if s.teacher_dataset not in (None, s.dataset) else s.teacher
+    students = "+".join(dict.fromkeys(r.spec.student for r in runs))
+    digest = hashlib.sha1("\n".join(sorted(r.id for r in runs)).encode()).hexdigest()[:8]
+    return f"{s.dataset}.{teacher}--{students}.{digest}"
 
 
 def _check_name(kind: str, name: str, valid, where: str) -> None:

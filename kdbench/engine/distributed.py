@@ -232,9 +232,21 @@ def job_resources(run, suite_config: dict, config: dict | None = None) -> dict:
     when the suite's device is ``cpu``). The runtime is an upper estimate from the epochs and the
     training-set size (a run killed at its time limit resumes from its checkpoint when resubmitted,
     e.g. with Snakemake's ``--retries``). Needs no data: sizes are the official ones, or the
-    synthetic set's."""
+    synthetic set's.
+
+    ``run`` may be a list: a pack (``kdbench pack``, one process on one device). It asks for one
+    run's GPU and threads, 500 MB more memory per further run (its student, optimiser state and
+    teacher copy; the data is loaded once), and the sum of the runs' runtimes — packing's speed-up
+    is not measured on a GPU yet, so the sum is the upper estimate — capped at 24 h: a pack killed
+    at its limit is resubmitted and every run resumes from its checkpoint."""
     from ..data import DATASETS
 
+    if isinstance(run, (list, tuple)):
+        each = [job_resources(r, suite_config, config) for r in run]
+        if any(e["nproc"] > 1 for e in each):
+            raise ValueError("a pack trains in one process: runs that need DDP (streamed datasets) cannot be packed")
+        return {**each[0], "mem_mb": max(e["mem_mb"] for e in each) + 500 * (len(each) - 1),
+                "runtime": min(15 + sum(e["runtime"] - 15 for e in each), 24 * 60)}
     config = config or {}
     spec = run.spec
     info = DATASETS.get(spec.dataset)

@@ -6,7 +6,11 @@ wildcard_constraints:
 
 
 def run_inputs(wildcards):
-    run = SUITE.runs[wildcards.run]
+    return inputs_of(wildcards.run)
+
+
+def inputs_of(run_id):
+    run = SUITE.runs[run_id]
     # a teacher's (or probed model's) metrics.json marks it finished; a failed run leaves no
     # model.pt and the job that needs it then stops with a message naming it
     inputs = [f"{RUNS_DIR}/{t}/metrics.json" for t in run.needs]
