@@ -1,7 +1,8 @@
 """Dataset registry: each entry reads a dataset's real on-disk format.
 
 ``load_dataset(name, root)`` returns the train and test splits and the normalisation and
-augmentation its protocol uses; :meth:`LoadedDataset.loaders` gives the engine's loaders. Small
+augmentation its protocol uses; :meth:`LoadedDataset.loaders` gives the engine's loaders, and
+:func:`load_stream` a named extra split (STL-10's ``unlabeled``) as a second training stream. Small
 datasets (CIFAR, SVHN, STL-10 and Tiny-ImageNet at 32 px) are decoded once into uint8 arrays and
 go through the device-resident :class:`TensorLoader`; ImageNet is listed as files and streamed
 by :class:`~kdbench.data.stream.StreamingLoader` (worker processes). Under DDP each rank gets its
@@ -46,15 +47,19 @@ class DatasetInfo:
     streaming: bool = False  # files decoded by worker processes (ImageNet) instead of a device tensor
     resize: int = 0  # streaming test transform: resize the short side to this, then centre-crop image_size
     train_size: int = 50000  # official training-set size (job resource estimates; no data needed)
+    splits: tuple[str, ...] = ("train", "test")  # what ``read`` reads (``load_stream``'s choices)
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
 DATASETS.register("cifar100", DatasetInfo("cifar100", lambda r, s: read_cifar(r, "cifar100", s), CIFAR100_MEAN, CIFAR100_STD))
 DATASETS.register("cifar10", DatasetInfo("cifar10", lambda r, s: read_cifar(r, "cifar10", s), CIFAR10_MEAN, CIFAR10_STD))
-DATASETS.register("svhn", DatasetInfo("svhn", read_svhn, SVHN_MEAN, SVHN_STD, flip=False, train_size=73257))
+_SVHN_SPLITS = ("train", "test", "extra")
+DATASETS.register("svhn", DatasetInfo("svhn", read_svhn, SVHN_MEAN, SVHN_STD, flip=False, train_size=73257,
+                                      splits=_SVHN_SPLITS))
 DATASETS.register("svhn_extra", DatasetInfo("svhn_extra", lambda r, s: read_svhn(r, "train+extra" if s == "train" else s),
-                                            SVHN_MEAN, SVHN_STD, flip=False, train_size=604388))
-DATASETS.register("stl10", DatasetInfo("stl10", lambda r, s: read_stl10(r, s, 32), STL10_MEAN, STL10_STD, train_size=5000))
+                                            SVHN_MEAN, SVHN_STD, flip=False, train_size=604388, splits=_SVHN_SPLITS))
+DATASETS.register("stl10", DatasetInfo("stl10", lambda r, s: read_stl10(r, s, 32), STL10_MEAN, STL10_STD, train_size=5000,
+                                       splits=("train", "test", "unlabeled")))
 DATASETS.register("tinyimagenet", DatasetInfo("tinyimagenet", lambda r, s: read_tinyimagenet(r, s, 32), TINY_MEAN, TINY_STD,
                                               train_size=100000))
 DATASETS.register("imagenet", DatasetInfo("imagenet", read_imagenet, IMAGENET_MEAN, IMAGENET_STD, image_size=224, pad=0,
@@ -98,4 +103,26 @@ def load_dataset(name: str, root: str) -> LoadedDataset:
     return LoadedDataset(info, info.read(root, "train"), info.read(root, "test"))
 
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "FileImageSet", "ImageSet", "LoadedDataset", "TensorLoader", "load_dataset"]
+def check_stream_split(name: str, split: str) -> DatasetInfo:
+    """Refuse (with the valid choices) a split that cannot be a second training stream of ``name``."""
+    info = DATASETS.get(name)
+    if info.streaming:
+        raise ValueError(f"{name} is streamed from files: it has no device-resident second training stream; "
+                         f"an unlabelled stream needs one of "
+                         f"{', '.join(n for n in DATASETS if not DATASETS.get(n).streaming)}")
+    if split not in info.splits:
+        raise ValueError(f"{name} has no split {split!r} to stream; valid: {', '.join(info.splits)}")
+    return info
+
+
+def load_stream(name: str, root: str, split: str, batch_size: int, device) -> TensorLoader:
+    """A named split of ``name`` as a second training stream (``RunSpec.unlabeled``): a training
+    loader with the dataset's augmentation whose :meth:`TensorLoader.stream` draws its batches."""
+    from .sharded import ShardedTensorLoader
+    i = check_stream_split(name, split)
+    s = i.read(root, split)
+    return ShardedTensorLoader(s.images, s.labels, i.mean, i.std, batch_size, True, device, i.pad, flip=i.flip)
+
+
+__all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "FileImageSet", "ImageSet", "LoadedDataset", "TensorLoader",
+           "check_stream_split", "load_dataset", "load_stream"]

@@ -6,6 +6,9 @@ do), and an independent horizontal flip with probability 1/2 per image. Every ra
 from the ``torch.Generator`` passed to :meth:`TensorLoader.batches`, so the data order and the
 augmentation of an epoch are a pure function of the run's seed and the epoch number. The last
 partial batch is kept (``drop_last=False``, as RepDistiller's DataLoader).
+
+:meth:`TensorLoader.stream` draws a second training stream (an unlabelled split,
+``RunSpec.unlabeled``): a given number of full batches per epoch, with the same augmentation.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def crop_flip(padded: Tensor, size: int, pad: int, generator: torch.Generator | 
 
 
 class TensorLoader:
+    flip = True  # horizontal flips in training (ShardedTensorLoader makes them optional)
+
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, batch_size: int,
                  train: bool, device: torch.device | str = "cpu", pad: int = 4):
         self.device = torch.device(device)
@@ -102,6 +107,19 @@ class TensorLoader:
                 yield self.normalise(raw), self.labels[idx], idx, torch.zeros_like(idx) if view is None else view
             else:
                 yield self.normalise(raw), self.labels[idx], idx
+
+    def stream(self, steps: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``steps`` full augmented batches ``(x, y, index)`` of ``batch_size`` samples: the
+        unlabelled stream of an epoch, alongside :meth:`batches` of the labelled loader. A fresh
+        permutation per call (per epoch); a split smaller than ``steps·batch_size`` wraps around
+        into further permutations, so every batch is full."""
+        n, need = len(self.labels), steps * self.batch_size
+        order = torch.cat([torch.randperm(n, device=self.device, generator=generator) for _ in range(-(-need // n))])
+        for start in range(0, need, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            dy, dx, flip = draw_views(idx.shape[0], self.pad, self.device, generator)
+            x = apply_views(self.images[idx], self.size, dy, dx, flip if self.flip else torch.zeros_like(flip))
+            yield self.normalise(x), self.labels[idx], idx
 
     def view_images(self, index: Tensor, view: Tensor) -> Tensor:
         """The normalised images of samples ``index`` in views ``view`` (what training saw)."""

@@ -87,10 +87,11 @@ def step_loss(s: Features, objective: Objective, batch: Batch, t: Features | Non
 
 def record_step(sums: Tensor, loss: Tensor, terms: dict[str, Tensor], names: list[str], logits: Tensor,
                 batch: Batch) -> None:
-    """Add [n·loss, n·term..., correct] to the run's device-resident ``sums`` (no host sync)."""
-    n = batch.x.shape[0]
+    """Add [n·loss, n·term..., correct] to the run's device-resident ``sums`` (no host sync);
+    n and the accuracy count the labelled samples."""
+    n = batch.num_labeled
     vals = [loss.detach(), *(terms[k].detach() for k in names[1:])]
-    correct = (logits.detach().argmax(1) == batch.y).sum()
+    correct = (logits.detach()[:n].argmax(1) == batch.y[:n]).sum()
     sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
 
 
@@ -98,7 +99,7 @@ def train_step(student: nn.Module, objective: Objective, optimizer, batch: Batch
                init_term, names: list[str], sums: Tensor, autocast: Callable = nullcontext) -> None:
     """One optimisation step — the maths of every training path."""
     with autocast():
-        s = student(batch.x)
+        s = student_forward(student, objective, batch)
         terms = step_loss(s, objective, batch, t, init_term)
         loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -106,6 +107,16 @@ def train_step(student: nn.Module, objective: Objective, optimizer, batch: Batch
     distributed.average_gradients(optimizer.params)  # the objective's (DDP: no-op otherwise)
     optimizer.step()
     record_step(sums, loss, terms, names, s.logits, batch)
+
+
+def student_forward(student: nn.Module, objective: Objective, batch: Batch) -> Features:
+    """The student's Features of ``batch.x``: one forward pass; with an unlabelled stream and
+    ``bn: separate``, one per part (labelled, unlabelled: BN normalises each with its own batch
+    statistics and updates its running statistics twice per step), concatenated."""
+    if batch.labeled is None or objective.unlabeled["bn"] == "joint":
+        return student(batch.x)
+    parts = [student(x) for x in batch.x.split([batch.labeled, batch.x.shape[0] - batch.labeled])]
+    return _rebuild(parts[0], [torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))])
 
 
 def fused_train_step(fused: nn.Module, steps: list["StudentStep"], batches: list[Batch], ts: list[Features | None],
@@ -241,11 +252,12 @@ class Runtime:
     # --- the student step ---
     def stepper(self, student: nn.Module, objective: Objective, optimizer, names: list[str], sums: Tensor,
                 epoch: int, gen: torch.Generator | None, init_term=None) -> Callable:
-        """A function ``step(x, y, index, t)`` running :func:`train_step` for this epoch."""
+        """A function ``step(x, y, index, t, labeled=None)`` running :func:`train_step` for this
+        epoch (``labeled``: see :attr:`Batch.labeled`)."""
         model = self.compiled(student)
 
-        def eager(x, y, idx, t):
-            train_step(model, objective, optimizer, Batch(x, y, idx, epoch, gen), t, init_term, names, sums,
+        def eager(x, y, idx, t, labeled=None):
+            train_step(model, objective, optimizer, Batch(x, y, idx, epoch, gen, labeled), t, init_term, names, sums,
                        self.autocast)
 
         if self.execution.compile != "graph":

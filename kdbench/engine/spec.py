@@ -121,9 +121,41 @@ class Execution:
         return out
 
 
+#: ``RunSpec.unlabeled``: its keys, their defaults (FKD's STL-10 setting) and the valid choices
+UNLABELED_DEFAULTS = {"split": "unlabeled", "batch_size": 512, "terms_on": "unlabeled", "bn": "joint"}
+UNLABELED_CHOICES = {"terms_on": ("unlabeled", "all"), "bn": ("joint", "separate")}
+
+
+def resolve_unlabeled(cfg: dict | None) -> dict | None:
+    """``RunSpec.unlabeled`` with its defaults filled in (so equal settings hash equally), or None."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"unlabeled: expected a mapping with keys {', '.join(UNLABELED_DEFAULTS)}, not {cfg!r}")
+    unknown = set(cfg) - set(UNLABELED_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown unlabeled keys {sorted(unknown)}; valid: {', '.join(UNLABELED_DEFAULTS)}")
+    out = {**UNLABELED_DEFAULTS, **cfg}
+    if not isinstance(out["split"], str) or not out["split"]:
+        raise ValueError(f"unlabeled.split: expected a split name of the dataset (e.g. 'unlabeled'), not {out['split']!r}")
+    bs = out["batch_size"]
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2:
+        raise ValueError(f"unlabeled.batch_size: expected an integer ≥ 2 (kernel terms compare pairs), not {bs!r}")
+    for key, valid in UNLABELED_CHOICES.items():
+        if out[key] not in valid:
+            raise ValueError(f"unlabeled.{key}: unknown value {out[key]!r}; valid: {', '.join(valid)}")
+    return out
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run. ``teacher_ckpts`` has one path (a teacher) or several (an ensemble)."""
+    """One training run. ``teacher_ckpts`` has one path (a teacher) or several (an ensemble).
+
+    ``unlabeled`` (None: off) adds a second training stream for the distillation terms, FKD's
+    STL-10 protocol: ``{"split": "unlabeled", "batch_size": 512, "terms_on": "unlabeled", "bn":
+    "joint"}`` (these are the defaults; see ``kdbench/engine/train.py``). It is hashed only when set,
+    so the ids of runs without it are those from before it existed.
+    """
 
     dataset: str
     data_root: str
@@ -145,6 +177,11 @@ class RunSpec:
     init_id: str | None = None
     #: execution options (see :class:`Execution`); only ``Execution.hashed()`` enters the hash
     execution: Execution = field(default_factory=Execution)
+    #: a second, unlabelled training stream for the distillation terms (see :func:`resolve_unlabeled`)
+    unlabeled: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "unlabeled", resolve_unlabeled(self.unlabeled))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,6 +204,8 @@ class RunSpec:
         d.pop("teacher_ckpts")
         d.pop("init_ckpt")
         d.pop("execution")
+        if d["unlabeled"] is None:
+            d.pop("unlabeled")
         if self.execution.hashed():
             d["execution"] = self.execution.hashed()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

@@ -5,19 +5,37 @@ directory: ``checkpoint.pt`` after every epoch (a killed run resumes from it and
 same metrics as an uninterrupted one), then ``model.pt`` and ``metrics.json`` (atomically).
 Inside an epoch there is no host synchronisation: losses and accuracies accumulate on the
 device and are read once per epoch. A non-finite loss ends the run with ``status: failed``.
+
+**Unlabelled stream** (``RunSpec.unlabeled``, FKD's STL-10 protocol: "batch 512 for the KD terms
+(uses the unlabelled split) vs 64 for CE"). Each main-stage step draws the labelled batch as
+usual and ``batch_size`` images of ``split`` (:meth:`~kdbench.data.loader.TensorLoader.stream`:
+the same crop + flip, from its own generator ``derive_seed(seed, "unlabeled", stage, epoch)``, so
+a resumed run replays exactly). An epoch stays one pass over the labelled set; the unlabelled
+stream takes a fresh permutation per epoch and one batch per step, wrapping around if the split
+is too small. The student runs ONE forward pass over the concatenation [labelled; unlabelled]
+(``bn: joint``, the default: one BN batch, as when a single loader yields mixed batches; ``bn:
+separate`` runs one pass per part). CE reads the labelled part, the distillation terms the
+unlabelled part (``terms_on: unlabeled``) or both (``all``); the teacher sees only the images the
+terms read. Loss and train_acc in the curve are per labelled sample, as without the stream.
+Refused (:func:`check_unlabeled`): methods whose terms need labels or training-set indices
+(CRD, DKD, KDA) or have an initialisation stage (AB, FT, FSP), methods without terms, packing,
+DDP, and rounded teacher caches (the exact ``fp32`` cache is skipped: it covers the labelled
+training set only).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..data import TensorLoader, load_dataset
+from ..data import TensorLoader, check_stream_split, load_dataset, load_stream
 from ..methods import Batch, MethodContext, Objective, build_objective, resolve_method
+from ..methods.base import label_free_methods
 from ..models import build_model, feature_shapes
 from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
@@ -60,7 +78,7 @@ def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
 
 def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, optimizer,
            loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None, lr_at=None,
-           runtime: Runtime | None = None, fused: bool = False):
+           runtime: Runtime | None = None, fused: bool = False, stream=None):
     """One pass over the training set; returns per-sample means of every loss term.
 
     A generator: for each step that needs the teacher it yields a :class:`TeacherRequest` and is
@@ -69,7 +87,8 @@ def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, 
     ``fast.train_step``, executed as ``runtime`` says (eager by default). With ``fused`` (packed
     runs whose students are fused, ``pack.py``) it yields a :class:`StudentStep` for every step
     instead, and the driver takes the step. ``lr_at(progress)``, if given, sets the lr before
-    each step (per-step schedules)."""
+    each step (per-step schedules). ``stream``: the epoch's unlabelled batches (``RunSpec.unlabeled``),
+    one appended to each labelled batch (see the module docstring)."""
     student.train()
     objective.train()
     runtime = runtime or Runtime(device=loader.device)
@@ -80,13 +99,19 @@ def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, 
     for i, (x, y, idx, view) in enumerate(batches):
         if lr_at is not None:
             optimizer.lr = lr_at(i / len(loader))
+        labeled = None
+        if stream is not None:
+            xu, yu, iu = next(stream)
+            labeled = x.shape[0]
+            x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
         x = runtime.input(x)
-        request = TeacherRequest(x, idx, view, teacher, runtime) if teacher is not None else None
+        batch = Batch(x, y, idx, epoch, gen, labeled)
+        part = objective.terms_part(batch)  # what the terms read: the teacher sees only those images
+        request = TeacherRequest(x[part], idx[part], view, teacher, runtime) if teacher is not None else None
         if fused:
-            yield StudentStep(request, Batch(x, y, idx, epoch, gen), student, objective, optimizer, init_term, names,
-                              sums, runtime)
+            yield StudentStep(request, batch, student, objective, optimizer, init_term, names, sums, runtime)
             continue
-        step(x, y, idx, (yield request) if request is not None else None)
+        step(x, y, idx, (yield request) if request is not None else None, labeled)
     distributed.sync_buffers(student)  # DDP: every rank takes rank 0's BN statistics
     out = (distributed.all_reduce_sum(sums) / loader.num_samples).tolist()  # the epoch's one host sync
     stats = dict(zip(names, out[:-1]))
@@ -94,6 +119,23 @@ def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, 
     if not all(map(math.isfinite, out)):
         raise NonFiniteLoss(f"non-finite loss in epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return stats
+
+
+def check_unlabeled(spec: RunSpec) -> None:
+    """Refuse, before any data is read, a run whose unlabelled stream (``spec.unlabeled``) cannot
+    work; a suite can call it when it is loaded. DDP and packing are refused where they start."""
+    if spec.unlabeled is None:
+        return
+    problem = resolve_method(spec.method, spec.method_overrides).unlabeled_problem()
+    if problem:
+        raise ValueError(f"method {spec.method!r} cannot take an unlabelled stream (unlabeled: {spec.unlabeled}): "
+                         f"{problem}. Methods that can: {', '.join(label_free_methods())}")
+    if spec.protocol != "fit":
+        raise ValueError(f"unlabeled applies to protocol 'fit' runs, not {spec.protocol!r}")
+    check_stream_split(spec.dataset, spec.unlabeled["split"])
+    if spec.execution.teacher_cache not in ("none", "fp32"):
+        raise ValueError(f"execution.teacher_cache {spec.execution.teacher_cache!r} does not apply to a run with an "
+                         f"unlabelled stream (the cache holds the labelled training set's teacher outputs); use 'none'")
 
 
 def _sgd(params, lr: float, recipe) -> SGD:
@@ -134,9 +176,14 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     dctx = distributed.init(resolve_device(device))  # torchrun: this rank's process group and device
     dev = dctx.device
     recipe = spec.recipe
+    check_unlabeled(spec)
+    if spec.unlabeled is not None and dctx.enabled:
+        raise ValueError("an unlabelled stream (unlabeled) is not supported under DDP (torchrun): run it on one device")
     data = shared.get("data") or load_dataset(spec.dataset, spec.data_root)
     train_loader, test_loader = shared.get("loaders") or data.loaders(recipe.batch_size, recipe.test_batch_size, dev,
                                                                       **dctx.loader_kwargs())
+    unl = spec.unlabeled
+    unlabeled = None if unl is None else load_stream(spec.dataset, spec.data_root, unl["split"], unl["batch_size"], dev)
 
     torch.manual_seed(derive_seed(spec.seed, "init"))
     student = build_model(spec.student, data.num_classes).to(dev)
@@ -157,11 +204,16 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     ctx = MethodContext(feature_shapes(student, size), feature_shapes(teacher, size) if teacher is not None else None,
                         data.num_classes, train_loader.labels, spec.student, spec.teacher)
     objective = build_objective(method_probe, ctx).to(dev)
+    objective.unlabeled = unl
     base_lr = recipe.base_lr(spec.student)
     optimizer = _sgd(list(student.parameters()) + list(objective.parameters()), base_lr, recipe)
     runtime = Runtime(spec.execution, dev)  # the fast path's options (kdbench/engine/fast.py)
     runtime.prepare(student, teacher, objective)
-    runtime.attach_cache(teacher, objective, train_loader)
+    if unl is None:
+        runtime.attach_cache(teacher, objective, train_loader)
+    elif spec.execution.teacher_cache != "none":
+        warnings.warn("execution.teacher_cache skipped: the exact cache holds the labelled training set's teacher "
+                      "outputs, and this run's terms read unlabelled images")
 
     stages = [(f"init:{n}", t, t.init_epochs) for n, t in objective.terms.items() if t.init_epochs > 0]
     stages.append(("main", None, recipe.epochs))
@@ -203,8 +255,12 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
                 per_step = None
                 if term is None and recipe.schedule != "step":
                     per_step = lambda progress, e=epoch: recipe.lr_at(e, spec.student, progress)  # noqa: E731
+                stream = None
+                if unlabeled and term is None:
+                    stream = unlabeled.stream(len(train_loader),
+                                              generator(dev, derive_seed(spec.seed, "unlabeled", name, epoch)))
                 stats = yield from _epoch(model, teacher, objective, opt, train_loader, gen, epoch, term, per_step, runtime,
-                                          fused=shared.get("fuse", False))
+                                          fused=shared.get("fuse", False), stream=stream)
                 stats = {"epoch": epoch, "lr": opt.lr, **stats}
                 if term is None:
                     objective.on_epoch_end(epoch)
@@ -232,7 +288,8 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
         bar.close()
 
     metrics = run_record(spec, state, status, failure, run_id, data.num_classes, time.time() - t0, prov,
-                         loss=objective.spec.describe(), resolved_method=_method_dict(objective))
+                         loss=objective.spec.describe(), resolved_method=_method_dict(objective),
+                         **({"unlabeled_samples": unlabeled.num_samples} if unlabeled else {}))
     if status == "ok" and dctx.is_main:
         save_model(out / "model.pt", student, spec.student, data.num_classes, spec.dataset,
                    run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash())

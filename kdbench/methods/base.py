@@ -14,6 +14,7 @@ specs over several registered terms, not new code.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -51,6 +52,17 @@ class Batch:
     index: Tensor  # positions of the samples in the training set
     epoch: int = 1  # 1-based epoch within the current stage
     generator: torch.Generator | None = None  # per-epoch RNG on x.device for stochastic terms
+    #: with an unlabelled stream (``RunSpec.unlabeled``): x, y, index hold the labelled batch's
+    #: ``labeled`` samples, then the unlabelled batch (labels −1 where the split has none, index
+    #: = positions in that split). None: every sample is labelled.
+    labeled: int | None = None
+
+    @property
+    def num_labeled(self) -> int:
+        return self.x.shape[0] if self.labeled is None else self.labeled
+
+    def part(self, part: slice) -> "Batch":
+        return Batch(self.x[part], self.y[part], self.index[part], self.epoch, self.generator, None)
 
 
 class DistillLoss(nn.Module):
@@ -60,6 +72,10 @@ class DistillLoss(nn.Module):
     teacher_needs: frozenset[str] = frozenset({"logits"})
     #: epochs of the initialisation stage (0 = none)
     init_epochs: int = 0
+    #: reads ``batch.y`` or ``batch.index`` (labels, or positions in the labelled training set:
+    #: CRD's memory bank, DKD's target class, KDA's class centroids), so it cannot run on
+    #: unlabelled images (``RunSpec.unlabeled``)
+    needs_labels: bool = False
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
@@ -70,6 +86,13 @@ class DistillLoss(nn.Module):
         """The teacher fields a term built with ``params`` reads, known before it is built: the
         class value unless a parameter chooses the layer (KDA's ``layer``, OT's ``layers``)."""
         return cls.teacher_needs
+
+    @classmethod
+    def init_epochs_for(cls, params: dict) -> int:
+        """The initialisation stage's epochs of a term built with ``params``, known before it is
+        built: the ``init_epochs`` parameter, or its default in ``__init__`` (AB/FT/FSP: 30)."""
+        default = inspect.signature(cls.__init__).parameters.get("init_epochs")
+        return int(params.get("init_epochs", cls.init_epochs if default is None else default.default))
 
     def forward(self, s: Features, t: Features, batch: Batch) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -129,6 +152,18 @@ class MethodSpec:
         before any term is built: what the suite and the engine check early."""
         return frozenset().union(*(LOSSES.get(t).needs_for(self.params.get(t, {})) for t in self.terms))
 
+    def unlabeled_problem(self) -> str | None:
+        """Why the method cannot take an unlabelled stream (``RunSpec.unlabeled``), or None."""
+        if not self.terms:
+            return "it has no distillation term to feed the unlabelled images to"
+        for name in self.terms:
+            term = LOSSES.get(name)
+            if term.needs_labels:
+                return f"its term {name!r} reads labels or training-set indices"
+            if term.init_epochs_for(self.params.get(name, {})) > 0:
+                return f"its term {name!r} has an initialisation stage (trained on the labelled set alone)"
+        return None
+
     def describe(self) -> str:
         parts = [f"{self.ce:g}·CE"] if self.ce else []
         parts += [f"{w:g}·{n}" for n, w in self.terms.items()]
@@ -151,6 +186,11 @@ class MethodSpec:
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
+def label_free_methods() -> list[str]:
+    """The registered methods that can take an unlabelled stream (``RunSpec.unlabeled``)."""
+    return [n for n in METHODS if METHODS.get(n).unlabeled_problem() is None]
+
+
 def register_method(name: str, *, ce: float, terms: dict[str, float] | None = None,
                     params: dict[str, dict] | None = None, paper: str = "", doc: str = "") -> MethodSpec:
     spec = MethodSpec(name, ce, dict(terms or {}), {k: dict(v) for k, v in (params or {}).items()}, paper, doc)
@@ -159,11 +199,16 @@ def register_method(name: str, *, ce: float, terms: dict[str, float] | None = No
 
 
 class Objective(nn.Module):
-    """The training loss of one run: builds each term of a :class:`MethodSpec`."""
+    """The training loss of one run: builds each term of a :class:`MethodSpec`.
 
-    def __init__(self, spec: MethodSpec, ctx: MethodContext):
+    With an unlabelled stream (``unlabeled``: the run's resolved ``RunSpec.unlabeled``; the
+    engine sets it) a batch holds the labelled samples then the unlabelled ones
+    (:attr:`Batch.labeled`): CE reads the labelled part, the terms :meth:`terms_part`."""
+
+    def __init__(self, spec: MethodSpec, ctx: MethodContext, unlabeled: dict | None = None):
         super().__init__()
         self.spec = spec
+        self.unlabeled = unlabeled
         for term in spec.params:
             if term not in spec.terms:
                 raise ValueError(f"method {spec.name!r}: params given for {term!r}, which is not one of its terms {sorted(spec.terms)}")
@@ -181,11 +226,23 @@ class Objective(nn.Module):
     def init_terms(self) -> list[DistillLoss]:
         return [t for t in self.terms.values() if t.init_epochs > 0]
 
+    def terms_part(self, batch: Batch) -> slice:
+        """The samples of ``batch`` the terms read, and so the teacher sees: all of them, or the
+        unlabelled part with an unlabelled stream and ``terms_on: unlabeled``."""
+        if batch.labeled is None or self.unlabeled["terms_on"] == "all":
+            return slice(None)
+        return slice(batch.labeled, None)
+
     def forward(self, s: Features, t: Features | None, batch: Batch) -> dict[str, Tensor]:
-        """Weighted terms by name; the training loss is their sum."""
+        """Weighted terms by name; the training loss is their sum. ``t``: the teacher's Features
+        of the :meth:`terms_part` of the batch."""
         out: dict[str, Tensor] = {}
         if self.spec.ce:
-            out["ce"] = self.spec.ce * nn.functional.cross_entropy(s.logits.float(), batch.y)
+            n = batch.labeled
+            out["ce"] = self.spec.ce * nn.functional.cross_entropy(s.logits[:n].float(), batch.y[:n])
+        part = self.terms_part(batch)
+        if part != slice(None):
+            s, batch = s.apply(lambda v: v[part]), batch.part(part)
         for name, term in self.terms.items():
             out[name] = self.spec.terms[name] * term(s, t, batch)
         return out

@@ -94,6 +94,7 @@ class OtherClassSampler(torch.nn.Module):
 @register_loss("crd")
 class CRD(DistillLoss):
     teacher_needs = frozenset({"pooled"})
+    needs_labels = True  # memory bank by training-set index, other-class negatives
 
     def __init__(self, ctx: MethodContext, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
                  nce_m: float = 0.5, replace: bool = False):

@@ -46,6 +46,7 @@ def dkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float, b
 @register_loss("dkd")
 class DKD(DistillLoss):
     teacher_needs = frozenset({"logits"})
+    needs_labels = True  # the target class splits the logits
 
     def __init__(self, ctx: MethodContext, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0,
                  warmup: int = 20):

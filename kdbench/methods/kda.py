@@ -44,6 +44,7 @@ LAYERS = ("pooled", "logits")
 @register_loss("kda")
 class KDA(DistillLoss):
     default_layer = "pooled"
+    needs_labels = True  # class centroids
 
     @classmethod
     def needs_for(cls, params: dict) -> frozenset[str]:
