@@ -99,7 +99,7 @@ class Suite:
 
         Only distillations are packed (kind "distill", protocol fit; teachers, plain students and
         probes stay one job each), and not on streamed datasets (ImageNet trains with DDP, which a
-        pack cannot). Runs are grouped by what :func:`kdbench.engine.pack.check_packable` requires
+        pack cannot) nor with an unlabelled stream (``unlabeled``). Runs are grouped by what :func:`kdbench.engine.pack.check_packable` requires
         to be shared (dataset and root, execution options, batch size, teacher); inside a group
         they are ordered by student, method, seed, so same-student runs sit together (fusion fuses
         neighbours), and the group is cut into ceil(n/size) packs of near-equal size (a pack of
@@ -111,7 +111,7 @@ class Suite:
         groups: dict[tuple, list[Run]] = {}
         for run in self.runs.values():
             s = run.spec
-            if run.kind != "distill" or s.protocol != "fit" or DATASETS.get(s.dataset).streaming:
+            if run.kind != "distill" or s.protocol != "fit" or s.unlabeled is not None or DATASETS.get(s.dataset).streaming:
                 continue
             key = (s.dataset, s.data_root, repr(s.execution), s.recipe.batch_size, s.teacher, s.teacher_ckpts,
                    s.teacher_dataset or "")
@@ -272,19 +272,41 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
             raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
     n_teachers = max([len(exp.get("teacher_seeds", [0]))] + [len(v) for v in exp.get("teacher_checkpoints", {}).values()
                                                               if isinstance(v, list)])
+    needs = {m: resolve_method(m, _method_overrides(exp, m)).teacher_needs for m in exp["methods"]}  # with overrides
     if n_teachers > 1:
-        staged = [m for m in exp["methods"] if METHODS.get(m).teacher_needs & {"stages", "preact"}]
+        staged = [m for m in exp["methods"] if needs[m] & {"stages", "preact"}]
         if staged:
             raise SuiteError(f"{where}: a teacher ensemble has no single feature map, but {', '.join(staged)} read the "
                              f"teacher's stage features; ensembles work with methods on logits or pooled features")
     if exp.get("teacher_dataset", exp["dataset"]) == exp["dataset"]:
         return
-    logit = [m for m in exp["methods"] if "logits" in METHODS.get(m).teacher_needs]
+    logit = [m for m in exp["methods"] if "logits" in needs[m]]
     if logit:
         ok = [m for m in METHODS.names() if "logits" not in METHODS.get(m).teacher_needs]
         raise SuiteError(f"{where}: cross-dataset distillation ({exp['teacher_dataset']} teacher, {exp['dataset']} "
                          f"student): {', '.join(logit)} read the teacher's logits, which cannot apply because the "
                          f"label spaces differ. Methods that can: {', '.join(ok)}")
+
+
+def _check_unlabeled(spec: RunSpec, exp: dict) -> None:
+    """An experiment's ``unlabeled`` stream must suit each of its distillations (before any job runs)."""
+    from .engine.train import check_unlabeled
+    try:
+        check_unlabeled(spec)
+    except ValueError as e:
+        raise SuiteError(f"experiment {exp['name']!r}: {e}") from None
+
+
+def _method_overrides(exp: dict, method: str) -> dict:
+    """Suite-wide term_params for the method's terms, then the method's own overrides."""
+    own = dict(exp.get("method_overrides", {}).get(method, {}))
+    spec = resolve_method(method, own)
+    params = {t: dict(p) for t, p in exp.get("term_params", {}).items() if t in spec.terms}
+    for t, p in (own.get("params") or {}).items():
+        params.setdefault(t, {}).update(p)
+    if params:
+        own["params"] = params
+    return own
 
 
 def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
@@ -295,15 +317,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     external = exp.get("teacher_checkpoints", {})
 
     def overrides(method: str) -> dict:
-        """Suite-wide term_params for the method's terms, then the method's own overrides."""
-        own = dict(exp.get("method_overrides", {}).get(method, {}))
-        spec = resolve_method(method, own)
-        params = {t: dict(p) for t, p in exp.get("term_params", {}).items() if t in spec.terms}
-        for t, p in (own.get("params") or {}).items():
-            params.setdefault(t, {}).update(p)
-        if params:
-            own["params"] = params
-        return own
+        return _method_overrides(exp, method)
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds) -> Run:
         spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
@@ -343,7 +357,9 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                     yield from cell(method, seed, scratch(s_arch, seed))
                     continue
                 spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, overrides(method), recipe,
-                               teacher_dataset=None if tds == ds else tds, execution=execution)
+                               teacher_dataset=None if tds == ds else tds, execution=execution,
+                               unlabeled=exp.get("unlabeled"))
+                _check_unlabeled(spec, exp)
                 pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
                 rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
                 yield from cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))

@@ -96,6 +96,46 @@ def test_cross_dataset_distill_refuses_logit_methods(tmp_path):
     assert all(r.spec.teacher_dataset == "cifar100" and r.needs == (teacher[0].id,) for r in fkd)
 
 
+def test_method_checks_see_the_overrides(tmp_path):
+    """The suite's early checks read what a run's overrides make a method read: OT on a stage map
+    (term_params or method_overrides) with a teacher ensemble, and KDA after the FC (the logits)
+    across datasets, fail when the suite loads, not when the run starts."""
+    stage_ot = [{"term_params": {"remd": {"layers": ["stage:-1"]}}},
+                {"method_overrides": {"remd": {"params": {"remd": {"layers": ["stage:-1"]}}}}}]
+    for k, extra in enumerate(stage_ot):
+        bad = write_suite(tmp_path / f"e{k}.yaml", tmp_path / "data",
+                          experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["remd"], **extra}])
+        with pytest.raises(SuiteError, match="remd read the teacher's stage features"):
+            load_suite(bad)
+    load_suite(write_suite(tmp_path / "ok.yaml", tmp_path / "data",
+                           experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["remd"]}]))
+    datasets = {"cifar100": {"root": "d100"}, "cifar10": {"root": "d10"}}
+    cross = {**EXP, "dataset": "cifar10", "teacher_dataset": "cifar100", "methods": ["kda_before", "kda_after"]}
+    with pytest.raises(SuiteError, match=r"student\): kda_after read the teacher's logits"):  # kda_before passes
+        load_suite(write_suite(tmp_path / "x.yaml", tmp_path / "data", datasets=datasets, experiments=[cross]))
+
+
+def test_unlabeled_stream_reaches_distillations_and_is_checked_at_load(tmp_path):
+    datasets = {"cifar100": {"root": "d100"}, "stl10": {"root": "dstl"}}
+    exp = {**EXP, "dataset": "stl10", "teacher_dataset": "cifar100", "methods": ["student", "fkd", "rkd"],
+           "unlabeled": {"split": "unlabeled", "batch_size": 32}}
+    suite = load_suite(write_suite(tmp_path / "s.yaml", tmp_path / "data", datasets=datasets, experiments=[exp]))
+    distill = [r for r in suite.runs.values() if r.kind == "distill"]
+    assert len(distill) == 4 and all(r.spec.unlabeled["batch_size"] == 32 for r in distill)
+    assert all(r.spec.unlabeled is None for r in suite.runs.values() if r.kind == "train")
+    assert suite.packs(12) == {}  # runs with a stream are never packed
+    with pytest.raises(SuiteError, match="'crd' reads labels.*Methods that can: .*fkd"):
+        load_suite(write_suite(tmp_path / "b.yaml", tmp_path / "data", datasets=datasets,
+                               experiments=[{**exp, "methods": ["crd"]}]))
+    with pytest.raises(SuiteError, match="split"):
+        load_suite(write_suite(tmp_path / "c.yaml", tmp_path / "data", datasets=datasets,
+                               experiments=[{**exp, "unlabeled": {"split": "extra"}}]))
+    fkd = load_suite(REPO / "workflow/suites/fkd.yaml")
+    stl = [r for r in fkd.runs.values() if r.spec.dataset == "stl10" and r.kind == "distill"]
+    assert stl and all(r.spec.unlabeled == {"split": "unlabeled", "batch_size": 512, "terms_on": "unlabeled",
+                                            "bn": "joint"} for r in stl)
+
+
 def test_linear_probe_runs_follow_each_model(tmp_path):
     datasets = {"cifar100": {"root": "d100"}, "cifar10": {"root": "d10"}}
     exp = {**EXP, "linear_probe": {"datasets": ["cifar10"]}}
