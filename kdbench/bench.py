@@ -367,8 +367,10 @@ def run_bench(args) -> dict:
     for _ in range(args.repeat):
         for key, job in jobs.items():
             sps, build_s = job()
+            # the cache is built once per process (later repeats find it): keep the first build time
+            first_build = best[key][1] if key in best else build_s
             if key not in best or sps > best[key][0]:
-                best[key] = (sps, build_s)
+                best[key] = (sps, first_build)
     ref = {m: best[("reference", m)][0] for m in dict.fromkeys([args.method, *grid])}
     out["repeat"] = args.repeat
     out["reference_sps"] = ref[args.method]

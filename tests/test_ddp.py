@@ -177,3 +177,70 @@ def test_streaming_loader_shards_are_the_single_process_batches(tmp_path):
     with_workers = _collect(StreamingLoader(ds.train, batch_size=4, train=True, **{**kw, "workers": 2}), 7)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(with_workers, whole))
     assert not torch.equal(_collect(StreamingLoader(ds.train, batch_size=4, train=True, **kw), 8)[0][0], whole[0][0])
+
+
+def _state_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: CRD's memory update and KDA's centroids from this rank's slice of a global batch."""
+    import os
+    from kdbench.engine import distributed
+    from kdbench.methods import LOSSES
+    from kdbench.models.features import Features, FeatureShapes
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init(torch.device("cpu"))
+    crd, kda, (f_s, f_t, y, idx) = _state_terms(LOSSES, Features, FeatureShapes)
+    lo, hi = 9 * rank // world, 9 * (rank + 1) // world  # slices of 4 and 5 samples
+    part = lambda f: Features([], [], f[lo:hi], f[lo:hi, :5])  # noqa: E731
+    crd(part(f_s), part(f_t), Batch(f_s[lo:hi], y[lo:hi], idx[lo:hi], 1, torch.Generator().manual_seed(rank)))
+    kda(part(f_s), part(f_t), Batch(f_s[lo:hi], y[lo:hi], idx[lo:hi], 1))
+    kda.on_epoch_end(1)
+    torch.save({"crd": crd.state_dict(), "kda": kda.state_dict()}, f"{out}/rank{rank}.pt")
+    distributed.close()
+
+
+def _state_terms(LOSSES, Features, FeatureShapes):
+    """CRD and KDA terms with fixed initial state, and a fixed global batch of 9 features."""
+    torch.manual_seed(0)
+    shapes = FeatureShapes((), (), torch.Size([6]), torch.Size([5]))
+    labels = torch.arange(40) % 5
+    ctx = MethodContext(shapes, shapes, 5, labels)
+    crd, kda = LOSSES.get("crd")(ctx, feat_dim=4, nce_k=8), LOSSES.get("kda")(ctx, warmup_epochs=0)
+    f_s, f_t = torch.randn(9, 6), torch.randn(9, 6)
+    idx = torch.randperm(40)[:9]
+    return crd.train(), kda.train(), (f_s, f_t, labels[idx], idx)
+
+
+def test_crd_bank_and_kda_centroids_are_global_and_equal_on_every_rank(tmp_path):
+    """Under DDP, every rank applies the global batch's CRD memory update and KDA takes the whole
+    epoch's class means: the objective's state stays identical across ranks and equals one process
+    seeing the whole batch (two gloo processes, slices of 4 and 5 samples)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from kdbench.methods import LOSSES
+    from kdbench.methods.crd import momentum_update
+    from kdbench.models.features import Features, FeatureShapes
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_state_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in ("crd", "kda"):
+        for key, value in ranks[0][name].items():
+            assert torch.equal(value, ranks[1][name][key]), (name, key)
+    crd, kda, (f_s, f_t, y, idx) = _state_terms(LOSSES, Features, FeatureShapes)
+    whole_s, whole_t = Features([], [], f_s, f_s[:, :5]), Features([], [], f_t, f_t[:, :5])
+    with torch.no_grad():
+        v_s, v_t = crd.embed_s(f_s), crd.embed_t(f_t)
+    momentum_update(crd.memory_s, idx, v_s, crd.nce_m)
+    momentum_update(crd.memory_t, idx, v_t, crd.nce_m)
+    torch.testing.assert_close(ranks[0]["crd"]["memory_s"], crd.memory_s, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ranks[0]["crd"]["memory_t"], crd.memory_t, rtol=1e-6, atol=1e-7)
+    kda(whole_s, whole_t, Batch(f_s, y, idx, 1))
+    kda.on_epoch_end(1)
+    torch.testing.assert_close(ranks[0]["kda"]["center_s"], kda.center_s, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ranks[0]["kda"]["center_t"], kda.center_t, rtol=1e-6, atol=1e-7)
+    assert ranks[0]["crd"]["Z_s"] > 0 and not torch.equal(crd.memory_s, _state_terms(LOSSES, Features, FeatureShapes)[0].memory_s)

@@ -20,8 +20,11 @@ So one DDP step equals, in exact arithmetic, this single-process step (``tests/t
 it numerically with two gloo processes): split the global batch into the N rank slices, run each
 slice through the model separately in train mode, average the N slice losses' gradients, take
 one SGD step; BN running statistics are those of slice 0. State kept by a distillation term
-between steps (CRD's memory bank, KDA's centroids) is per rank and not synchronised — rank 0's
-is checkpointed (the same limitation as CRD's own multi-GPU code, HobbitLong/CMC#5).
+between steps is global, as in one process: every rank applies the whole global batch's update
+to CRD's memory bank (:func:`all_gather_rows`; CRD's own multi-GPU code kept per-GPU banks,
+HobbitLong/CMC#5) and KDA's centroids are the epoch's class means over all ranks, so every rank
+holds the same state (tested with two gloo processes). What stays per rank: each rank draws its
+own CRD negatives from the epoch's generator.
 
 **Launching a run** (what rule ``fit`` runs): ``python -m kdbench.engine.distributed --gpus G
 -- <kdbench subcommand and args>``. On a machine the job shares with others (no scheduler set
@@ -155,6 +158,26 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
         dist.all_reduce(t)
     return t
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` from every rank, concatenated in rank order (a single process: ``t``).
+    Ranks may hold different numbers of rows (a global batch's rank slices differ by at most one):
+    the sizes are exchanged first (one host synchronisation)."""
+    if not _CTX.enabled:
+        return t
+    import torch
+    import torch.distributed as dist
+
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(_CTX.world_size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
 
 def average_gradients(params) -> None:

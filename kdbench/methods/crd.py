@@ -124,7 +124,13 @@ class CRD(DistillLoss):
         return torch.cat([index.unsqueeze(1), neg], dim=1)
 
     def _normaliser(self, Z: Tensor, scores: Tensor) -> Tensor:
-        Z_new = torch.where(Z < 0, scores.detach().mean() * self.n_data, Z)
+        from ..engine import distributed
+        mean = scores.detach().mean()
+        if distributed.current().enabled:  # the mean over the global batch, as in one process
+            local = scores.detach()
+            total = distributed.all_reduce_sum(torch.stack([local.sum(), local.new_full((), local.numel())]))
+            mean = total[0] / total[1]
+        Z_new = torch.where(Z < 0, mean * self.n_data, Z)
         if self.training:
             Z.copy_(Z_new)
         return Z_new
@@ -140,7 +146,9 @@ class CRD(DistillLoss):
             e_t = nce_scores(v_t, self.memory_s, idx, self.nce_t)  # teacher anchor, student bank
             loss = (nce_loss(e_s / self._normaliser(self.Z_s, e_s), self.n_data)
                     + nce_loss(e_t / self._normaliser(self.Z_t, e_t), self.n_data))
-        if self.training:
+        if self.training:  # under DDP every rank applies the global batch's update: the banks stay equal
+            from ..engine import distributed
+            index, v_s, v_t = (distributed.all_gather_rows(a.detach()) for a in (index, v_s, v_t))
             momentum_update(self.memory_s, index, v_s, self.nce_m)
             momentum_update(self.memory_t, index, v_t, self.nce_m)
         return loss

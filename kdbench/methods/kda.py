@@ -78,6 +78,9 @@ class KDA(DistillLoss):
         self.count += onehot_T.sum(1)
 
     def on_epoch_end(self, epoch: int) -> None:
+        from ..engine import distributed  # under DDP: centroids of the whole epoch, equal on every rank
+        for buf in (self.sum_s, self.sum_t, self.count):
+            distributed.all_reduce_sum(buf)
         n = self.count.clamp_min(1).unsqueeze(1)
         self.center_s.copy_(self.sum_s / n)
         self.center_t.copy_(self.sum_t / n)
