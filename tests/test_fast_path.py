@@ -39,15 +39,18 @@ def assert_curves_close(a, b, rel):
             assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-9), k
 
 
-def test_capturable_sgd_matches_plain_sgd_bit_for_bit():
-    """Device-tensor lr + preallocated momentum (the CUDA-graph optimiser) = plain SGD = torch's."""
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4), (0.0, 0.0)])
+def test_capturable_sgd_matches_plain_sgd_bit_for_bit(momentum, weight_decay):
+    """Device-tensor lr + preallocated momentum (the CUDA-graph optimiser) = plain SGD = torch's
+    per-parameter loop, with and without momentum and weight decay (linear probes use wd 0)."""
     torch.manual_seed(0)
     models = [build_model("resnet8", 5) for _ in range(3)]
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
-    plain = SGD(models[0].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    graph = SGD(models[1].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4).make_capturable()
-    ref = torch.optim.SGD(models[2].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=False)
+    hyper = dict(lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    plain = SGD(models[0].parameters(), **hyper)
+    graph = SGD(models[1].parameters(), **hyper).make_capturable()
+    ref = torch.optim.SGD(models[2].parameters(), **hyper, foreach=False)
     for step in range(4):
         x = torch.randn(4, 3, 32, 32)
         for model, opt in zip(models, (plain, graph, ref)):
@@ -68,6 +71,30 @@ def test_capturable_sgd_matches_plain_sgd_bit_for_bit():
     assert [b.data_ptr() for b in fresh.buffers] == before
     assert all(torch.equal(a, b) for a, b in zip(fresh.buffers, plain.buffers) if b is not None)
     assert fresh.lr_tensor.item() == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4)])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_sgd_is_the_per_parameter_loop_on_odd_sizes(momentum, weight_decay, capturable):
+    """Tensors whose sizes leave vector tails (7, 5, 85 ...) — where a fused CPU kernel rounds
+    differently from the per-parameter loop — over 6 steps of random gradients and lr changes."""
+    torch.manual_seed(0)
+    shapes = [(7,), (5,), (17, 5), (3, 3, 3, 3), (100,), (1,)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = SGD(ours, lr=0.0123, momentum=momentum, weight_decay=weight_decay)
+    if capturable:
+        opt.make_capturable()
+    ref = torch.optim.SGD(twins, lr=0.0123, momentum=momentum, weight_decay=weight_decay, foreach=False)
+    for step in range(6):
+        for a, b in zip(ours, twins):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+        opt.lr = ref.param_groups[0]["lr"] = 0.0123 / (step + 2)
+    for a, b in zip(ours, twins):
+        assert torch.equal(a, b)
 
 
 def test_train_step_is_one_hand_written_kd_step():

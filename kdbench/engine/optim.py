@@ -3,9 +3,12 @@
 
     d = g + wd·p;   b = d (first step) or momentum·b + d;   p = p − lr·b
 
-computed by PyTorch's fused multi-tensor SGD kernel (``torch._fused_sgd_``, the kernel behind
-``torch.optim.SGD(fused=True)``): one launch per step for all parameters, where a loop issues ~3
-small kernels per parameter — on a GPU at batch 64 that loop is a large share of a step's time.
+computed with multi-tensor operations: on CUDA PyTorch's fused SGD kernel (``torch._fused_sgd_``,
+the kernel behind ``torch.optim.SGD(fused=True)``: one launch per step for all parameters, where
+a loop issues ~3 small kernels per parameter — a large share of a step's time at batch 64; its
+rounding may differ from the loop's by an ulp, like a cuDNN algorithm choice), elsewhere
+``torch._foreach_*`` operations, which round exactly like the per-tensor loop (PyTorch's CPU
+fused kernel does not when weight decay is 0).
 
 Why not ``torch.optim.SGD``: building any ``torch.optim`` optimiser imports ``torch._dynamo``
 (~1 s per process), which is most of a smoke-suite job's overhead. A test checks the two agree
@@ -61,10 +64,9 @@ class SGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One step over the parameters that have a gradient (the others are left untouched):
-        one ``torch._fused_sgd_`` multi-tensor kernel per device and dtype instead of ~3 kernels
-        per parameter. Momentum buffers start as zeros (``0·m + d = d``: the first step equals
-        ``clone(d)``); a test checks the result against ``torch.optim.SGD`` bit for bit."""
+        """One step over the parameters that have a gradient (the others are left untouched),
+        as a few multi-tensor operations per device and dtype (see the module docstring).
+        Momentum buffers start as zeros (``0·m + d = d``: the first step equals ``clone(d)``)."""
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(self.params):
             if p.grad is not None:
@@ -72,11 +74,26 @@ class SGD:
                 if self.momentum and self.buffers[i] is None:
                     self.buffers[i] = torch.zeros_like(p)
         lr = self.lr_tensor if self.lr_tensor is not None else self._lr
-        for idx in groups.values():
-            torch._fused_sgd_([self.params[i] for i in idx], [self.params[i].grad for i in idx],
-                              [self.buffers[i] for i in idx] if self.momentum else [],
-                              weight_decay=self.weight_decay, momentum=self.momentum, lr=lr, dampening=0.0,
-                              nesterov=False, maximize=False, is_first_step=False)
+        for (device, _), idx in groups.items():
+            params, grads = [self.params[i] for i in idx], [self.params[i].grad for i in idx]
+            buffers = [self.buffers[i] for i in idx] if self.momentum else []
+            if device.type == "cuda":
+                torch._fused_sgd_(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
+                                  lr=lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+            else:
+                self._foreach_step(params, grads, buffers, lr)
+
+    def _foreach_step(self, params, grads, buffers, lr) -> None:
+        """The step as per-tensor-exact ``torch._foreach_*`` operations (on CPU: loops)."""
+        d = torch._foreach_add(grads, params, alpha=self.weight_decay) if self.weight_decay else grads
+        if self.momentum:
+            torch._foreach_mul_(buffers, self.momentum)
+            torch._foreach_add_(buffers, d)
+            d = buffers
+        if isinstance(lr, torch.Tensor):
+            torch._foreach_addcmul_(params, d, [lr] * len(params), value=-1)
+        else:
+            torch._foreach_add_(params, d, alpha=-lr)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay, "buffers": list(self.buffers)}
