@@ -22,9 +22,9 @@ slice through the model separately in train mode, average the N slice losses' gr
 one SGD step; BN running statistics are those of slice 0. State kept by a distillation term
 between steps is global, as in one process: every rank applies the whole global batch's update
 to CRD's memory bank (:func:`all_gather_rows`; CRD's own multi-GPU code kept per-GPU banks,
-HobbitLong/CMC#5) and KDA's centroids are the epoch's class means over all ranks, so every rank
-holds the same state (tested with two gloo processes). What stays per rank: each rank draws its
-own CRD negatives from the epoch's generator.
+HobbitLong/CMC#5), draws the global batch's negatives from the epoch's generator as one process
+does and keeps its own rows, and KDA's centroids are the epoch's class means over all ranks, so
+every rank holds the same state (tested with two gloo processes against one process).
 
 **Launching a run** (what rule ``fit`` runs): ``python -m kdbench.engine.distributed --gpus G
 -- <kdbench subcommand and args>``. On a machine the job shares with others (no scheduler set
@@ -160,12 +160,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` from every rank, concatenated in rank order (a single process: ``t``).
-    Ranks may hold different numbers of rows (a global batch's rank slices differ by at most one):
-    the sizes are exchanged first (one host synchronisation)."""
+def all_gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows of ``t`` from every rank, concatenated in rank order, and the position of this
+    rank's first row in them (a single process: ``t``, 0). Ranks may hold different numbers of
+    rows (a global batch's rank slices differ by at most one): the sizes are exchanged first (one
+    host synchronisation)."""
     if not _CTX.enabled:
-        return t
+        return t, 0
     import torch
     import torch.distributed as dist
 
@@ -177,7 +178,7 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     padded[:t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)]), sum(sizes[:_CTX.rank])
 
 
 def average_gradients(params) -> None:

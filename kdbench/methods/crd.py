@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..engine import distributed
 from ..models.features import Features
 from .adapters import Embed
 from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
@@ -124,7 +125,6 @@ class CRD(DistillLoss):
         return torch.cat([index.unsqueeze(1), neg], dim=1)
 
     def _normaliser(self, Z: Tensor, scores: Tensor) -> Tensor:
-        from ..engine import distributed
         mean = scores.detach().mean()
         if distributed.current().enabled:  # the mean over the global batch, as in one process
             local = scores.detach()
@@ -139,7 +139,10 @@ class CRD(DistillLoss):
         v_s = self.embed_s(s.pooled.float())
         v_t = self.embed_t(t.pooled.detach().float())
         index = batch.index.long()
-        idx = self.contrast_indices(index, batch.generator)
+        # under DDP: the negatives of the whole global batch, drawn from the epoch's generator as
+        # one process draws them (every rank holds the same generator), then this rank's rows
+        all_index, start = distributed.all_gather_rows(index)
+        idx = self.contrast_indices(all_index, batch.generator)[start:start + index.numel()]
         with torch.autocast(v_s.device.type, enabled=False):  # exp(·/0.07) needs float32 scores
             v_s, v_t = v_s.float(), v_t.float()
             e_s = nce_scores(v_s, self.memory_t, idx, self.nce_t)  # student anchor, teacher bank
@@ -147,10 +150,9 @@ class CRD(DistillLoss):
             loss = (nce_loss(e_s / self._normaliser(self.Z_s, e_s), self.n_data)
                     + nce_loss(e_t / self._normaliser(self.Z_t, e_t), self.n_data))
         if self.training:  # under DDP every rank applies the global batch's update: the banks stay equal
-            from ..engine import distributed
-            index, v_s, v_t = (distributed.all_gather_rows(a.detach()) for a in (index, v_s, v_t))
-            momentum_update(self.memory_s, index, v_s, self.nce_m)
-            momentum_update(self.memory_t, index, v_t, self.nce_m)
+            v_s, v_t = (distributed.all_gather_rows(v.detach())[0] for v in (v_s, v_t))
+            momentum_update(self.memory_s, all_index, v_s, self.nce_m)
+            momentum_update(self.memory_t, all_index, v_t, self.nce_m)
         return loss
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..engine import distributed
 from ..models.features import Features
 from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
@@ -78,7 +79,7 @@ class KDA(DistillLoss):
         self.count += onehot_T.sum(1)
 
     def on_epoch_end(self, epoch: int) -> None:
-        from ..engine import distributed  # under DDP: centroids of the whole epoch, equal on every rank
+        # under DDP: centroids of the whole epoch, equal on every rank
         for buf in (self.sum_s, self.sum_t, self.count):
             distributed.all_reduce_sum(buf)
         n = self.count.clamp_min(1).unsqueeze(1)
