@@ -97,6 +97,33 @@ def test_sgd_is_the_per_parameter_loop_on_odd_sizes(momentum, weight_decay, capt
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4)])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_the_cuda_fused_kernel_path_computes_sgd(monkeypatch, momentum, weight_decay, capturable):
+    """The branch CUDA takes (``torch._fused_sgd_``: its arguments, the tensor lr, zero-started
+    momentum), run here on CPU's implementation of the kernel: torch.optim.SGD's values up to an
+    ulp (that kernel rounds vector tails differently, which is why CPU does not use it)."""
+    monkeypatch.setattr(SGD, "fused_kernel_devices", ("cpu",))
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in [(7,), (17, 5), (3, 3, 3, 3), (100,)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    opt = SGD(ours, lr=0.0123, momentum=momentum, weight_decay=weight_decay)
+    if capturable:
+        opt.make_capturable()
+    ref = torch.optim.SGD(twins, lr=0.0123, momentum=momentum, weight_decay=weight_decay, foreach=False)
+    for step in range(6):
+        for a, b in zip(ours, twins):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+        opt.lr = ref.param_groups[0]["lr"] = 0.0123 / (step + 2)
+    for a, b, s in zip(ours, twins, start):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, s)
+
+
 def test_train_step_is_one_hand_written_kd_step():
     """train_step against the textbook KD step written out with torch.optim.SGD."""
     torch.manual_seed(1)

@@ -30,6 +30,9 @@ from torch import nn
 
 
 class SGD:
+    #: devices whose parameters are stepped by PyTorch's fused kernel (elsewhere: ``_foreach`` ops)
+    fused_kernel_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         self.params = [p for p in params]
         self._lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
@@ -77,7 +80,7 @@ class SGD:
         for (device, _), idx in groups.items():
             params, grads = [self.params[i] for i in idx], [self.params[i].grad for i in idx]
             buffers = [self.buffers[i] for i in idx] if self.momentum else []
-            if device.type == "cuda":
+            if device.type in self.fused_kernel_devices:
                 torch._fused_sgd_(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
                                   lr=lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
             else:
