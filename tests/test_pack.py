@@ -250,3 +250,17 @@ def test_fused_pack_steps_do_not_synchronise_on_gpu(compile_mode):
             torch.cuda.set_sync_debug_mode("default")
     results = drive_packed([watched(gens[0]), *gens[1:]], torch.device("cuda"), [0] * 3, [0] * 3)
     assert not any(isinstance(r, Exception) for r in results), results
+
+
+def test_fused_pack_under_bf16_autocast_and_channels_last(tiny, tmp_path):
+    """The GPU configuration's precision and layout on the fused path (bf16 autocast for the fused
+    forward, fp32 losses, NHWC grouped convolutions): the same first-epoch loss as the unfused
+    pack within bf16 rounding."""
+    ex = Execution(precision="bf16", channels_last=True)
+    specs = [RunSpec("cifar100", str(tiny / "data"), "resnet8", m, s, "resnet8", (str(tiny / "t.pt"),), recipe=RECIPE,
+                     execution=ex) for m, s in (("kd", 0), ("dkd", 1))]
+    plain = fit_packed(specs, [tmp_path / f"p{k}" for k in range(2)], "cpu")
+    fused = fit_packed(specs, [tmp_path / f"f{k}" for k in range(2)], "cpu", fuse=True)
+    for a, b in zip(plain, fused):
+        assert b["status"] == "ok" and b["spec"]["execution"]["precision"] == "bf16"
+        assert b["curve"][0]["loss"] == pytest.approx(a["curve"][0]["loss"], rel=2e-2)
