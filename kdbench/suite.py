@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +101,8 @@ class Suite:
 
         Only distillations are packed (kind "distill", protocol fit; teachers, plain students and
         probes stay one job each), and not on streamed datasets (ImageNet trains with DDP, which a
-        pack cannot) nor with an unlabelled stream (``unlabeled``). Runs are grouped by what :func:`kdbench.engine.pack.check_packable` requires
+        pack cannot) nor with an unlabelled stream (``unlabeled``) or a validation holdout
+        (``validation``). Runs are grouped by what :func:`kdbench.engine.pack.check_packable` requires
         to be shared (dataset and root, execution options, batch size, teacher); inside a group
         they are ordered by student, method, seed, so same-student runs sit together (fusion fuses
         neighbours), and the group is cut into ceil(n/size) packs of near-equal size (a pack of
@@ -111,7 +114,8 @@ class Suite:
         groups: dict[tuple, list[Run]] = {}
         for run in self.runs.values():
             s = run.spec
-            if run.kind != "distill" or s.protocol != "fit" or s.unlabeled is not None or DATASETS.get(s.dataset).streaming:
+            if (run.kind != "distill" or s.protocol != "fit" or s.unlabeled is not None or s.validation is not None
+                    or DATASETS.get(s.dataset).streaming):
                 continue
             key = (s.dataset, s.data_root, repr(s.execution), s.recipe.batch_size, s.teacher, s.teacher_ckpts,
                    s.teacher_dataset or "")
@@ -243,6 +247,7 @@ def build_suite(cfg: dict, path: Path) -> Suite:
             _check_name("method", m, METHODS.names(), where + " (method overrides)")
         for t in exp.get("term_params", {}):
             _check_name("distillation term", t, LOSSES.names(), where + " (term_params)")
+        _check_validation(exp, where)
         _check_transfer(cfg, exp, where)
         try:
             recipe = Recipe.from_config({**base_recipe, **(exp.get("recipe") or {})})
@@ -272,7 +277,8 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
             raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
     n_teachers = max([len(exp.get("teacher_seeds", [0]))] + [len(v) for v in exp.get("teacher_checkpoints", {}).values()
                                                               if isinstance(v, list)])
-    needs = {m: resolve_method(m, _method_overrides(exp, m)).teacher_needs for m in exp["methods"]}  # with overrides
+    needs = {m: frozenset().union(*(resolve_method(m, o).teacher_needs for _, o in _method_variants(exp, m)))
+             for m in exp["methods"]}  # with overrides and every sweep value
     if n_teachers > 1:
         staged = [m for m in exp["methods"] if needs[m] & {"stages", "preact"}]
         if staged:
@@ -309,6 +315,80 @@ def _method_overrides(exp: dict, method: str) -> dict:
     return own
 
 
+def _check_validation(exp: dict, where: str) -> None:
+    """``validation`` and ``sweep``: a sweep needs a holdout, and each sweep key must name a term
+    (its loss weight), a term's parameter or ``ce`` that some method of the experiment has."""
+    if exp.get("validation") is not None and exp.get("linear_probe"):
+        raise SuiteError(f"{where}: validation and linear_probe cannot be combined (the probe would train and be "
+                         f"scored on the probe dataset's test set); tune in an experiment without linear_probe")
+    sweep = exp.get("sweep")
+    if not sweep:
+        return
+    if exp.get("validation") is None:
+        raise SuiteError(f"{where}: a sweep needs `validation: {{size: N, seed: S}}`: its runs must be scored on a "
+                         f"held-out part of the training set, never on the test set (choosing values by test "
+                         f"accuracy is tuning on the test set). Retrain the chosen value without validation")
+    terms = {t: m for m in exp["methods"] for t in resolve_method(m, _method_overrides(exp, m)).terms}
+    choices = ", ".join(sorted(terms)) or "(none: no method of this experiment distils)"
+    if "ce" in sweep and not any(resolve_method(m, _method_overrides(exp, m)).terms for m in exp["methods"]):
+        raise SuiteError(f"{where}: sweep key 'ce' applies to distillations, and this experiment has none")
+    for key, values in sweep.items():
+        term, _, param = key.partition(".")
+        if key.endswith(".") or key.startswith("."):
+            raise SuiteError(f"{where}: sweep key {key!r}: write ce, a term (its loss weight) or term.param")
+        if key != "ce" and term not in terms:
+            known = "" if term in LOSSES.names() else " (no such distillation term)"
+            close = difflib.get_close_matches(term, list(terms), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise SuiteError(f"{where}: sweep key {key!r}: no method of this experiment has the term {term!r}{known}."
+                             f"{hint} Valid keys: ce, or <term> (its loss weight) or <term>.<param> of the terms "
+                             f"{choices}")
+        if param:
+            sig = inspect.signature(LOSSES.get(term).__init__)
+            valid = [n for n, p in sig.parameters.items() if n not in ("self", "ctx")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if param not in valid:
+                raise SuiteError(f"{where}: sweep key {key!r}: {term!r} has no parameter {param!r}; valid: "
+                                 f"{', '.join(valid) or '(none)'}")
+        elif any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise SuiteError(f"{where}: sweep key {key!r}: a loss weight takes numbers, not {values!r}")
+        if len({repr(v) for v in values}) != len(values):
+            raise SuiteError(f"{where}: sweep key {key!r}: repeated values {values!r}")
+
+
+def _format_value(v) -> str:
+    return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def _method_variants(exp: dict, method: str) -> list[tuple[str, dict]]:
+    """``(column, overrides)`` of each run variant of ``method``: one, named by the method,
+    without a sweep or when the method has none of the swept terms; else one per point of the
+    grid (cartesian product) of the sweep keys that apply to it, named ``method[key=value,...]``.
+    ``ce`` applies to distillations (methods with terms), ``term`` / ``term.param`` to methods
+    with that term. The value enters the run through its method overrides (so its run id)."""
+    base = _method_overrides(exp, method)
+    spec = resolve_method(method, base)
+    keys = [k for k in (exp.get("sweep") or {})
+            if (k == "ce" and spec.terms) or k.partition(".")[0] in spec.terms]
+    if not keys:
+        return [(method, base)]
+    out = []
+    for values in itertools.product(*(exp["sweep"][k] for k in keys)):
+        own = {**base, "terms": dict(spec.terms), "params": {t: dict(p) for t, p in (base.get("params") or {}).items()}}
+        for key, v in zip(keys, values):
+            term, _, param = key.partition(".")
+            if key == "ce":
+                own["ce"] = float(v)
+            elif param:
+                own["params"].setdefault(term, {})[param] = v
+            else:
+                own["terms"][term] = float(v)
+        if not own["params"]:
+            del own["params"]
+        out.append((f"{method}[{','.join(f'{k}={_format_value(v)}' for k, v in zip(keys, values))}]", own))
+    return out
+
+
 def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
@@ -319,9 +399,11 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     def overrides(method: str) -> dict:
         return _method_overrides(exp, method)
 
-    def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds) -> Run:
+    validation = exp.get("validation")  # the students' holdout; teachers train on the full training set
+
+    def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds, validation: dict | None = None) -> Run:
         spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
-                       method_overrides=overrides("student"), execution=execution)
+                       method_overrides=overrides("student"), execution=execution, validation=validation)
         return Run(f"{dataset}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
 
     def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
@@ -351,18 +433,19 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
             ckpts, tids = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers), tuple(t.id for t in teachers)
             for ts, t in zip(teacher_seeds, teachers):
                 yield from cell("teacher", ts, t)
-        for method in exp["methods"]:
+        variants = [(m, col, own) for m in exp["methods"] for col, own in _method_variants(exp, m)]  # sweep values
+        for method, column, own in variants:
             for seed in exp["seeds"]:
                 if not METHODS.get(method).needs_teacher:
-                    yield from cell(method, seed, scratch(s_arch, seed))
+                    yield from cell(column, seed, scratch(s_arch, seed, validation=validation))
                     continue
-                spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, overrides(method), recipe,
+                spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, own, recipe,
                                teacher_dataset=None if tds == ds else tds, execution=execution,
-                               unlabeled=exp.get("unlabeled"))
+                               unlabeled=exp.get("unlabeled"), validation=validation)
                 _check_unlabeled(spec, exp)
                 pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
                 rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
-                yield from cell(method, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
+                yield from cell(column, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
 
 
 #: linear_probe defaults. CRD never published its probe recipe (HobbitLong/RepDistiller#44);

@@ -108,6 +108,10 @@ def test_unpackable_runs_are_refused_with_the_reason(tiny, tmp_path):
         check_packable([spec(tiny, "kd", 0), spec(tiny, "kd", 1, recipe=Recipe.from_config({"batch_size": 8}))])
     with pytest.raises(ValueError, match="nothing to pack"):
         check_packable([])
+    held_out = RunSpec("cifar100", str(tiny / "data"), "resnet8", "kd", 0, "resnet8", (str(tiny / "t.pt"),),
+                       recipe=RECIPE, validation={"size": 10, "seed": 0})
+    with pytest.raises(ValueError, match="validation holdout"):
+        check_packable([spec(tiny, "kd", 0), held_out])
 
 
 def test_pack_command_trains_suite_runs(tmp_path):

@@ -23,8 +23,10 @@ imagenet        ``train/<wnid>``, ``val/<wnid>``; RandomResizedCrop 224 + flip /
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
+
+import numpy as np
 
 from ..registry import Registry
 from .cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetMissingError, ImageSet, read_cifar
@@ -103,6 +105,40 @@ def load_dataset(name: str, root: str) -> LoadedDataset:
     return LoadedDataset(info, info.read(root, "train"), info.read(root, "test"))
 
 
+def holdout_indices(labels, size: int, seed: int) -> np.ndarray:
+    """The sorted indices of a stratified holdout of ``size`` samples: each class gives its share
+    ``size·n_c/N`` (largest remainders round it, ties to the lower class), drawn by a permutation of
+    the class's samples seeded by ``seed`` alone. Deterministic, and independent of any run seed."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < n:
+        raise ValueError(f"validation.size: a holdout needs 0 < size < {n} (the labelled training set), not {size!r}")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = size * counts / n
+    take = np.floor(quota).astype(np.int64)
+    rest = size - int(take.sum())
+    order = sorted(range(len(classes)), key=lambda c: (-(quota[c] - take[c]), c))
+    take[order[:rest]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def _subset(split, idx: np.ndarray):
+    if isinstance(split, FileImageSet):
+        return replace(split, paths=[split.paths[i] for i in idx], labels=split.labels[idx])
+    return replace(split, images=split.images[idx], labels=split.labels[idx])
+
+
+def holdout_split(data: LoadedDataset, size: int, seed: int) -> LoadedDataset:
+    """``data`` with the training set minus a stratified holdout (:func:`holdout_indices`) as
+    ``train`` and the holdout as ``test``: its loaders then train on the rest and evaluate on the
+    holdout without augmentation, as on the test set (``RunSpec.validation``)."""
+    idx = holdout_indices(data.train.labels, size, seed)
+    keep = np.setdiff1d(np.arange(len(data.train.labels)), idx, assume_unique=True)
+    return LoadedDataset(data.info, _subset(data.train, keep), _subset(data.train, idx))
+
+
 def check_stream_split(name: str, split: str) -> DatasetInfo:
     """Refuse (with the valid choices) a split that cannot be a second training stream of ``name``."""
     info = DATASETS.get(name)
@@ -125,4 +161,4 @@ def load_stream(name: str, root: str, split: str, batch_size: int, device) -> Te
 
 
 __all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "FileImageSet", "ImageSet", "LoadedDataset", "TensorLoader",
-           "check_stream_split", "load_dataset", "load_stream"]
+           "check_stream_split", "holdout_indices", "holdout_split", "load_dataset", "load_stream"]

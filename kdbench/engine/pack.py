@@ -69,13 +69,17 @@ class PackError(RuntimeError):
 
 def check_packable(specs: list[RunSpec]) -> None:
     """Runs can be packed if they share the dataset, batch size and execution options, and every
-    run that has a teacher has the same one. Runs with an unlabelled stream cannot be packed."""
+    run that has a teacher has the same one. Runs with an unlabelled stream or a validation
+    holdout cannot be packed."""
     if not specs:
         raise ValueError("nothing to pack: give at least one run")
     if any(s.unlabeled is not None for s in specs):
         raise ValueError("runs with an unlabelled stream (unlabeled) cannot be packed: their steps concatenate a "
                          "second batch that the pack's shared teacher pass and fused students do not handle; "
                          "run them alone")
+    if any(s.validation is not None for s in specs):
+        raise ValueError("runs with a validation holdout (validation) cannot be packed: the pack shares one "
+                         "training set and test loader between its runs; run them alone")
     first = specs[0]
     for s in specs[1:]:
         for key in ("dataset", "data_root", "execution"):

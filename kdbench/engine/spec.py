@@ -147,6 +147,27 @@ def resolve_unlabeled(cfg: dict | None) -> dict | None:
     return out
 
 
+#: ``RunSpec.validation``: its keys and defaults
+VALIDATION_DEFAULTS = {"size": None, "seed": 0}
+
+
+def resolve_validation(cfg: dict | None) -> dict | None:
+    """``RunSpec.validation`` with its defaults filled in (so equal settings hash equally), or None."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"validation: expected a mapping {{size: N, seed: S}}, not {cfg!r}")
+    unknown = set(cfg) - set(VALIDATION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown validation keys {sorted(unknown)}; valid: {', '.join(VALIDATION_DEFAULTS)}")
+    out = {**VALIDATION_DEFAULTS, **cfg}
+    for key, low in (("size", 1), ("seed", 0)):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"validation.{key}: expected an integer ≥ {low}, not {v!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run. ``teacher_ckpts`` has one path (a teacher) or several (an ensemble).
@@ -155,6 +176,11 @@ class RunSpec:
     STL-10 protocol: ``{"split": "unlabeled", "batch_size": 512, "terms_on": "unlabeled", "bn":
     "joint"}`` (these are the defaults; see ``kdbench/engine/train.py``). It is hashed only when set,
     so the ids of runs without it are those from before it existed.
+
+    ``validation`` (None: off) trains on the labelled training set minus a held-out, stratified
+    part of ``size`` samples drawn with ``seed`` (:func:`kdbench.data.holdout_split`; the split's
+    seed, not the run's, so every run of a sweep shares it) and evaluates on that part instead of
+    the test set: ``{"size": 5000, "seed": 0}``. Hashed only when set, as ``unlabeled``.
     """
 
     dataset: str
@@ -179,9 +205,12 @@ class RunSpec:
     execution: Execution = field(default_factory=Execution)
     #: a second, unlabelled training stream for the distillation terms (see :func:`resolve_unlabeled`)
     unlabeled: dict | None = None
+    #: hold out a labelled validation part of the training set and evaluate on it (see :func:`resolve_validation`)
+    validation: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "unlabeled", resolve_unlabeled(self.unlabeled))
+        object.__setattr__(self, "validation", resolve_validation(self.validation))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -204,8 +233,9 @@ class RunSpec:
         d.pop("teacher_ckpts")
         d.pop("init_ckpt")
         d.pop("execution")
-        if d["unlabeled"] is None:
-            d.pop("unlabeled")
+        for key in ("unlabeled", "validation"):  # hashed only when set: older run ids stay
+            if d[key] is None:
+                d.pop(key)
         if self.execution.hashed():
             d["execution"] = self.execution.hashed()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import TensorLoader, check_stream_split, load_dataset, load_stream
+from ..data import TensorLoader, check_stream_split, holdout_split, load_dataset, load_stream
 from ..methods import Batch, MethodContext, Objective, build_objective, resolve_method
 from ..methods.base import label_free_methods
 from ..models import build_model, feature_shapes
@@ -180,6 +180,10 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     if spec.unlabeled is not None and dctx.enabled:
         raise ValueError("an unlabelled stream (unlabeled) is not supported under DDP (torchrun): run it on one device")
     data = shared.get("data") or load_dataset(spec.dataset, spec.data_root)
+    if spec.validation is not None:  # train on the rest of the training set, evaluate on its holdout (not the test set)
+        if shared.get("data") or shared.get("loaders"):
+            raise ValueError("a run with a validation holdout (validation) cannot share loaders (kdbench pack): run it alone")
+        data = holdout_split(data, spec.validation["size"], spec.validation["seed"])
     train_loader, test_loader = shared.get("loaders") or data.loaders(recipe.batch_size, recipe.test_batch_size, dev,
                                                                       **dctx.loader_kwargs())
     unl = spec.unlabeled
@@ -289,7 +293,9 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
 
     metrics = run_record(spec, state, status, failure, run_id, data.num_classes, time.time() - t0, prov,
                          loss=objective.spec.describe(), resolved_method=_method_dict(objective),
-                         **({"unlabeled_samples": unlabeled.num_samples} if unlabeled else {}))
+                         **({"unlabeled_samples": unlabeled.num_samples} if unlabeled else {}),
+                         eval_split="test" if spec.validation is None else "validation", eval_samples=test_loader.num_samples,
+                         **({"holdout": {**spec.validation, "train_samples": train_loader.num_samples}} if spec.validation else {}))
     if status == "ok" and dctx.is_main:
         save_model(out / "model.pt", student, spec.student, data.num_classes, spec.dataset,
                    run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash())
