@@ -126,16 +126,24 @@ UNLABELED_DEFAULTS = {"split": "unlabeled", "batch_size": 512, "terms_on": "unla
 UNLABELED_CHOICES = {"terms_on": ("unlabeled", "all"), "bn": ("joint", "separate")}
 
 
-def resolve_unlabeled(cfg: dict | None) -> dict | None:
-    """``RunSpec.unlabeled`` with its defaults filled in (so equal settings hash equally), or None."""
+def _with_defaults(name: str, cfg: dict | None, defaults: dict) -> dict | None:
+    """An optional RunSpec mapping with its defaults filled in (so equal settings hash equally),
+    or None; unknown keys are refused with the valid ones."""
     if cfg is None:
         return None
     if not isinstance(cfg, dict):
-        raise ValueError(f"unlabeled: expected a mapping with keys {', '.join(UNLABELED_DEFAULTS)}, not {cfg!r}")
-    unknown = set(cfg) - set(UNLABELED_DEFAULTS)
+        raise ValueError(f"{name}: expected a mapping with keys {', '.join(defaults)}, not {cfg!r}")
+    unknown = set(cfg) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown unlabeled keys {sorted(unknown)}; valid: {', '.join(UNLABELED_DEFAULTS)}")
-    out = {**UNLABELED_DEFAULTS, **cfg}
+        raise ValueError(f"unknown {name} keys {sorted(unknown)}; valid: {', '.join(defaults)}")
+    return {**defaults, **cfg}
+
+
+def resolve_unlabeled(cfg: dict | None) -> dict | None:
+    """``RunSpec.unlabeled`` with its defaults filled in, validated, or None."""
+    out = _with_defaults("unlabeled", cfg, UNLABELED_DEFAULTS)
+    if out is None:
+        return None
     if not isinstance(out["split"], str) or not out["split"]:
         raise ValueError(f"unlabeled.split: expected a split name of the dataset (e.g. 'unlabeled'), not {out['split']!r}")
     bs = out["batch_size"]
@@ -152,15 +160,10 @@ VALIDATION_DEFAULTS = {"size": None, "seed": 0}
 
 
 def resolve_validation(cfg: dict | None) -> dict | None:
-    """``RunSpec.validation`` with its defaults filled in (so equal settings hash equally), or None."""
-    if cfg is None:
+    """``RunSpec.validation`` with its defaults filled in, validated, or None."""
+    out = _with_defaults("validation", cfg, VALIDATION_DEFAULTS)
+    if out is None:
         return None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"validation: expected a mapping {{size: N, seed: S}}, not {cfg!r}")
-    unknown = set(cfg) - set(VALIDATION_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown validation keys {sorted(unknown)}; valid: {', '.join(VALIDATION_DEFAULTS)}")
-    out = {**VALIDATION_DEFAULTS, **cfg}
     for key, low in (("size", 1), ("seed", 0)):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
