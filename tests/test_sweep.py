@@ -163,13 +163,21 @@ def test_validation_without_sweep_and_schema_errors(tmp_path):
         load_suite(sweep_suite(tmp_path, validation={"seed": 0}))  # size is required
 
 
-def test_tune_fkd_suite_loads():
-    suite = load_suite(REPO / "workflow/suites/tune_fkd.yaml")
-    cols = Counter(c.column for c in suite.cells)
-    assert cols == {"teacher": 1, "student": 3, "fkd[fkd=1]": 3, "fkd[fkd=10]": 3, "fkd[fkd=100]": 3, "fkd[fkd=1000]": 3}
-    fkd = load_suite(REPO / "workflow/suites/fkd.yaml")
+@pytest.mark.parametrize("name,paper,columns", [
+    ("tune_fkd", "fkd", {"teacher": 1, "student": 3, "fkd[fkd=1]": 3, "fkd[fkd=10]": 3, "fkd[fkd=100]": 3,
+                         "fkd[fkd=1000]": 3}),
+    ("tune_ot", "ot", {"teacher": 1, "student": 3, "kd": 3, **{f"{m}_kd[{m}={v}]": 3 for m in ("remd", "ipot")
+                                                               for v in ("0.1", "1", "10")}}),
+    ("tune_kda", "kda", {"teacher": 1, "student": 3, "kda_before": 3, "kda_before_kd[kd=0.25]": 3,
+                         "kda_before_kd[kd=1]": 3, "kda_before_kd[kd=4]": 3}),
+])
+def test_tuning_suites_load(name, paper, columns):
+    """Each tuning suite sweeps its paper's unpublished weights on a 5,000-image holdout, with the
+    paper suite's own teacher run (trained on the full training set)."""
+    suite = load_suite(REPO / f"workflow/suites/{name}.yaml")
+    assert Counter(c.column for c in suite.cells) == columns
     teacher = next(c.run for c in suite.cells if c.column == "teacher")
-    assert teacher in fkd.runs  # the same CIFAR-100 VGG13 run as FKD Table 1
+    assert teacher in load_suite(REPO / f"workflow/suites/{paper}.yaml").runs
     assert all(r.spec.validation == {"size": 5000, "seed": 0} for r in suite.runs.values() if r.id != teacher)
 
 
