@@ -328,9 +328,9 @@ def _check_validation(exp: dict, where: str) -> None:
         raise SuiteError(f"{where}: a sweep needs `validation: {{size: N, seed: S}}`: its runs must be scored on a "
                          f"held-out part of the training set, never on the test set (choosing values by test "
                          f"accuracy is tuning on the test set). Retrain the chosen value without validation")
-    terms = {t: m for m in exp["methods"] for t in resolve_method(m, _method_overrides(exp, m)).terms}
+    terms = {t for m in exp["methods"] for t in resolve_method(m, _method_overrides(exp, m)).terms}
     choices = ", ".join(sorted(terms)) or "(none: no method of this experiment distils)"
-    if "ce" in sweep and not any(resolve_method(m, _method_overrides(exp, m)).terms for m in exp["methods"]):
+    if "ce" in sweep and not terms:
         raise SuiteError(f"{where}: sweep key 'ce' applies to distillations, and this experiment has none")
     for key, values in sweep.items():
         term, _, param = key.partition(".")

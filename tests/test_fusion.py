@@ -49,6 +49,14 @@ def member_loss(f, y):
     return F.cross_entropy(f.logits, y) + sum((s ** 2).mean() for s in [*f.stages, *f.preact])
 
 
+def fused_with_copies(arch: str, train: bool = True):
+    """K members, untouched copies of them to run separately, their fused model and one batch each."""
+    ms = members(arch)
+    refs = copy.deepcopy(ms)
+    xs, ys = batches()
+    return ms, refs, fuse(ms).train(train), xs, ys
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert list(a) == list(b)
     return max((a[n].double() - b[n].double()).abs().max().item() for n in a)
@@ -57,10 +65,7 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("train", [True, False])
 def test_forward_equals_members(arch, train):
-    ms = members(arch)
-    refs = copy.deepcopy(ms)
-    fused = fuse(ms).train(train)
-    xs, _ = batches()
+    _, refs, fused, xs, _ = fused_with_copies(arch, train)
     out = fused(xs)
     assert len(out) == K
     for ref, x, f in zip(refs, xs, out):
@@ -74,10 +79,7 @@ def test_forward_equals_members(arch, train):
 
 @pytest.mark.parametrize("arch", ["resnet8", "wrn_16_1", "vgg8"])
 def test_running_stats_after_train_forward(arch):
-    ms = members(arch)
-    refs = copy.deepcopy(ms)
-    fused = fuse(ms).train()
-    xs, _ = batches()
+    ms, refs, fused, xs, _ = fused_with_copies(arch)
     for _ in range(2):
         fused(xs)
         for ref, x in zip(refs, xs):
@@ -91,10 +93,7 @@ def test_running_stats_after_train_forward(arch):
 
 @pytest.mark.parametrize("arch", ["resnet8x4", "wrn_16_1", "vgg8"])
 def test_gradients_of_summed_losses(arch):
-    ms = members(arch)
-    refs = copy.deepcopy(ms)
-    fused = fuse(ms).train()
-    xs, ys = batches()
+    _, refs, fused, xs, ys = fused_with_copies(arch)
     sum(member_loss(f, y) for f, y in zip(fused(xs), ys)).backward()
     grads = fused.unfuse_tensors({n: p.grad for n, p in fused.net.named_parameters()})
     for ref, x, y, g in zip(refs, xs, ys, grads):

@@ -100,13 +100,19 @@ class TensorLoader:
             raw = self.images[idx]
             view = None
             if self.train:
-                dy, dx, flip = draw_views(raw.shape[0], self.pad, self.device, generator)
+                dy, dx, flip = self.draws(raw.shape[0], generator)
                 raw = apply_views(raw, self.size, dy, dx, flip)
                 view = view_id(dy, dx, flip, self.pad) if views else None
             if views:
                 yield self.normalise(raw), self.labels[idx], idx, torch.zeros_like(idx) if view is None else view
             else:
                 yield self.normalise(raw), self.labels[idx], idx
+
+    def draws(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The crop offsets and flips of ``n`` training samples (:func:`draw_views`; flips drawn
+        but not applied where the dataset has none, so the random stream is the same)."""
+        dy, dx, flip = draw_views(n, self.pad, self.device, generator)
+        return dy, dx, flip if self.flip else torch.zeros_like(flip)
 
     def stream(self, steps: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``steps`` full augmented batches ``(x, y, index)`` of ``batch_size`` samples: the
@@ -117,8 +123,7 @@ class TensorLoader:
         order = torch.cat([torch.randperm(n, device=self.device, generator=generator) for _ in range(-(-need // n))])
         for start in range(0, need, self.batch_size):
             idx = order[start:start + self.batch_size]
-            dy, dx, flip = draw_views(idx.shape[0], self.pad, self.device, generator)
-            x = apply_views(self.images[idx], self.size, dy, dx, flip if self.flip else torch.zeros_like(flip))
+            x = apply_views(self.images[idx], self.size, *self.draws(idx.shape[0], generator))
             yield self.normalise(x), self.labels[idx], idx
 
     def view_images(self, index: Tensor, view: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .loader import TensorLoader, apply_views, draw_views, view_id
+from .loader import TensorLoader, apply_views, view_id
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -81,9 +81,7 @@ class ShardedTensorLoader(RankShards, TensorLoader):
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             b = idx.shape[0]
-            dy, dx, flip = draw_views(b, self.pad, dev, generator)  # TensorLoader's draws for the global batch
-            if not self.flip:
-                flip = torch.zeros_like(flip)
+            dy, dx, flip = self.draws(b, generator)  # TensorLoader's draws for the global batch
             if b < self.world_size:
                 continue
             lo, hi = shard_bounds(b, self.rank, self.world_size)

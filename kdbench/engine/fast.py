@@ -262,15 +262,12 @@ class Runtime:
 
         if self.execution.compile != "graph":
             return eager
-        optimizer.make_capturable()
-        state = [*student.parameters(), *student.buffers(), *objective.parameters(), *objective.buffers(),
-                 *(b for b in optimizer.buffers if b is not None), sums]
+        state = [*student.parameters(), *_captured_state(student, objective, optimizer, sums)]
         key = (id(student), id(optimizer))
         step = GraphStep(eager, state, [gen] if gen is not None else [], warm=key in self._warm,
                          backend=self.graph_backend)
         self._warm.add(key)
         return step
-
 
     def fused_stepper(self, fused: nn.Module, steps: list[StudentStep], warm: bool) -> Callable:
         """A function ``step(xs, ys, indices, ts)`` running :func:`fused_train_step` for the fused
@@ -285,13 +282,20 @@ class Runtime:
 
         if self.execution.compile != "graph":
             return eager
-        state = [*fused.parameters(), *fused.buffers()]
+        state = [*fused.parameters(), *fused.buffers()]  # the members' parameters are views of these
         for st in steps:
-            st.optimizer.make_capturable()
-            state += [*st.student.buffers(), *st.objective.parameters(), *st.objective.buffers(),
-                      *(b for b in st.optimizer.buffers if b is not None), st.sums]
+            state += _captured_state(st.student, st.objective, st.optimizer, st.sums)
         gens = [st.batch.generator for st in steps if st.batch.generator is not None]
         return GraphStep(eager, state, gens, warm=warm, backend=self.graph_backend)
+
+
+def _captured_state(student: nn.Module, objective: Objective, optimizer, sums: Tensor) -> list[Tensor]:
+    """What one run's captured step changes besides the student's parameters: the student's
+    buffers, the objective's parameters and buffers, the momenta (the optimizer is made
+    capturable: its buffers exist from now on) and the metric sums."""
+    optimizer.make_capturable()
+    return [*student.buffers(), *objective.parameters(), *objective.buffers(),
+            *(b for b in optimizer.buffers if b is not None), sums]
 
 
 class CudaGraphs:

@@ -67,6 +67,11 @@ class PackError(RuntimeError):
     """Some runs of a pack failed; the others finished."""
 
 
+def teacher_key(spec: RunSpec) -> tuple:
+    """What identifies a run's teacher: packed runs share it, and one forward pass answers them all."""
+    return spec.teacher, spec.teacher_ckpts, spec.teacher_dataset
+
+
 def check_packable(specs: list[RunSpec]) -> None:
     """Runs can be packed if they share the dataset, batch size and execution options, and every
     run that has a teacher has the same one. Runs with an unlabelled stream or a validation
@@ -89,7 +94,7 @@ def check_packable(specs: list[RunSpec]) -> None:
         if s.recipe.batch_size != first.recipe.batch_size:
             raise ValueError(f"runs with different batch sizes cannot be packed ({first.recipe.batch_size} vs "
                              f"{s.recipe.batch_size})")
-    teachers = {(s.teacher, s.teacher_ckpts, s.teacher_dataset) for s in specs if s.teacher_ckpts}
+    teachers = {teacher_key(s) for s in specs if s.teacher_ckpts}
     if len(teachers) > 1:
         raise ValueError("packed runs must share their teacher; found " + ", ".join(sorted(map(str, teachers))))
     if any(s.protocol != "fit" for s in specs):
@@ -229,7 +234,7 @@ def fit_packed(specs: list[RunSpec], out_dirs: list[str | Path], device: str = "
     fuse_keys = fusion_groups(specs) if fuse else [None] * len(specs)
     steps = [fit_steps(s, o, str(dev), r, progress=False, shared={**shared, "fuse": f is not None})
              for s, o, r, f in zip(specs, out_dirs, run_ids, fuse_keys)]
-    results = drive_packed(steps, dev, [(s.teacher, s.teacher_ckpts, s.teacher_dataset) for s in specs], fuse_keys)
+    results = drive_packed(steps, dev, [teacher_key(s) for s in specs], fuse_keys)
     distributed.close()
     failed = [(r or k, e) for k, (r, e) in enumerate(zip(run_ids, results)) if isinstance(e, Exception)]
     if failed:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..data import TensorLoader, check_stream_split, holdout_split, load_dataset, load_stream
-from ..methods import Batch, MethodContext, Objective, build_objective, resolve_method
+from ..methods import Batch, MethodContext, Objective, resolve_method
 from ..methods.base import label_free_methods
 from ..models import build_model, feature_shapes
 from . import distributed
@@ -207,8 +207,7 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     size = data.info.image_size
     ctx = MethodContext(feature_shapes(student, size), feature_shapes(teacher, size) if teacher is not None else None,
                         data.num_classes, train_loader.labels, spec.student, spec.teacher)
-    objective = build_objective(method_probe, ctx).to(dev)
-    objective.unlabeled = unl
+    objective = Objective(method_probe, ctx, unl).to(dev)
     base_lr = recipe.base_lr(spec.student)
     optimizer = _sgd(list(student.parameters()) + list(objective.parameters()), base_lr, recipe)
     runtime = Runtime(spec.execution, dev)  # the fast path's options (kdbench/engine/fast.py)

@@ -201,8 +201,7 @@ def register_method(name: str, *, ce: float, terms: dict[str, float] | None = No
 class Objective(nn.Module):
     """The training loss of one run: builds each term of a :class:`MethodSpec`.
 
-    With an unlabelled stream (``unlabeled``: the run's resolved ``RunSpec.unlabeled``; the
-    engine sets it) a batch holds the labelled samples then the unlabelled ones
+    With an unlabelled stream (``unlabeled``: the run's resolved ``RunSpec.unlabeled``) a batch holds the labelled samples then the unlabelled ones
     (:attr:`Batch.labeled`): CE reads the labelled part, the terms :meth:`terms_part`."""
 
     def __init__(self, spec: MethodSpec, ctx: MethodContext, unlabeled: dict | None = None):
