@@ -109,3 +109,15 @@ def provenance(device: torch.device) -> dict:
         "host": socket.gethostname(),
         "platform": platform.platform(),
     }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes: what identifies an imported teacher or a dataset file in run
+    ids and provenance (paths are never hashed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
