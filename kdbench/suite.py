@@ -213,9 +213,9 @@ def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
     own = []
     for exp in cfg.get("experiments", []):
         e = dict(exp)
-        e["recipe"] = {**recipe, **(exp.get("recipe") or {})}
+        e["recipe"] = Recipe.layer(recipe, exp.get("recipe"))
         if "teacher_recipe" in exp:
-            e["teacher_recipe"] = {**recipe, **exp["teacher_recipe"]}
+            e["teacher_recipe"] = Recipe.layer(recipe, exp["teacher_recipe"])
         e["method_overrides"] = _merge_overrides(methods, exp.get("method_overrides") or {})
         e["execution"] = {**(cfg.get("execution") or {}), **(exp.get("execution") or {})}
         e["term_params"] = {t: {**terms.get(t, {}), **p} for t, p in {**terms, **(exp.get("term_params") or {})}.items()}
@@ -250,8 +250,8 @@ def build_suite(cfg: dict, path: Path) -> Suite:
         _check_validation(exp, where)
         _check_transfer(cfg, exp, where)
         try:
-            recipe = Recipe.from_config({**base_recipe, **(exp.get("recipe") or {})})
-            teacher_recipe = Recipe.from_config({**base_recipe, **(exp.get("teacher_recipe") or exp.get("recipe") or {})})
+            recipe = Recipe.from_config(Recipe.layer(base_recipe, exp.get("recipe")))
+            teacher_recipe = Recipe.from_config(Recipe.layer(base_recipe, exp.get("teacher_recipe") or exp.get("recipe")))
         except ValueError as e:
             raise SuiteError(f"{where}: {e}") from None
         ids = suite.experiment_runs.setdefault(exp["name"], [])
@@ -411,7 +411,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
         lp = exp.get("linear_probe")
         if not lp:
             return
-        probe_recipe = Recipe.from_config({**PROBE_RECIPE, **(lp.get("recipe") or {})})
+        probe_recipe = Recipe.from_config(Recipe.layer(PROBE_RECIPE, lp.get("recipe"), defaults=PROBE_RECIPE))
         for pds in lp["datasets"]:
             spec = RunSpec(pds, cfg["datasets"][pds]["root"], src.spec.student, "student", seed, recipe=probe_recipe,
                            protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id,

@@ -38,13 +38,28 @@ class Recipe:
         if unknown:
             raise ValueError(f"unknown recipe keys {sorted(unknown)}; valid: {sorted(valid)}")
         if "epochs" in cfg and "milestones" not in cfg:
-            cfg["milestones"] = tuple(max(1, round(m * cfg["epochs"] / cls.epochs)) for m in cls.milestones)
+            cfg["milestones"] = scale_milestones(cls.milestones, cls.epochs, cfg["epochs"])
         for k in ("milestones", "small_lr_archs"):
             if k in cfg:
                 cfg[k] = tuple(cfg[k])
         if cfg.get("schedule", "step") not in ("step", "cosine"):
             raise ValueError(f"unknown schedule {cfg['schedule']!r}; valid: step, cosine")
         return cls(**cfg)
+
+    @staticmethod
+    def layer(base: dict | None, block: dict | None, defaults: dict | None = None) -> dict:
+        """The recipe block ``block`` laid over ``base`` (an experiment's ``recipe`` or
+        ``teacher_recipe`` over the suite's ``recipe``). A block that sets ``epochs`` without
+        ``milestones`` gets the DEFAULT milestones scaled to its epochs, never the milestones of the
+        block below it: ``teacher_recipe: {epochs: 10}`` under ``recipe: {epochs: 8, milestones:
+        [5, 6, 7]}`` trains with 6/8/9, not 5/6/7. ``defaults`` (``epochs`` and ``milestones``) are
+        RepDistiller's 150/180/210 of 240 unless given (the linear probe has its own)."""
+        block = dict(block or {})
+        out = {**(base or {}), **block}
+        if "epochs" in block and "milestones" not in block:
+            d = defaults or {"epochs": Recipe.epochs, "milestones": Recipe.milestones}
+            out["milestones"] = list(scale_milestones(d["milestones"], d["epochs"], block["epochs"]))
+        return out
 
     def base_lr(self, arch: str) -> float:
         return self.small_lr if arch in self.small_lr_archs else self.lr
@@ -64,6 +79,11 @@ class Recipe:
             return base * (t + 1e-12) / self.warmup_epochs if self.warmup_epochs else base
         frac = (t - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-12)
         return base * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def scale_milestones(milestones, from_epochs: int, to_epochs: int) -> tuple[int, ...]:
+    """Milestones at the same fractions of ``to_epochs`` as of ``from_epochs`` (at least 1)."""
+    return tuple(max(1, round(m * to_epochs / from_epochs)) for m in milestones)
 
 
 PRECISIONS = ("fp32", "bf16")
