@@ -4,6 +4,7 @@
 import hashlib
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,12 +15,44 @@ from kdbench.engine.import_teacher import import_teacher, main
 from kdbench.models import build_model
 
 
+def decayed_optimizer(model, epoch=240, lr=0.05, decay_epochs=(150, 180, 210)):
+    """An SGD optimizer after a step and RepDistiller's adjust_learning_rate at ``epoch``:
+    ``lr * 0.1 ** np.sum(epoch > np.asarray(decay_epochs))`` is a numpy.float64 (mdistiller's
+    adjust_learning_rate computes it the same way)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    opt.step()
+    model.zero_grad()
+    steps = np.sum(epoch > np.asarray(decay_epochs))
+    if steps > 0:
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 ** steps)
+    assert isinstance(opt.param_groups[0]["lr"], np.float64)
+    return opt
+
+
 def repdistiller_ckpt(path, model, **extra):
-    """What RepDistiller's train_teacher.py saves (mdistiller re-hosts the same files)."""
+    """Exactly what RepDistiller's train_teacher.py saves every save_freq epochs (mdistiller
+    re-hosts these files): epoch, the state dict, the test accuracy (a tensor: AverageMeter of
+    accuracy()'s tensors) and the optimizer's state after the lr decays."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    opt = decayed_optimizer(model)
+    model.eval()
     state = {"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(70.1),
-             "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "momentum": 0.9}]}, **extra}
+             "optimizer": opt.state_dict(), **extra}
     torch.save(state, path)
+    return path
+
+
+def mdistiller_ckpt(path, model):
+    """What mdistiller's trainer saves (engine/trainer.py: save_checkpoint of ``state``): the
+    DataParallel-wrapped distiller's state dict (Vanilla: ``module.student.*``), the optimizer
+    (numpy.float64 lr after a decay) and best_acc (a tensor)."""
+    opt = decayed_optimizer(model)
+    model.eval()
+    torch.save({"epoch": 240, "model": {f"module.student.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "best_acc": torch.tensor(71.5)}, path)
     return path
 
 
@@ -82,8 +115,10 @@ def test_mismatched_files_are_refused(tmp_path):
         import_teacher(wide, tmp_path / "x.pt", arch="wrn_16_1")
     with pytest.raises(CheckpointError, match="no classifier weight 'fc.weight'"):
         import_teacher(repdistiller_ckpt(tmp_path / "v/c.pth", build_model("vgg8", 100)), tmp_path / "x.pt", arch="resnet8")
-    with pytest.raises(CheckpointError, match="cannot tell the architecture.*--arch"):
-        import_teacher(repdistiller_ckpt(tmp_path / "models/c.pth", build_model("resnet8", 10)), tmp_path / "x.pt")
+    garbled = {"conv.weight": torch.zeros(3, 3, 3, 3), "fc.weight": torch.zeros(10, 3)}
+    torch.save({"model": garbled}, tmp_path / "g.pth")
+    with pytest.raises(CheckpointError, match="cannot tell the architecture.*fit no kdbench architecture.*--arch"):
+        import_teacher(tmp_path / "g.pth", tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -130,3 +165,71 @@ def test_accuracy_check_against_published_value(tmp_path, capsys):
     assert main([str(src), str(out), "--check-data", str(root), "--published", f"{expected + 5:.4f}", "--device", "cpu"]) == 2
     assert "does not reproduce its published accuracy" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_repdistiller_checkpoint_with_numpy_lr_imports_and_evaluates_as_the_model(tmp_path):
+    torch.manual_seed(4)
+    model = build_model("resnet8", 100)
+    src = repdistiller_ckpt(tmp_path / "save/models/resnet8_vanilla/ckpt_epoch_240.pth", model)
+    with pytest.raises(Exception, match="numpy"):  # what the plain weights-only load refuses
+        torch.load(src, weights_only=True)
+    report = import_teacher(src, tmp_path / "t.pt")
+    assert report["file_epoch"] == 240 and report["file_accuracy"] == pytest.approx(70.1)
+    imported = load_model(tmp_path / "t.pt").eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(imported(x).logits, model.eval()(x).logits)
+    # a legacy (pre-zip, torch < 1.6: the released files' era) file of the same content
+    legacy = tmp_path / "legacy/resnet8_vanilla/ckpt_epoch_240.pth"
+    legacy.parent.mkdir(parents=True)
+    torch.save(torch.load(src, weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    import_teacher(legacy, tmp_path / "l.pt")
+    assert same_weights(load_model(tmp_path / "l.pt"), model)
+
+
+def test_mdistiller_checkpoint_imports(tmp_path):
+    torch.manual_seed(5)
+    model = build_model("wrn_16_1", 100)
+    report = import_teacher(mdistiller_ckpt(tmp_path / "latest", model), tmp_path / "t.pt", arch="wrn_16_1")
+    assert report["file_best_acc"] == pytest.approx(71.5) and report["format"] == "repdistiller"
+    assert same_weights(load_model(tmp_path / "t.pt"), model)
+
+
+def test_unsafe_object_is_told_apart_from_truncation(tmp_path):
+    import pathlib
+
+    model = build_model("resnet8", 100)
+    torch.save({"model": model.state_dict(), "where": pathlib.PurePosixPath("/x")}, tmp_path / "obj.pth")
+    with pytest.raises(CheckpointError, match=r"holds an object .*\(pathlib.PurePosixPath\).*complete") as e:
+        import_teacher(tmp_path / "obj.pth", tmp_path / "x.pt", arch="resnet8")
+    assert "truncated" not in str(e.value)
+    src = repdistiller_ckpt(tmp_path / "resnet8_vanilla/ckpt_epoch_240.pth", model)
+    data = src.read_bytes()
+    for cut in (len(data) // 2, len(data) - 8, 0):
+        (tmp_path / "cut.pth").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated or corrupt: download it again"):
+            import_teacher(tmp_path / "cut.pth", tmp_path / "x.pt", arch="resnet8")
+
+
+def test_architecture_from_run_folder_or_shapes(tmp_path):
+    torch.manual_seed(6)
+    wrn = build_model("wrn_40_1", 100)
+    run = repdistiller_ckpt(tmp_path / "save/models/wrn_40_1_cifar100_lr_0.05_decay_0.0005_trial_0/ckpt_epoch_240.pth", wrn)
+    assert import_teacher(run, tmp_path / "a.pt")["arch"] == "wrn_40_1"
+    vgg = build_model("vgg8", 10)
+    anywhere = repdistiller_ckpt(tmp_path / "elsewhere/best.pth", vgg)
+    report = import_teacher(anywhere, tmp_path / "b.pt")
+    assert (report["arch"], report["num_classes"]) == ("vgg8", 10)
+    assert same_weights(load_model(tmp_path / "b.pt"), vgg)
+
+
+def test_check_data_without_published_value_fails_unless_allowed(tmp_path, capsys):
+    root = tmp_path / "cifar100"
+    ensure_synthetic("cifar100", str(root), {"classes": 100, "train_per_class": 1, "test_per_class": 1, "seed": 0})
+    src = repdistiller_ckpt(tmp_path / "resnet8_vanilla/ckpt_epoch_240.pth", build_model("resnet8", 100))
+    out = tmp_path / "t.pt"
+    assert main([str(src), str(out), "--check-data", str(root), "--device", "cpu"]) == 2
+    assert "no published top-1 is known for resnet8 on cifar100" in capsys.readouterr().err and not out.exists()
+    assert main([str(src), str(out), "--check-data", str(root), "--device", "cpu", "--no-published-ok"]) == 0
+    assert "accuracy check: not run (no published top-1; measured only)" in capsys.readouterr().out
+    assert read_file(out, "kdbench-model/1")["meta"]["imported"]["accuracy_check"].startswith("not run")
