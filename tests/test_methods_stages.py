@@ -200,14 +200,26 @@ def test_ft_init_stage_and_golden_factor_loss_mismatched():
     assert all(p.grad is not None for p in term.translator.parameters())
 
 
-def test_ft_methods():
+#: RepDistiller helper/pretrain.py: the students whose paraphraser trains at lr 0.01 (the others: base lr)
+REPDISTILLER_FT_LR_001 = ['resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
+                          'resnet8x4', 'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2']
+
+
+def test_ft_methods_paraphraser_lr_per_student_family():
+    from dataclasses import replace
+
+    from kdbench.models import MODELS
     sh = [(4, 8, 8), (8, 4, 4)]
     s, t = make_feats(sh), make_feats(sh, seed=1)
-    obj = build_objective("ft", ctx(s, t))
-    assert obj.spec.terms == {"ft": 200.0} and obj.terms["ft"].init_lr(0.05) == 0.01
+    assert build_objective("ft", ctx(s, t)).spec.terms == {"ft": 200.0}
     assert set(build_objective("ft_kd", ctx(s, t)).spec.terms) == {"kd", "ft"}
-    nulled = build_objective("ft", ctx(s, t), {"params": {"ft": {"init_lr": None}}})
-    assert nulled.terms["ft"].init_lr(0.05) == 0.05
+    for method in ("ft", "ft_kd"):
+        for arch in MODELS:
+            term = build_objective(method, replace(ctx(s, t), student_arch=arch)).terms["ft"]
+            assert term.init_lr(0.05) == (0.01 if arch in REPDISTILLER_FT_LR_001 else 0.05), (method, arch)
+    assert build_objective("ft", replace(ctx(s, t), student_arch="vgg8")).terms["ft"].init_lr(0.01) == 0.01  # its base lr
+    fixed = build_objective("ft", replace(ctx(s, t), student_arch="vgg8"), {"params": {"ft": {"init_lr": 0.02}}})
+    assert fixed.terms["ft"].init_lr(0.05) == 0.02
 
 
 # ---------------------------------------------------------------- FSP
@@ -264,3 +276,63 @@ def test_fsp_matrix_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         g = fsp_matrix(a, b)
     assert g.dtype == torch.float32 and torch.allclose(g, fsp_matrix(a, b), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- init-stage module modes (engine)
+#: RepDistiller's ``get_feat_modules()`` (models/wrn.py, models/resnet.py): the only student
+#: modules its initialisation stage trains; ``helper/pretrain.py`` puts the rest in eval mode
+#: (``model_s.eval(); init_modules.train()``). AB trains them with its connectors; FT trains its
+#: paraphraser alone (the student stays in eval mode throughout).
+REPDISTILLER_FEAT_MODULES = {"wrn_16_1": ("conv1", "block1", "block2", "block3"),
+                             "resnet8": ("conv1", "bn1", "relu", "layer1", "layer2", "layer3")}
+
+
+def _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch):
+    """Run one initialisation epoch of ``method`` through the engine (``fit``): the train/eval
+    modes each student BN was called in with gradients on (the training steps), and the
+    student's state when built and after the stage."""
+    import kdbench.engine.train as train
+    from kdbench.engine.spec import Recipe, RunSpec
+
+    built, modes = {}, {}
+    build_model = train.build_model
+
+    def build(arch, n):
+        built["student"] = model = build_model(arch, n)
+        built["names"] = {m: name for name, m in model.named_modules()}
+        built["initial"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    def hook(module, args, out):
+        if torch.is_grad_enabled() and isinstance(module, nn.BatchNorm2d) and module in built.get("names", {}):
+            modes.setdefault(built["names"][module], set()).add(module.training)
+
+    monkeypatch.setattr(train, "build_model", build)
+    spec = RunSpec("cifar100", str(tiny / "data"), student_arch, method, 0, "resnet8", (str(tiny / "t.pt"),),
+                   method_overrides={"params": {method: {"init_epochs": 1}}},
+                   recipe=Recipe.from_config({"epochs": 1, "batch_size": 16}))
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        out = train.fit(spec, tmp_path / "run", "cpu", progress=False, stop_after_epochs=1)
+    finally:
+        handle.remove()
+    assert out["status"] == "stopped" and out["state"]["init_curve"] and not out["state"]["curve"]
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["student"]
+    return modes, built["initial"], after
+
+
+@pytest.mark.parametrize("method,student_arch", [("ab", "wrn_16_1"), ("ab", "resnet8"), ("ft", "wrn_16_1"),
+                                                  ("ft", "resnet8")])
+def test_init_stage_module_modes_are_repdistillers(tiny, tmp_path, monkeypatch, method, student_arch):
+    """AB: only RepDistiller's feature modules train (a WRN's final BN, which makes the third
+    pre-activation map, normalises with its running statistics and they stay put); FT: the whole
+    student is in eval mode, so none of its BN statistics move during the paraphraser stage."""
+    modes, initial, after = _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch)
+    feat = REPDISTILLER_FEAT_MODULES[student_arch] if method == "ab" else ()
+    assert "bn1" in modes and len(modes) > 5  # every student BN was called
+    for name in modes:
+        trains = name.split(".")[0] in feat
+        assert modes[name] == {trains}, (name, modes[name])
+        for buf in ("running_mean", "running_var"):
+            moved = not torch.equal(after[f"{name}.{buf}"], initial[f"{name}.{buf}"])
+            assert moved == trains, (name, buf)

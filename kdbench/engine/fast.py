@@ -74,6 +74,16 @@ class StudentStep:
     runtime: "Runtime"
 
 
+def set_train_modes(student: nn.Module, objective: Objective, train_modules: list[nn.Module] | None = None) -> None:
+    """Main stage (``train_modules`` None): the student and the objective train. Initialisation
+    stage: only ``train_modules`` train, the rest is in eval mode (see
+    :meth:`~kdbench.methods.DistillLoss.init_train_modules`)."""
+    student.train(train_modules is None)
+    objective.train(train_modules is None)
+    for module in train_modules or ():
+        module.train()
+
+
 def step_names(objective: Objective, init_term=None) -> list[str]:
     """The names of the per-step sums: total loss, then each term (or ``init``)."""
     return ["loss", *(["init"] if init_term else list(objective.terms) + (["ce"] if objective.spec.ce else []))]

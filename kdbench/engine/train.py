@@ -39,7 +39,7 @@ from ..methods.base import label_free_methods
 from ..models import build_model, feature_shapes
 from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
-from .fast import Runtime, StudentStep, TeacherRequest, step_names
+from .fast import Runtime, StudentStep, TeacherRequest, set_train_modes, step_names
 from .optim import SGD
 from .io import atomic_torch_save, atomic_write_json, provenance
 from .seeding import derive_seed, generator
@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, loader: TensorLoader) -> dict:
 
 def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, optimizer,
            loader: TensorLoader, gen: torch.Generator, epoch: int, init_term=None, lr_at=None,
-           runtime: Runtime | None = None, fused: bool = False, stream=None):
+           runtime: Runtime | None = None, fused: bool = False, stream=None, train_modules=None):
     """One pass over the training set; returns per-sample means of every loss term.
 
     A generator: for each step that needs the teacher it yields a :class:`TeacherRequest` and is
@@ -88,9 +88,12 @@ def _epoch(student: nn.Module, teacher: nn.Module | None, objective: Objective, 
     runs whose students are fused, ``pack.py``) it yields a :class:`StudentStep` for every step
     instead, and the driver takes the step. ``lr_at(progress)``, if given, sets the lr before
     each step (per-step schedules). ``stream``: the epoch's unlabelled batches (``RunSpec.unlabeled``),
-    one appended to each labelled batch (see the module docstring)."""
-    student.train()
-    objective.train()
+    one appended to each labelled batch (see the module docstring). ``train_modules``: in an
+    initialisation stage, the term's :meth:`~kdbench.methods.DistillLoss.init_train_modules`
+    (the only modules in training mode); such a stage is not fused unless the whole student
+    trains (a fused BN has one mode for all its members)."""
+    set_train_modes(student, objective, train_modules)
+    fused = fused and (train_modules is None or any(m is student for m in train_modules))
     runtime = runtime or Runtime(device=loader.device)
     names = step_names(objective, init_term)
     sums = torch.zeros(len(names) + 1, device=loader.device, dtype=torch.float64)
@@ -263,7 +266,8 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
                     stream = unlabeled.stream(len(train_loader),
                                               generator(dev, derive_seed(spec.seed, "unlabeled", name, epoch)))
                 stats = yield from _epoch(model, teacher, objective, opt, train_loader, gen, epoch, term, per_step, runtime,
-                                          fused=shared.get("fuse", False), stream=stream)
+                                          fused=shared.get("fuse", False), stream=stream,
+                                          train_modules=None if term is None else term.init_train_modules(student))
                 stats = {"epoch": epoch, "lr": opt.lr, **stats}
                 if term is None:
                     objective.on_epoch_end(epoch)

@@ -16,7 +16,11 @@ As in RepDistiller (``distiller_zoo/AB.py``, ``models/util.py`` Connector, ``tra
 - it is an **initialisation stage** only: ``init_epochs`` (30) epochs training the connector
   and the student's feature modules (all but the classifier); the main stage is CE only (the
   term returns 0, RepDistiller's ``-b 1`` multiplies 0). ``main_loss=True`` keeps the AB loss
-  in the main stage too.
+  in the main stage too;
+- module modes in that stage: the student is in eval mode and only the connectors and its
+  ``feature_modules()`` (RepDistiller's ``get_feat_modules()``) train. For a WRN student this
+  leaves out the final BN that makes the third pre-activation map: it normalises with its
+  running statistics, which stay at their initial values.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class AB(InitStageLoss):
 
     def init_parameters(self, student: nn.Module) -> Iterable[nn.Parameter]:
         return itertools.chain(self.connectors.parameters(), student.feature_modules().parameters())
+
+    def init_train_modules(self, student: nn.Module) -> list[nn.Module]:
+        return [self.connectors, student.feature_modules()]
 
     def init_loss(self, s: Features, t: Features, batch: Batch) -> Tensor:
         return self.loss(s, t)

@@ -110,6 +110,14 @@ class DistillLoss(nn.Module):
     def init_lr(self, base_lr: float) -> float:
         return base_lr
 
+    def init_train_modules(self, student: nn.Module) -> list[nn.Module]:
+        """The modules in training mode during the initialisation stage; everything else of the
+        student and of the objective is in eval mode there (BN layers normalise with, and keep,
+        their running statistics), as RepDistiller's ``helper/pretrain.py`` does
+        (``model_s.eval()``, then ``init_modules.train()``). Default: the whole student and this
+        term (FitNets' hint stage, which RepDistiller does not have)."""
+        return [student, self]
+
 
 class InitStageLoss(DistillLoss):
     """A term whose loss trains an initialisation stage only (RepDistiller's AB and FSP): the

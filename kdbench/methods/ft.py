@@ -12,10 +12,14 @@ As in RepDistiller (``models/util.py`` Paraphraser/Translator, ``distiller_zoo/F
 - Paraphraser(k=0.5): 3 conv3×3 then 3 transposed conv3×3, LeakyReLU(0.1), no BN, C_t → k·C_t
   → C_t; Translator: 3 conv3×3 + BN + LeakyReLU(0.1), C_s → k·C_t;
 - init stage: ``init_epochs`` (30) epochs training the paraphraser alone with MSE
-  reconstruction; RepDistiller uses lr 0.01 for resnet/wrn students and the base lr
-  otherwise. The term never looks at architecture names: ``init_lr`` (None = base lr) is a
-  parameter, and the "ft"/"ft_kd" presets set 0.01 (a vgg8 student run faithful to
-  RepDistiller needs ``init_lr: null``, i.e. 0.05);
+  reconstruction. Its lr is RepDistiller's rule by student family (``helper/pretrain.py``):
+  0.01 for the resnet and wrn students (``resnet8`` … ``resnet110``, ``resnet8x4``,
+  ``resnet32x4``, ``wrn_*``), the student's base lr for every other student (RepDistiller's
+  recipe: 0.05 for vgg and ResNet50, 0.01 for MobileNetV2 and the ShuffleNets). ``init_lr`` (a
+  number) overrides the rule;
+- in that stage the student and the translator are in eval mode (RepDistiller runs
+  ``model_s.eval()`` and trains only the paraphraser): the student's BN running statistics do not
+  move before the main stage;
 - main stage: the paraphraser is frozen (no gradient, eval mode) and the loss is RepDistiller's
   ``factor_loss``, which differs from the paper's FT loss: maps are average-pooled to the smaller
   spatial size, each factor is collapsed over channels φ(F) = L2normalise(mean_c F^p1) (p1 = 2,
@@ -34,6 +38,10 @@ from torch import Tensor, nn
 from ..models.features import Features
 from .adapters import pool_to_smaller
 from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+
+#: RepDistiller's paraphraser lr for the resnet/wrn students (CIFAR ``resnet*`` and ``wrn_*``
+#: names; its list holds exactly the zoo's names with these prefixes), the base lr otherwise
+PARAPHRASER_LR, PARAPHRASER_LR_FAMILIES = 0.01, ("resnet", "wrn_")
 
 
 def _conv_stack(channels: list[int], transposed: bool = False, use_bn: bool = False) -> nn.Sequential:
@@ -80,6 +88,7 @@ class FT(DistillLoss):
 
     def __init__(self, ctx: MethodContext, k: float = 0.5, p1: float = 2.0, p2: float = 1.0,
                  init_epochs: int = 30, init_lr: float | None = None, paraphraser_bn: bool = False):
+        """``init_lr``: the paraphraser's lr; None = RepDistiller's rule for ``ctx.student_arch``."""
         super().__init__(ctx)
         c_s, c_t = ctx.student.stages[-1][0], ctx.teacher.stages[-1][0]
         self.paraphraser = Paraphraser(c_t, k, use_bn=paraphraser_bn)
@@ -87,16 +96,21 @@ class FT(DistillLoss):
         self.p1, self.p2 = float(p1), float(p2)
         self.init_epochs = int(init_epochs)
         self.paraphraser_lr = None if init_lr is None else float(init_lr)
+        self.student_arch = ctx.student_arch
 
     # --- stage 1: paraphraser reconstruction ---
     def init_parameters(self, student: nn.Module) -> Iterable[nn.Parameter]:
         return self.paraphraser.parameters()
 
     def init_lr(self, base_lr: float) -> float:
-        return base_lr if self.paraphraser_lr is None else self.paraphraser_lr
+        if self.paraphraser_lr is not None:
+            return self.paraphraser_lr
+        return PARAPHRASER_LR if self.student_arch.startswith(PARAPHRASER_LR_FAMILIES) else base_lr
+
+    def init_train_modules(self, student: nn.Module) -> list[nn.Module]:
+        return [self.paraphraser]
 
     def init_loss(self, s: Features, t: Features, batch: Batch) -> Tensor:
-        self.paraphraser.train()
         f_t = t.stages[-1].detach().float()
         _, rec = self.paraphraser(f_t)
         return F.mse_loss(rec.float(), f_t)
@@ -110,11 +124,11 @@ class FT(DistillLoss):
         return factor_loss(factor_s, factor_t, self.p1, self.p2)
 
 
-register_method("ft", ce=1.0, terms={"ft": 200.0}, params={"ft": {"init_epochs": 30, "init_lr": 0.01}},
+register_method("ft", ce=1.0, terms={"ft": 200.0}, params={"ft": {"init_epochs": 30}},
                 paper="Kim et al. NeurIPS 2018, arXiv 1802.04977",
-                doc="RepDistiller -a 0 -b 200: 30 paraphraser epochs (lr 0.01, RepDistiller's rule for "
-                    "resnet/wrn students), then CE + 200·factor loss.")
+                doc="RepDistiller -a 0 -b 200: 30 paraphraser epochs (lr 0.01 for resnet/wrn students, "
+                    "the base lr otherwise, RepDistiller's rule), then CE + 200·factor loss.")
 register_method("ft_kd", ce=1.0, terms={"kd": 1.0, "ft": 200.0},
-                params={"kd": {"T": 4.0}, "ft": {"init_epochs": 30, "init_lr": 0.01}},
+                params={"kd": {"T": 4.0}, "ft": {"init_epochs": 30}},
                 paper="Kim et al. NeurIPS 2018, arXiv 1802.04977",
                 doc="FT with RepDistiller's '+KD' convention -r 1 -a 1 -b 200 (KD T 4).")
