@@ -26,7 +26,7 @@ import jsonschema
 import yaml
 
 from .data import DATASETS
-from .engine.spec import Execution, Recipe, RunSpec
+from .engine.spec import Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
 from .methods import LOSSES, METHODS, resolve_method
 from .models import MODELS
 
@@ -403,10 +403,14 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds, validation: dict | None = None) -> Run:
         spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
-                       method_overrides=overrides("student"), execution=execution, validation=validation)
+                       method_overrides=overrides("student"), execution=execution, validation=validation,
+                       data_id=data_id(dataset))
         return Run(f"{dataset}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
 
     def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
+    def data_id(dataset: str) -> str | None:
+        return dataset_identity(dataset, cfg["datasets"][dataset])
+
         """linear_probe: the frozen model of ``src`` gets a new linear layer on each probe dataset."""
         lp = exp.get("linear_probe")
         if not lp:
@@ -415,7 +419,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
         for pds in lp["datasets"]:
             spec = RunSpec(pds, cfg["datasets"][pds]["root"], src.spec.student, "student", seed, recipe=probe_recipe,
                            protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id,
-                           execution=execution)
+                           execution=execution, data_id=data_id(pds))
             run = Run(f"{pds}/probe/{src.id}/probe-{spec.config_hash()}", spec, exp["name"], (src.id,))
             yield Cell(exp["name"], pds, t_arch, s_arch, column, seed, run.id), run
 
@@ -427,7 +431,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
         teacher_seeds = exp.get("teacher_seeds", [0])
         if t_arch in external:
             paths = external[t_arch] if isinstance(external[t_arch], list) else [external[t_arch]]
-            teachers, ckpts, tids = [], tuple(paths), tuple(f"file:{p}" for p in paths)
+            teachers, ckpts, tids = [], tuple(paths), tuple(_teacher_file_id(p, exp) for p in paths)
         else:
             teachers = [scratch(t_arch, ts, teacher_recipe, tds) for ts in teacher_seeds]
             ckpts, tids = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers), tuple(t.id for t in teachers)
@@ -441,7 +445,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                     continue
                 spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, own, recipe,
                                teacher_dataset=None if tds == ds else tds, execution=execution,
-                               unlabeled=exp.get("unlabeled"), validation=validation)
+                               unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds))
                 _check_unlabeled(spec, exp)
                 pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
                 rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
@@ -451,3 +455,13 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
 #: linear_probe defaults. CRD never published its probe recipe (HobbitLong/RepDistiller#44);
 #: the DKD maintainers' guidance is wd 0 with a frozen backbone and BN (mdistiller#59).
 PROBE_RECIPE = {"epochs": 40, "milestones": [20, 30], "lr": 0.1, "weight_decay": 0.0, "batch_size": 64}
+def _teacher_file_id(path: str, exp: dict) -> str:
+    """An imported teacher enters run ids by its content (``sha256:<hex>``), so it must exist."""
+    try:
+        return teacher_file_id(path)
+    except FileNotFoundError:
+        raise SuiteError(f"experiment {exp['name']!r}: teacher_checkpoints file {path} not found (paths are relative "
+                         f"to the directory snakemake runs in). Import the published checkpoint there with "
+                         f"`kdbench import-teacher SOURCE {path}`, or correct the path") from None
+
+

@@ -7,7 +7,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from kdbench.data import DATASETS, DatasetMissingError, load_dataset
+from kdbench.data import DATASETS, DatasetInfo, DatasetMissingError, TensorLoader, load_dataset
 from kdbench.data.fetch import fetch
 from kdbench.data.stl10 import read_stl10
 from kdbench.data.svhn import read_svhn
@@ -203,6 +203,129 @@ def test_fetch_tinyimagenet_refolders_an_unzipped_copy_offline(tmp_path):
     assert (base / "val" / WNIDS[2] / "images" / "val_5.JPEG").is_file()
 
 
+def padded_views(img, pad):
+    """Every training view of ``img`` (H×W×3 uint8), by view id: crop at (dy, dx) of the
+    ``pad``-px zero-padded image, then flipped or not (written here with numpy alone)."""
+    size, big = img.shape[0], np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+    side = 2 * pad + 1
+    crops = {(dy, dx): big[dy:dy + size, dx:dx + size] for dy in range(side) for dx in range(side)}
+    return {(dy * side + dx) * 2 + f: c[:, ::-1] if f else c for (dy, dx), c in crops.items() for f in (0, 1)}
+
+
+def test_tinyimagenet64_reads_the_release_at_64px_and_pads_8(tmp_path):
+    base = write_tiny(tmp_path, gray=False)
+    order = sorted(WNIDS)
+    ds = load_dataset("tinyimagenet64", str(tmp_path))
+    files = [f for w in order for f in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    np.testing.assert_array_equal(ds.train.images, np.stack([decode(f) for f in files]))  # native: no resize
+    assert ds.train.images.shape == (9, 64, 64, 3) and ds.test.images.shape == (6, 64, 64, 3)
+    info = DATASETS.get("tinyimagenet64")
+    assert (info.image_size, info.pad, info.flip, info.mean) == (64, 8, True, DATASETS.get("tinyimagenet").mean)
+    assert load_dataset("tinyimagenet", str(tmp_path)).train.images.shape[1:] == (32, 32, 3)  # the 32-px protocols
+
+    train, test = ds.loaders(4, 4, "cpu")
+    assert (train.pad, train.num_views, tuple(train.images.shape[-2:])) == (8, 2 * 17 ** 2, (80, 80))
+    assert test.num_views == 1 and tuple(test.images.shape[-2:]) == (64, 64)
+    mean, std = np.array(info.mean) * 255, np.array(info.std) * 255
+    offsets = []
+    for x, y, idx, view in train.batches(torch.Generator().manual_seed(0), views=True):
+        assert x.shape[1:] == (3, 64, 64)
+        for xi, i, v in zip(x, idx.tolist(), view.tolist()):
+            want = (padded_views(ds.train.images[i], 8)[v] - mean) / std
+            np.testing.assert_allclose(xi.permute(1, 2, 0).numpy(), want, atol=1e-4)
+            offsets += [(v // 2) // 17, (v // 2) % 17]
+    far = 2 * (16 * 17 + 16) + 1  # the bottom-right crop, flipped: only reachable with 8 px of padding
+    got = train.view_images(torch.tensor([0]), torch.tensor([far]))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, (padded_views(ds.train.images[0], 8)[far] - mean) / std, atol=1e-4)
+    assert max(offsets) > 8  # the random crops use the 8-px padding (offsets 0..16)
+
+
+@pytest.mark.parametrize("arch", ["ResNet18", "ResNet34", "ResNet18-0.5", "ShuffleNet"])
+def test_kda_models_run_at_64px(arch):
+    from kdbench.models import build_model, feature_shapes
+
+    model = build_model(arch, 200)
+    at32, at64 = feature_shapes(model, 32), feature_shapes(model, 64)
+    assert at64.pooled == at32.pooled and at64.logits == torch.Size([200])
+    for a, b in zip(at32.stages, at64.stages):  # every map twice as large, same channels
+        assert b == torch.Size([a[0], 2 * a[1], 2 * a[2]])
+
+
+def test_a_kda_pair_trains_on_synthetic_tinyimagenet64(tmp_path):
+    """The synthetic writer writes the release's 64×64 JPEGs; a KDA run reads them at 64 px and
+    trains (ResNet18-0.5 → ShuffleNet, KDA before + after the FC; two epochs of one step, the
+    warm-up cut to one epoch, as KDA's targets are the previous epoch's class means)."""
+    from kdbench.engine.checkpoint import save_model
+    from kdbench.engine.spec import Recipe, RunSpec
+    from kdbench.engine.train import fit
+    from kdbench.models import build_model
+
+    root = tmp_path / "data"
+    ensure_synthetic("tinyimagenet64", str(root), {"classes": 3, "train_per_class": 4, "test_per_class": 2})
+    jpeg = next((root / "tiny-imagenet-200" / "train").rglob("*.JPEG"))
+    assert Image.open(jpeg).size == (64, 64) and Image.open(jpeg).format == "JPEG"
+    torch.manual_seed(0)
+    save_model(tmp_path / "t.pt", build_model("ResNet18-0.5", 3), "ResNet18-0.5", 3, "tinyimagenet64")
+    spec = RunSpec("tinyimagenet64", str(root), "ShuffleNet", "kda_combo", 0, "ResNet18-0.5", (str(tmp_path / "t.pt"),),
+                   method_overrides={"params": {t: {"warmup_epochs": 1} for t in ("kda", "kda_logits")}},
+                   recipe=Recipe.from_config({"epochs": 2, "batch_size": 12}))
+    m = fit(spec, tmp_path / "run", device="cpu", progress=False)
+    assert m["status"] == "ok" and len(m["curve"]) == 2
+    assert all(np.isfinite(v) for e in m["curve"] for v in e.values())
+    assert m["curve"][1]["kda"] > 0 and m["curve"][1]["kda_logits"] > 0
+
+
+def test_teacher_cache_has_every_view_of_the_8px_padding():
+    from kdbench.engine.teacher_cache import TeacherCache
+    from kdbench.models.features import Features
+
+    class Tiny(torch.nn.Module):  # a linear read-out of the mean colour and one corner pixel
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            pooled = torch.cat([x.mean((2, 3)), x[:, :, 0, 0]], 1)
+            return Features([], [], pooled, self.fc(pooled))
+
+    imgs = images(2, 64)
+    info = DATASETS.get("tinyimagenet64")
+    ld = TensorLoader(imgs, np.arange(2), info.mean, info.std, batch_size=2, train=True, pad=info.pad)
+    cache = TeacherCache.build(Tiny(), ld)
+    assert (cache.num_samples, cache.num_views) == (2, 578)
+    views = padded_views(imgs[1], 8)
+    mean, std = np.array(info.mean) * 255, np.array(info.std) * 255
+    for v in (0, 577, 2 * (16 * 17) + 1):
+        corner = (views[v][0, 0] - mean) / std
+        got = cache.lookup(torch.tensor([1]), torch.tensor([v])).pooled[0, 3:]
+        np.testing.assert_allclose(got.numpy(), corner, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- one file per dataset
+
+def test_a_dataset_is_one_registration(tmp_path, monkeypatch):
+    """One ``register_dataset`` call makes a dataset loadable, fetchable and writable as synthetic data."""
+    from kdbench.data import register_dataset
+    from kdbench.data.cifar import read_cifar, write_cifar
+
+    monkeypatch.setattr(DATASETS, "_items", dict(DATASETS._items))  # registered for this test only
+    fetched = []
+    register_dataset(DatasetInfo("toy", lambda r, s: read_cifar(r, "cifar10", s), (0.5,) * 3, (0.25,) * 3,
+                                 howto=lambda r: f"put it in {r}", fetch=fetched.append,
+                                 write_synthetic=lambda r, tr, te: write_cifar(r, "cifar10", tr, te), pad=2))
+    ensure_synthetic("toy", str(tmp_path), {"classes": 3, "train_per_class": 4, "test_per_class": 2})
+    ds = load_dataset("toy", str(tmp_path))
+    assert ds.num_classes == 3 and ds.loaders(4, 4, "cpu")[0].num_views == 2 * 5 ** 2
+    fetch("toy", str(tmp_path))
+    assert fetched == [str(tmp_path)]
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset(DATASETS.get("toy"))
+    with pytest.raises(KeyError, match=r"unknown dataset 'tiny'.*Valid choices: .*tinyimagenet64"):
+        load_dataset("tiny", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"cannot fetch 'nope'; valid: .*toy"):
+        fetch("nope", str(tmp_path))
+
+
 # --------------------------------------------------------------------------- ImageNet
 
 def write_imagenet_tree(root, train_per_class=2, val_per_class=1, size=(300, 260)):
@@ -253,7 +376,7 @@ def test_imagenet_layout_errors(tmp_path):
 
 # --------------------------------------------------------------------------- synthetic data
 
-@pytest.mark.parametrize("name", ["svhn", "svhn_extra", "stl10", "tinyimagenet", "imagenet"])
+@pytest.mark.parametrize("name", ["svhn", "svhn_extra", "stl10", "tinyimagenet", "tinyimagenet64", "imagenet"])
 def test_synthetic_sets_are_written_in_the_real_format(tmp_path, name):
     ensure_synthetic(name, str(tmp_path), {"classes": 3, "train_per_class": 4, "test_per_class": 2})
     ds = load_dataset(name, str(tmp_path))

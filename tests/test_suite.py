@@ -150,10 +150,12 @@ def test_linear_probe_runs_follow_each_model(tmp_path):
 
 
 def test_imported_teacher_checkpoints_replace_teacher_runs(tmp_path):
-    exp = {**EXP, "teacher_checkpoints": {"resnet8": "teachers/resnet8.pt"}}
+    teacher = tmp_path / "resnet8.pt"
+    teacher.write_bytes(b"its content names it in run ids")  # the file must exist (tests/test_run_identity.py)
+    exp = {**EXP, "teacher_checkpoints": {"resnet8": str(teacher)}}
     suite = load_suite(write_suite(tmp_path / "s.yaml", tmp_path / "data", experiments=[exp]))
     kd = [r for r in suite.runs.values() if r.kind == "distill"]
-    assert kd and all(r.spec.teacher_ckpts == ("teachers/resnet8.pt",) and r.needs == () for r in kd)
+    assert kd and all(r.spec.teacher_ckpts == (str(teacher),) and r.needs == () for r in kd)
     assert "teacher" not in {c.column for c in suite.cells}
 
 

@@ -1,71 +1,36 @@
-"""Dataset registry: each entry reads a dataset's real on-disk format.
+"""Datasets: each module of this package that defines one registers it (:mod:`kdbench.data.base`).
 
 ``load_dataset(name, root)`` returns the train and test splits and the normalisation and
 augmentation its protocol uses; :meth:`LoadedDataset.loaders` gives the engine's loaders, and
 :func:`load_stream` a named extra split (STL-10's ``unlabeled``) as a second training stream. Small
-datasets (CIFAR, SVHN, STL-10 and Tiny-ImageNet at 32 px) are decoded once into uint8 arrays and
-go through the device-resident :class:`TensorLoader`; ImageNet is listed as files and streamed
-by :class:`~kdbench.data.stream.StreamingLoader` (worker processes). Under DDP each rank gets its
+datasets (CIFAR, SVHN, STL-10, Tiny-ImageNet) are decoded once into uint8 arrays and go through
+the device-resident :class:`TensorLoader`; ImageNet is listed as files and streamed by
+:class:`~kdbench.data.stream.StreamingLoader` (worker processes). Under DDP each rank gets its
 shard of every global batch (:mod:`kdbench.data.sharded`). Synthetic data (the default suite) is
-written in the real format by :mod:`kdbench.data.synthetic` and read back through the same readers.
+written in the real format by each dataset's synthetic writer and read back through the same
+readers (:mod:`kdbench.data.synthetic_files`).
 
-Registered names and their protocol (details in each reader's docstring):
-
-==============  ==========================================================================
-cifar100/10     official pickles; crop 32 (pad 4) + flip
-svhn            ``train_32x32.mat``/``test_32x32.mat``; crop 32 (pad 4), no flip
-svhn_extra      as ``svhn``, training on train + extra (604,388 digits)
-stl10           ``stl10_binary``, resized 96 → 32; crop 32 (pad 4) + flip
-tinyimagenet    ``tiny-imagenet-200``, resized 64 → 32; crop 32 (pad 4) + flip; test = val
-imagenet        ``train/<wnid>``, ``val/<wnid>``; RandomResizedCrop 224 + flip / resize 256 + centre 224
-==============  ==========================================================================
+Every module of the package is imported here, as :mod:`kdbench.methods` does, so a new dataset is
+one new module that calls :func:`~kdbench.data.base.register_dataset`. ``kdbench list datasets``
+lists the registered names; each module's docstring gives their format and protocol.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
-from ..registry import Registry
-from .cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetMissingError, ImageSet, read_cifar
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, FileImageSet, read_imagenet
+from .base import DATASETS, DatasetInfo, register_dataset
+from .cifar import DatasetMissingError, ImageSet
+from .imagenet import FileImageSet
 from .loader import TensorLoader
-from .stl10 import STL10_MEAN, STL10_STD, read_stl10
-from .svhn import SVHN_MEAN, SVHN_STD, read_svhn
-from .tinyimagenet import TINY_MEAN, TINY_STD, read_tinyimagenet
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    read: Callable[[str, str], "ImageSet | FileImageSet"]  # (root, split) -> the split
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    image_size: int = 32
-    pad: int = 4  # RandomCrop padding used by the training augmentation
-    flip: bool = True  # random horizontal flips in training (not for digits)
-    streaming: bool = False  # files decoded by worker processes (ImageNet) instead of a device tensor
-    resize: int = 0  # streaming test transform: resize the short side to this, then centre-crop image_size
-    train_size: int = 50000  # official training-set size (job resource estimates; no data needed)
-    splits: tuple[str, ...] = ("train", "test")  # what ``read`` reads (``load_stream``'s choices)
-
-
-DATASETS: Registry[DatasetInfo] = Registry("dataset")
-DATASETS.register("cifar100", DatasetInfo("cifar100", lambda r, s: read_cifar(r, "cifar100", s), CIFAR100_MEAN, CIFAR100_STD))
-DATASETS.register("cifar10", DatasetInfo("cifar10", lambda r, s: read_cifar(r, "cifar10", s), CIFAR10_MEAN, CIFAR10_STD))
-_SVHN_SPLITS = ("train", "test", "extra")
-DATASETS.register("svhn", DatasetInfo("svhn", read_svhn, SVHN_MEAN, SVHN_STD, flip=False, train_size=73257,
-                                      splits=_SVHN_SPLITS))
-DATASETS.register("svhn_extra", DatasetInfo("svhn_extra", lambda r, s: read_svhn(r, "train+extra" if s == "train" else s),
-                                            SVHN_MEAN, SVHN_STD, flip=False, train_size=604388, splits=_SVHN_SPLITS))
-DATASETS.register("stl10", DatasetInfo("stl10", lambda r, s: read_stl10(r, s, 32), STL10_MEAN, STL10_STD, train_size=5000,
-                                       splits=("train", "test", "unlabeled")))
-DATASETS.register("tinyimagenet", DatasetInfo("tinyimagenet", lambda r, s: read_tinyimagenet(r, s, 32), TINY_MEAN, TINY_STD,
-                                              train_size=100000))
-DATASETS.register("imagenet", DatasetInfo("imagenet", read_imagenet, IMAGENET_MEAN, IMAGENET_STD, image_size=224, pad=0,
-                                          streaming=True, resize=256, train_size=1281167))
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 
 @dataclass
@@ -160,5 +125,5 @@ def load_stream(name: str, root: str, split: str, batch_size: int, device) -> Te
     return ShardedTensorLoader(s.images, s.labels, i.mean, i.std, batch_size, True, device, i.pad, flip=i.flip)
 
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "FileImageSet", "ImageSet", "LoadedDataset", "TensorLoader",
+__all__ = ["DATASETS", "DatasetInfo", "DatasetMissingError", "register_dataset", "FileImageSet", "ImageSet", "LoadedDataset", "TensorLoader",
            "check_stream_split", "holdout_indices", "holdout_split", "load_dataset", "load_stream"]

@@ -8,6 +8,9 @@ Layout, exactly as the official tarballs unpack (and as torchvision downloads th
 This reader does not check the official MD5 sums (torchvision's readers do, which rejects
 kdbench's synthetic files written in the same format); ``kdbench fetch`` downloads through
 torchvision, which verifies them.
+
+Registered: ``cifar100`` and ``cifar10``, crop 32 of the 4-px zero-padded image + horizontal flip
+(RepDistiller).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .base import DatasetInfo, register_dataset
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # RepDistiller dataset/cifar100.py
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -41,6 +46,18 @@ class ImageSet:
     classes: list[str]
 
 
+def howto(root, name: str) -> str:
+    return (f"Get it with `kdbench fetch {name} --root {root}` (downloads the official archive through torchvision "
+            f"and checks its MD5), or unpack the official tarball so that {Path(root) / LAYOUT[name][0]}/ exists.")
+
+
+def fetch_cifar(root: str, name: str) -> None:
+    import torchvision.datasets as tvd
+    cls = tvd.CIFAR100 if name == "cifar100" else tvd.CIFAR10
+    cls(root, train=True, download=True)
+    cls(root, train=False, download=True)
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
         return pickle.load(f, encoding="bytes")
@@ -53,8 +70,7 @@ def read_cifar(root: str | Path, name: str, split: str) -> ImageSet:
     if missing:
         raise DatasetMissingError(
             f"{name} {split} split not found: missing {', '.join(str(base / m) for m in missing)}. "
-            f"Get it with `kdbench fetch {name} --root {root}` (downloads the official archive through "
-            f"torchvision and checks its MD5), or unpack the official tarball so that {base}/ exists.")
+            + howto(root, name))
     data, labels = [], []
     for f in files[split]:
         d = _unpickle(base / f)
@@ -84,3 +100,12 @@ def write_cifar(root: str | Path, name: str, train: ImageSet, test: ImageSet) ->
         meta[b"coarse_label_names"] = [f"super{i}".encode() for i in range((len(train.classes) + 4) // 5)]
     with open(base / meta_file, "wb") as fh:
         pickle.dump(meta, fh)
+
+
+def _info(name: str, mean, std) -> DatasetInfo:
+    return DatasetInfo(name, lambda root, split: read_cifar(root, name, split), mean, std,
+                       howto=lambda root: howto(root, name), fetch=lambda root: fetch_cifar(root, name),
+                       write_synthetic=lambda root, train, test: write_cifar(root, name, train, test))
+
+
+register_dataset(_info("cifar100", CIFAR100_MEAN, CIFAR100_STD), _info("cifar10", CIFAR10_MEAN, CIFAR10_STD))

@@ -14,6 +14,10 @@ are only listed here; :mod:`kdbench.data.stream` decodes them in worker processe
 ImageNet cannot be downloaded automatically: the archives need an image-net.org account.
 ``kdbench fetch imagenet --root R`` unpacks the three official archives placed in ``R`` into this
 layout through torchvision (which checks their MD5 sums).
+
+Registered: ``imagenet``, streamed; RandomResizedCrop 224 + flip for training, resize 256 +
+centre crop 224 for test, torchvision's normalisation. Synthetic data: the 32×32 images upsampled
+to 64×64 JPEGs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import DatasetInfo, register_dataset
 from .cifar import DatasetMissingError
+from .resize import resized
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +55,17 @@ def howto(root) -> str:
             f"(ILSVRC2012, needs an account) into {Path(root)}/, then run `kdbench fetch imagenet --root {root}` "
             f"to unpack them (MD5 checked) into {Path(root)}/train/<wnid>/ and {Path(root)}/val/<wnid>/. "
             f"An existing copy in that layout can be used as is (or symlinked there).")
+
+
+def fetch_imagenet(root: str) -> None:
+    """Unpack the official archives placed in ``root`` (torchvision checks their MD5 sums)."""
+    import torchvision.datasets as tvd
+
+    try:
+        for split in ("train", "val"):
+            tvd.ImageNet(root, split=split)
+    except RuntimeError as e:
+        raise SystemExit(f"{e}\n{howto(root)}") from None
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -100,3 +117,9 @@ def write_imagenet(root: str | Path, train, test) -> Path:
             name = f"{prefix}_{k + 1:08d}.JPEG" if prefix else f"{ids[y]}_{k}.JPEG"
             Image.fromarray(img).save(root / split / ids[y] / name, quality=95)
     return root
+
+
+register_dataset(DatasetInfo(
+    "imagenet", read_imagenet, IMAGENET_MEAN, IMAGENET_STD, howto=howto, fetch=fetch_imagenet,
+    write_synthetic=lambda root, train, test: write_imagenet(root, resized(train, 64), resized(test, 64)),
+    image_size=224, pad=0, streaming=True, resize=256, train_size=1281167))

@@ -7,6 +7,7 @@ stored 32×32 arrays match that pipeline up to its ToTensor/Normalize float roun
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,12 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     for i, img in enumerate(images):
         out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.BILINEAR))
     return out
+
+
+def resized(split, size: int):
+    """An ``ImageSet`` with its images resized to ``size`` px (the synthetic writers upsample the
+    32×32 synthetic images to a dataset's native size with it)."""
+    return replace(split, images=resize_uint8(split.images, size))
 
 
 def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:

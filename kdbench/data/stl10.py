@@ -17,6 +17,9 @@ does to a PIL image (giakoumoglou/distillers ``dataset/stl10.py``, the public re
 of CRD's transfer experiment; recipes.md §3.4). Normalisation mean (0.4467, 0.4398, 0.4066),
 std (0.2603, 0.2566, 0.2712) (same source); training augmentation: crop 32 from the 4-px padded
 image + horizontal flip, as CIFAR.
+
+Registered: ``stl10``. Synthetic data: the 32×32 images upsampled to 96×96; ``unlabeled`` is train
+without its labels.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import DatasetInfo, register_dataset
 from .cifar import DatasetMissingError, ImageSet
-from .resize import resize_uint8
+from .resize import resize_uint8, resized
 
 STL10_MEAN = (0.4467, 0.4398, 0.4066)
 STL10_STD = (0.2603, 0.2566, 0.2712)
@@ -35,6 +39,17 @@ SPLITS = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_
           "unlabeled": ("unlabeled_X.bin", None)}
 NATIVE = 96
 MD5 = "91f7769df0f17e558f3565bffb0c7dfb"  # stl10_binary.tar.gz, checked by torchvision on download
+
+
+def howto(root) -> str:
+    return (f"Get it with `kdbench fetch stl10 --root {root}` (torchvision download of stl10_binary.tar.gz from "
+            f"http://ai.stanford.edu/~acoates/stl10/, MD5 checked), or unpack that archive so that "
+            f"{Path(root) / FOLDER}/ exists.")
+
+
+def fetch_stl10(root: str) -> None:
+    import torchvision.datasets as tvd
+    tvd.STL10(root, split="train", download=True)
 
 
 def read_stl10(root: str | Path, split: str, size: int = 32) -> ImageSet:
@@ -53,10 +68,8 @@ def _read_one(root: str | Path, split: str, size: int) -> ImageSet:
     need = [x_file, "class_names.txt"] + ([y_file] if y_file else [])
     missing = [base / f for f in need if not (base / f).is_file()]
     if missing:
-        raise DatasetMissingError(
-            f"STL-10 {split} split not found: missing {', '.join(map(str, missing))}. Get it with "
-            f"`kdbench fetch stl10 --root {root}` (torchvision download of stl10_binary.tar.gz from "
-            f"http://ai.stanford.edu/~acoates/stl10/, MD5 checked), or unpack that archive so that {base}/ exists.")
+        raise DatasetMissingError(f"STL-10 {split} split not found: missing {', '.join(map(str, missing))}. "
+                                  + howto(root))
     raw = np.fromfile(base / x_file, dtype=np.uint8)
     per = 3 * NATIVE * NATIVE
     if raw.size % per:
@@ -85,3 +98,14 @@ def write_stl10(root: str | Path, splits: dict[str, ImageSet], classes: list[str
             (s.labels + 1).astype(np.uint8).tofile(base / y_file)
     (base / "class_names.txt").write_text("\n".join(classes) + "\n")
     return base
+
+
+def write_synthetic(root: str | Path, train: ImageSet, test: ImageSet) -> None:
+    unlabeled = resized(train, NATIVE)
+    write_stl10(root, {"train": resized(train, NATIVE), "test": resized(test, NATIVE),
+                       "unlabeled": ImageSet(unlabeled.images, unlabeled.labels * 0 - 1, train.classes)}, train.classes)
+
+
+register_dataset(DatasetInfo(
+    "stl10", lambda root, split: read_stl10(root, split, 32), STL10_MEAN, STL10_STD, howto=howto, fetch=fetch_stl10,
+    write_synthetic=write_synthetic, train_size=5000, splits=tuple(SPLITS)))

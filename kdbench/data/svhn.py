@@ -15,6 +15,9 @@ statistics of the train split that SVHN code commonly uses (no KD paper in this 
 its own). Augmentation — a choice, since the OT-KD paper does not publish its SVHN recipe:
 RepDistiller's random 32×32 crop of the 4-px zero-padded image, **without** horizontal flips
 (digits are not mirror-symmetric).
+
+Registered: ``svhn`` (train on ``train``) and ``svhn_extra`` (train on train + extra, 604,388
+digits); both test on ``test``. Synthetic data: ``extra`` is the first quarter of train.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import DatasetInfo, register_dataset
 from .cifar import DatasetMissingError, ImageSet
 
 SVHN_MEAN = (0.4377, 0.4438, 0.4728)
@@ -32,6 +36,19 @@ CLASSES = [str(d) for d in range(10)]
 MD5 = {"train": "e26dedcc434d2e4c54c9b2d4a06d8373", "test": "eb5a983be6a315427106f1b164d9cef3",
        "extra": "a93ce644f1a588dc4d68dda5feec44a7"}
 SPLITS = ("train", "test", "extra")
+
+
+def howto(root, name: str = "svhn") -> str:
+    files = ", ".join(f"{s}_32x32.mat" for s in (SPLITS if name == "svhn_extra" else SPLITS[:2]))
+    return (f"Get it with `kdbench fetch {name} --root {root}` (torchvision download of {files} from "
+            f"http://ufldl.stanford.edu/housenumbers/, MD5 checked), or download those files from that page "
+            f"into {Path(root)}/.")
+
+
+def fetch_svhn(root: str, splits=SPLITS[:2]) -> None:
+    import torchvision.datasets as tvd
+    for s in splits:
+        tvd.SVHN(root, split=s, download=True)
 
 
 def split_file(root: str | Path, split: str) -> Path:
@@ -53,10 +70,8 @@ def _read_one(root: str | Path, split: str) -> ImageSet:
 
     path = split_file(root, split)
     if not path.is_file():
-        raise DatasetMissingError(
-            f"SVHN {split} split not found: {path} is missing. Get it with "
-            f"`kdbench fetch {'svhn_extra' if split == 'extra' else 'svhn'} --root {root}` (torchvision download from http://ufldl.stanford.edu/housenumbers/, "
-            f"MD5 checked), or download {path.name} from that page into {Path(root)}/.")
+        raise DatasetMissingError(f"SVHN {split} split not found: {path} is missing. "
+                                  + howto(root, "svhn_extra" if split == "extra" else "svhn"))
     try:
         mat = loadmat(path, variable_names=["X", "y"])
     except Exception as e:  # truncated download, HDF5 (v7.3) file, not a .mat file
@@ -83,3 +98,20 @@ def write_svhn(root: str | Path, split: str, s: ImageSet) -> Path:
     y = np.where(s.labels == 0, 10, s.labels).astype(np.uint8).reshape(-1, 1)
     savemat(path, {"X": np.ascontiguousarray(s.images.transpose(1, 2, 3, 0)), "y": y}, format="5", do_compression=False)
     return path
+
+
+def write_synthetic(root: str | Path, train: ImageSet, test: ImageSet) -> None:
+    """``train``/``test`` and an ``extra`` split (the first quarter of train) as the official files."""
+    write_svhn(root, "train", train)
+    write_svhn(root, "test", test)
+    quarter = len(train.labels) // 4
+    write_svhn(root, "extra", ImageSet(train.images[:quarter], train.labels[:quarter], train.classes))
+
+
+register_dataset(
+    DatasetInfo("svhn", read_svhn, SVHN_MEAN, SVHN_STD, howto=howto, fetch=fetch_svhn,
+                write_synthetic=write_synthetic, flip=False, train_size=73257, splits=SPLITS),
+    DatasetInfo("svhn_extra", lambda root, split: read_svhn(root, "train+extra" if split == "train" else split),
+                SVHN_MEAN, SVHN_STD, howto=lambda root: howto(root, "svhn_extra"),
+                fetch=lambda root: fetch_svhn(root, SPLITS), write_synthetic=write_synthetic, flip=False,
+                train_size=604388, splits=SPLITS))

@@ -16,10 +16,26 @@ every KD paper that uses Tiny-ImageNet).
 
 Class k is the k-th wnid in sorted order (what ``ImageFolder`` on ``train/`` gives, as in
 mdistiller). Some images are grayscale JPEGs; they are expanded to RGB. Normalisation: mean
-(0.4802, 0.4481, 0.3975), std (0.2302, 0.2265, 0.2262) (mdistiller ``tiny_imagenet`` loader;
-recipes.md §3.3). Both transfer protocols run at CIFAR resolution, so the default reader resizes
-64 → 32 px once at read time (PIL bilinear, as ``transforms.Resize((32, 32))``); training
-augmentation is CIFAR's (crop 32 of the 4-px padded image + horizontal flip).
+(0.4802, 0.4481, 0.3975), std (0.2302, 0.2265, 0.2262) (mdistiller's ``tiny_imagenet`` loader;
+recipes.md §3.3), computed on the native 64-px training images; the 32-px reading uses the same
+values, as before.
+
+Two registered names read the same files (one root serves both):
+
+``tinyimagenet``
+    32 px, for protocols that feed a 32-px CIFAR model (CRD's linear probe, FKD's cross-dataset
+    transfer): 64 → 32 resized once at read time (PIL bilinear, as ``transforms.Resize((32,
+    32))``); CIFAR's augmentation (crop 32 of the 4-px zero-padded image + horizontal flip).
+``tinyimagenet64``
+    the native 64 px, for models trained on Tiny-ImageNet itself (the KDA tables): crop 64 of
+    the 8-px zero-padded image + horizontal flip. A choice: the KDA paper states neither its
+    resolution nor its augmentation; 8 px is CIFAR's 4 px scaled with the image (1/8 of the
+    side), the usual Tiny-ImageNet setting of KD code. The training views are then
+    2·17² = 578 (162 at 32 px). Every KDA model (ResNet18/34, ResNet18-0.5, ShuffleNet) ends in
+    global average pooling, so it runs at 64 px unchanged.
+
+Synthetic data (both names) is written as 64×64 JPEGs in the official layout, so the reader is
+tested at the native resolution.
 """
 
 from __future__ import annotations
@@ -29,8 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import DatasetInfo, register_dataset
 from .cifar import DatasetMissingError, ImageSet
-from .resize import load_rgb
+from .resize import load_rgb, resized
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_STD = (0.2302, 0.2265, 0.2262)
@@ -40,18 +57,28 @@ MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 SPLITS = ("train", "test", "val")  # test and val are the same labelled val set
 
 
-def _howto(root) -> str:
+def howto(root) -> str:
     return (f"Get it with `kdbench fetch tinyimagenet --root {root}`: it downloads {URL}, checks its MD5, unzips it "
             f"and re-folders val/. Where that URL is down, put a copy of tiny-imagenet-200.zip (e.g. the Kaggle mirror) "
             f"in {Path(root)}/ and run the same command (it checks the copy's MD5 {MD5}); an already unzipped copy "
             f"({Path(root) / FOLDER}/wnids.txt present) is only re-foldered.")
 
 
+def fetch_tinyimagenet(root: str) -> None:
+    """Download and unzip (MD5 checked) unless ``wnids.txt`` is there, then re-folder val/."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    if not (Path(root) / FOLDER / "wnids.txt").is_file():
+        download_and_extract_archive(URL, root, filename="tiny-imagenet-200.zip", md5=MD5)
+    moved = refolder_val(root)
+    print(f"tiny-imagenet-200: {len(wnids(root))} classes; re-foldered {moved} val images into val/<wnid>/images/")
+
+
 def wnids(root: str | Path) -> list[str]:
     base = Path(root) / FOLDER
     f = base / "wnids.txt"
     if not f.is_file():
-        raise DatasetMissingError(f"Tiny-ImageNet not found: {f} is missing. " + _howto(root))
+        raise DatasetMissingError(f"Tiny-ImageNet not found: {f} is missing. " + howto(root))
     ids = sorted({w.strip() for w in f.read_text().split("\n") if w.strip()})
     if not ids:
         raise DatasetMissingError(f"{f} lists no classes")
@@ -99,7 +126,7 @@ def read_tinyimagenet(root: str | Path, split: str, size: int = 32) -> ImageSet:
         files = _val_files(base, classes)
     if not files:
         raise DatasetMissingError(f"Tiny-ImageNet {split} split: no JPEG images under {base}/"
-                                  f"{'train/<wnid>/images' if split == 'train' else 'val'}. " + _howto(root))
+                                  f"{'train/<wnid>/images' if split == 'train' else 'val'}. " + howto(root))
     stray = sorted({w for _, w in files if w not in index})
     if stray:
         raise DatasetMissingError(f"{base}: val images of classes not in wnids.txt: {', '.join(stray[:5])}")
@@ -159,3 +186,17 @@ def write_tinyimagenet(root: str | Path, train: ImageSet, test: ImageSet, flat_v
         lines.append(f"val_{k}.JPEG\t{ids[y]}\t0\t0\t63\t63\n")
     (base / "val" / "val_annotations.txt").write_text("".join(lines))
     return base
+
+
+def _info(name: str, size: int, pad: int) -> DatasetInfo:
+    return DatasetInfo(name, lambda root, split: read_tinyimagenet(root, split, size), TINY_MEAN, TINY_STD,
+                       howto=howto, fetch=fetch_tinyimagenet, write_synthetic=write_synthetic, image_size=size,
+                       pad=pad, train_size=100000)
+
+
+def write_synthetic(root: str | Path, train: ImageSet, test: ImageSet) -> None:
+    """The 32×32 synthetic images upsampled to the real 64×64 JPEGs (both registered names)."""
+    write_tinyimagenet(root, resized(train, 64), resized(test, 64))
+
+
+register_dataset(_info("tinyimagenet", 32, 4), _info("tinyimagenet64", 64, 8))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -20,19 +22,46 @@ class CheckpointError(RuntimeError):
 
 
 def read_file(path: str | Path, fmt: str) -> dict:
+    """A kdbench file's content, after checking every record of the archive against its CRC-32
+    (``torch.load`` does not: a garbled byte inside a tensor would load silently). The check reads
+    the file once more, at disk speed (zlib's CRC-32 runs at GB/s)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    damage = archive_damage(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = None if damage else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, pickled code...
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}). The file is corrupt or not a "
-                              f"{fmt} file; delete it and rerun the job that makes it.") from None
+        damage = f"{type(e).__name__}: {e}"
+    if damage:
+        raise CheckpointError(f"{path}: cannot be read ({damage}). The file is corrupt or not a {fmt} file; "
+                              f"{repair_hint(path, fmt)}") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {fmt} file, found {found!r}. Published teacher checkpoints are "
                               f"imported with `kdbench import-teacher`.")
     return obj
+
+
+def archive_damage(path: Path) -> str | None:
+    """Why ``path`` is not an intact zip archive (torch.save's format), or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        return f"not an intact archive: {type(e).__name__}: {e}"
+    return f"record {bad} fails its CRC-32 check" if bad else None
+
+
+def repair_hint(path: Path, fmt: str) -> str:
+    """What to do about a damaged file: the fix depends on what makes it."""
+    if fmt == CHECKPOINT_FORMAT:
+        return "delete it and rerun the run's job: the run restarts from its first epoch"
+    if (path.parent / "metrics.json").exists():  # a run's model.pt: snakemake reruns a run only without its metrics.json
+        return (f"delete the run's folder {path.parent} and rerun snakemake: it retrains that run, then the runs "
+                f"that read its model")
+    return ("replace it: an imported teacher is made again with `kdbench import-teacher SOURCE "
+            f"{path}`; a model.pt outside a run folder by the command that wrote it")
 
 
 def save_model(path: str | Path, model: nn.Module, arch: str, num_classes: int, dataset: str, **meta) -> None:

@@ -8,7 +8,9 @@ the kernel behind ``torch.optim.SGD(fused=True)``: one launch per step for all p
 a loop issues ~3 small kernels per parameter — a large share of a step's time at batch 64; its
 rounding may differ from the loop's by an ulp, like a cuDNN algorithm choice), elsewhere
 ``torch._foreach_*`` operations, which round exactly like the per-tensor loop (PyTorch's CPU
-fused kernel does not when weight decay is 0).
+fused kernel does not when weight decay is 0). The fused kernel is private: :func:`fused_sgd_kernel`
+looks it up, and a torch without it takes the ``_foreach`` path on CUDA too; ``SGD.kernel`` says
+which path ran (recorded in metrics.json, ``used.sgd_kernel``).
 
 Why not ``torch.optim.SGD``: building any ``torch.optim`` optimiser imports ``torch._dynamo``
 (~1 s per process), which is most of a smoke-suite job's overhead. A test checks the two agree
@@ -29,15 +31,34 @@ import torch
 from torch import nn
 
 
+def fused_sgd_kernel() -> bool:
+    """Whether this torch has the fused SGD kernel with both overloads kdbench calls (float lr, and
+    the tensor lr a CUDA graph captures): ``torch._fused_sgd_`` is private, so it is looked up,
+    not assumed; without it every device takes the ``_foreach`` path (same maths)."""
+    if not hasattr(torch, "_fused_sgd_"):
+        return False
+    try:
+        schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::_fused_sgd_")]
+    except (AttributeError, RuntimeError):
+        return False
+    return any("float lr" in s for s in schemas) and any("Tensor lr" in s for s in schemas)
+
+
 class SGD:
     #: devices whose parameters are stepped by PyTorch's fused kernel (elsewhere: ``_foreach`` ops)
-    fused_kernel_devices: tuple[str, ...] = ("cuda",)
+    fused_kernel_devices: tuple[str, ...] = ("cuda",) if fused_sgd_kernel() else ()
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         self.params = [p for p in params]
         self._lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
         self.lr_tensor: torch.Tensor | None = None  # set by make_capturable()
+        self.kernels: set[str] = set()  # the paths step() took: "fused", "foreach"
+
+    @property
+    def kernel(self) -> str | None:
+        """The path the steps took (``fused``, ``foreach``, or both joined by ``+``), for the run record."""
+        return "+".join(sorted(self.kernels)) or None
 
     @property
     def lr(self) -> float:
@@ -83,8 +104,10 @@ class SGD:
             if device.type in self.fused_kernel_devices:
                 torch._fused_sgd_(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
                                   lr=lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+                self.kernels.add("fused")
             else:
                 self._foreach_step(params, grads, buffers, lr)
+                self.kernels.add("foreach")
 
     def _foreach_step(self, params, grads, buffers, lr) -> None:
         """The step as per-tensor-exact ``torch._foreach_*`` operations (on CPU: loops)."""

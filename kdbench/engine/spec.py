@@ -204,6 +204,12 @@ class RunSpec:
     part of ``size`` samples drawn with ``seed`` (:func:`kdbench.data.holdout_split`; the split's
     seed, not the run's, so every run of a sweep shares it) and evaluates on that part instead of
     the test set: ``{"size": 5000, "seed": 0}``. Hashed only when set, as ``unlabeled``.
+
+    ``data_id`` and ``teacher_ids`` make the run id name the data and the teacher(s), never their
+    paths: ``data_id`` is :func:`dataset_identity` (synthetic data: its generator's parameters);
+    ``teacher_ids`` are the teachers' run ids, or ``sha256:<hex>`` of an imported teacher file
+    (:func:`teacher_file_id`). What a run actually read is also recorded in its checkpoint and
+    metrics.json (``kdbench.engine.train``), and a resume that disagrees is refused.
     """
 
     dataset: str
@@ -230,6 +236,8 @@ class RunSpec:
     unlabeled: dict | None = None
     #: hold out a labelled validation part of the training set and evaluate on it (see :func:`resolve_validation`)
     validation: dict | None = None
+    #: what identifies the data beyond its name (see :func:`dataset_identity`); hashed only when set
+    data_id: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "unlabeled", resolve_unlabeled(self.unlabeled))
@@ -256,9 +264,52 @@ class RunSpec:
         d.pop("teacher_ckpts")
         d.pop("init_ckpt")
         d.pop("execution")
-        for key in ("unlabeled", "validation"):  # hashed only when set: older run ids stay
+        for key in ("unlabeled", "validation", "data_id"):  # hashed only when set: older run ids stay
             if d[key] is None:
                 d.pop(key)
         if self.execution.hashed():
             d["execution"] = self.execution.hashed()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def dataset_identity(name: str, cfg: dict) -> str | None:
+    """``RunSpec.data_id`` of a suite's dataset ``name`` declared as ``cfg`` (its ``datasets:`` entry).
+
+    Synthetic data is what its generator's parameters make: ``synthetic:<16 hex digits>`` of the
+    record ``kdbench make-data`` writes next to the data (``kdbench-synthetic.json``: the dataset
+    name and the ``synthetic:`` mapping as written in the suite, so ``{seed: 0}`` written out or
+    left to its default gives two ids; they are never shared wrongly). A real dataset is the
+    official release its name says (``kdbench fetch`` checks the published MD5 sums): None, as
+    the name is in the run id already; no file is read or listed when a suite loads, so run ids are
+    the same before and after the data is fetched. The data a run actually reads is fingerprinted
+    when it trains (:func:`kdbench.engine.io.data_fingerprint`) and checked on resume.
+    """
+    if "synthetic" not in cfg:
+        return None
+    return "synthetic:" + _digest(synthetic_record(name, cfg["synthetic"] or {}))
+
+
+def synthetic_record(name: str, params: dict) -> dict:
+    """What ``kdbench make-data`` writes to ``<root>/kdbench-synthetic.json``."""
+    return {"dataset": name, **params}
+
+
+_TEACHER_IDS: dict[tuple, str] = {}
+
+
+def teacher_file_id(path: str) -> str:
+    """``sha256:<hex>`` of a teacher file given by path (``teacher_checkpoints``): the content, not
+    the path, enters the run id. Cached per (file, size, mtime), so a suite that names a file in
+    many runs reads it once. A missing file raises FileNotFoundError."""
+    import os
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _TEACHER_IDS:
+        from .io import file_sha256
+        _TEACHER_IDS[key] = "sha256:" + file_sha256(path)
+    return _TEACHER_IDS[key]

@@ -118,6 +118,10 @@ class CRD(DistillLoss):
         self.register_buffer("Z_s", torch.tensor(-1.0))  # < 0: not set yet
         self.register_buffer("Z_t", torch.tensor(-1.0))
 
+    def used_params(self) -> dict:
+        """The parameters as this run uses them (metrics.json ``used``): nce_k as drawn."""
+        return {"nce_k": self.nce_k}
+
     def contrast_indices(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """[B, 1 + nce_k]: the sample's own index, then other-class negatives."""
         index = index.long()
