@@ -399,6 +399,9 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     def overrides(method: str) -> dict:
         return _method_overrides(exp, method)
 
+    def data_id(dataset: str) -> str | None:
+        return dataset_identity(dataset, cfg["datasets"][dataset])
+
     validation = exp.get("validation")  # the students' holdout; teachers train on the full training set
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds, validation: dict | None = None) -> Run:
@@ -408,9 +411,6 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
         return Run(f"{dataset}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
 
     def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
-    def data_id(dataset: str) -> str | None:
-        return dataset_identity(dataset, cfg["datasets"][dataset])
-
         """linear_probe: the frozen model of ``src`` gets a new linear layer on each probe dataset."""
         lp = exp.get("linear_probe")
         if not lp:

@@ -25,7 +25,6 @@ training set only).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -42,7 +41,7 @@ from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
 from .fast import Runtime, StudentStep, TeacherRequest, set_train_modes, step_names
 from .optim import SGD
-from .io import atomic_torch_save, atomic_write_json, provenance
+from .io import atomic_torch_save, atomic_write_json, data_fingerprint, file_sha256, provenance, read_json
 from .seeding import derive_seed, generator
 from .spec import RunSpec
 
@@ -142,6 +141,44 @@ def check_unlabeled(spec: RunSpec) -> None:
                          f"unlabelled stream (the cache holds the labelled training set's teacher outputs); use 'none'")
 
 
+def failed_teacher(spec: RunSpec) -> str | None:
+    """Why a teacher run of ``spec`` failed (``teacher <run> failed: <reason>``), or None. A teacher
+    run is a ``model.pt`` whose folder holds the run's metrics.json; a failed run has no model.pt."""
+    for ckpt in spec.teacher_ckpts:
+        m = read_json(Path(ckpt).parent / "metrics.json") if Path(ckpt).name == "model.pt" else None
+        if m is not None and m.get("status") == "failed":
+            return f"teacher {m.get('run') or Path(ckpt).parent} failed: {m.get('failure')}"
+    return None
+
+
+def check_synthetic_data(spec: RunSpec) -> None:
+    """Synthetic data on disk must be what the run's suite declares (``RunSpec.data_id``): two suites
+    that share a root with different ``synthetic:`` settings would otherwise train on each other's."""
+    from ..data.synthetic_files import MARKER
+    from .spec import _digest
+
+    if not (spec.data_id or "").startswith("synthetic:"):
+        return
+    marker = Path(spec.data_root) / MARKER
+    record = read_json(marker)
+    if record is None or "synthetic:" + _digest(record) != spec.data_id:
+        raise ValueError(f"{marker}: the synthetic data in {spec.data_root} was generated with other settings "
+                         f"({record}) than this run's suite declares (data id {spec.data_id}); two suites share this "
+                         f"root with different `synthetic:` settings. Give each suite its own root, or regenerate the "
+                         f"data with `kdbench make-data --suite SUITE --dataset {spec.dataset}`")
+
+
+def check_same_inputs(ckpt_path: Path, recorded: dict | None, now: dict) -> None:
+    """A resumed run must read the data and teacher file(s) its checkpoint was trained on."""
+    if recorded is None:  # a checkpoint written before kdbench recorded its inputs
+        return
+    for key, what in (("data", "data (fingerprint of the decoded dataset)"), ("teachers", "teacher file(s) (SHA-256)")):
+        if recorded.get(key) != now[key]:
+            raise CheckpointError(f"{ckpt_path}: was trained on other {what} than this run reads now "
+                                  f"({recorded.get(key)} vs {now[key]}); the data or teacher changed under the run. "
+                                  f"Delete {ckpt_path.parent} to train this run afresh on what it reads now")
+
+
 def _sgd(params, lr: float, recipe) -> SGD:
     return SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
@@ -183,6 +220,13 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     check_unlabeled(spec)
     if spec.unlabeled is not None and dctx.enabled:
         raise ValueError("an unlabelled stream (unlabeled) is not supported under DDP (torchrun): run it on one device")
+    failure = failed_teacher(spec)
+    if failure is not None:  # its students are failed runs too, and the tables count them
+        metrics = run_record(spec, {"curve": []}, "failed", failure, run_id, None, 0.0, provenance(dev))
+        if dctx.is_main:
+            atomic_write_json(out / "metrics.json", metrics)
+        return metrics
+    check_synthetic_data(spec)
     data = shared.get("data") or load_dataset(spec.dataset, spec.data_root)
     if spec.validation is not None:  # train on the rest of the training set, evaluate on its holdout (not the test set)
         if shared.get("data") or shared.get("loaders"):
@@ -216,30 +260,30 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     optimizer = _sgd(list(student.parameters()) + list(objective.parameters()), base_lr, recipe)
     runtime = Runtime(spec.execution, dev)  # the fast path's options (kdbench/engine/fast.py)
     runtime.prepare(student, teacher, objective)
-    execution_used = spec.execution
     if unl is None:
         runtime.attach_cache(teacher, objective, train_loader)
     elif spec.execution.teacher_cache != "none":
         warnings.warn("execution.teacher_cache skipped: the exact cache holds the labelled training set's teacher "
                       "outputs, and this run's terms read unlabelled images")
-        execution_used = dataclasses.replace(spec.execution, teacher_cache="none")
 
     stages = [(f"init:{n}", t, t.init_epochs) for n, t in objective.terms.items() if t.init_epochs > 0]
     stages.append(("main", None, recipe.epochs))
     model = distributed.wrap(student, find_unused=len(stages) > 1)  # DDP-wrapped under torchrun
-    state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time(),
-             "epoch_seconds": {}}
+    state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time()}
     init_opt = None
+    read = {"data": data_fingerprint(data),  # what this run reads, recorded and checked on resume
+            "teachers": [file_sha256(p) for p in spec.teacher_ckpts] if teacher is not None else []}
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         ck = read_file(ckpt_path, CHECKPOINT_FORMAT)
         if ck["hash"] != spec.config_hash():
             raise CheckpointError(f"{ckpt_path}: belongs to run config {ck['hash']}, not {spec.config_hash()}; "
                                   f"delete it to start this run afresh")
+        check_same_inputs(ckpt_path, ck.get("read"), read)
         student.load_state_dict(ck["student"])
         objective.load_state_dict(ck["objective"])
         optimizer.load_state_dict(ck["optimizer"])
-        state = {"epoch_seconds": {}, **ck["state"]}  # checkpoints from before epoch timing have none
+        state = ck["state"]
         if ck.get("init_optimizer") is not None:
             init_opt = ck["init_optimizer"]
 
@@ -260,7 +304,6 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
             for epoch in range(state["epoch"] + 1, n_epochs + 1):
                 if term is None:
                     opt.lr = recipe.lr_at(epoch, spec.student)
-                t_epoch = time.time()
                 torch.manual_seed(derive_seed(spec.seed, "global", name, epoch))
                 gen = generator(dev, derive_seed(spec.seed, "data", name, epoch))
                 per_step = None
@@ -281,12 +324,11 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
                     state["curve"].append(stats)
                 else:
                     state["init_curve"].append({"stage": name, **stats})
-                state["epoch_seconds"].setdefault(name, []).append(time.time() - t_epoch)
                 state["epoch"] = epoch
                 state["elapsed"] = time.time() - t0
                 if dctx.is_main:  # DDP: rank 0 writes
                     atomic_torch_save(ckpt_path, {
-                        "format": CHECKPOINT_FORMAT, "hash": spec.config_hash(), "state": state,
+                        "format": CHECKPOINT_FORMAT, "hash": spec.config_hash(), "state": state, "read": read,
                         "student": _own(student.state_dict()), "objective": objective.state_dict(),
                         "optimizer": optimizer.state_dict(), "init_optimizer": opt.state_dict() if term is not None else None})
                 bar.update(1)
@@ -302,13 +344,13 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
 
     metrics = run_record(spec, state, status, failure, run_id, data.num_classes, time.time() - t0, prov,
                          loss=objective.spec.describe(), resolved_method=_method_dict(objective),
-                         **used_record(spec, objective, execution_used, optimizer),
                          **({"unlabeled_samples": unlabeled.num_samples} if unlabeled else {}),
                          eval_split="test" if spec.validation is None else "validation", eval_samples=test_loader.num_samples,
+                         data_fingerprint=read["data"], teacher_sha256=read["teachers"],
                          **({"holdout": {**spec.validation, "train_samples": train_loader.num_samples}} if spec.validation else {}))
     if status == "ok" and dctx.is_main:
         save_model(out / "model.pt", student, spec.student, data.num_classes, spec.dataset,
-                   run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash())
+                   run=run_id, acc_last=metrics["acc_last"], hash=spec.config_hash(), data_fingerprint=read["data"])
     if dctx.is_main:
         atomic_write_json(out / "metrics.json", metrics)
     distributed.close()
@@ -326,36 +368,13 @@ def _method_dict(objective: Objective) -> dict:
     return {"name": s.name, "ce": s.ce, "terms": s.terms, "params": s.params}
 
 
-def used_record(spec: RunSpec, objective: Objective, execution, optimizer: SGD) -> dict:
-    """What the run used where it differs from what was asked, for metrics.json: ``used`` holds the
-    terms' parameters as they ran (a term that changes one at run time reports it from
-    ``used_params()``, e.g. CRD's nce_k), the execution options as they ran and the SGD kernel;
-    ``changed_at_run_time`` lists each ``term.param`` / ``execution.option`` whose used value is
-    not the requested one, as {requested, used}."""
-    requested = objective.spec.params
-    params = {name: {**requested.get(name, {}), **getattr(term, "used_params", dict)()}
-              for name, term in objective.terms.items()}
-    changed = {f"{t}.{k}": {"requested": requested.get(t, {}).get(k), "used": v}
-               for t, p in params.items() for k, v in p.items() if requested.get(t, {}).get(k) != v}
-    asked, ran = dataclasses.asdict(spec.execution), dataclasses.asdict(execution)
-    changed.update({f"execution.{k}": {"requested": asked[k], "used": ran[k]} for k in asked if asked[k] != ran[k]})
-    return {"used": {"params": params, "execution": ran, "sgd_kernel": optimizer.kernel},
-            "changed_at_run_time": changed}
-
-
 def run_record(spec: RunSpec, state: dict, status: str, failure: str | None, run_id: str | None,
                num_classes: int, wall_time_s: float, prov: dict, **extra) -> dict:
-    """The content of a run's metrics.json: results, the resolved spec, curves and provenance.
-    ``epoch_seconds``: wall seconds of each epoch per stage (``main``, ``init:<term>``; training and
-    evaluation), kept apart from the curve so that curves stay exactly reproducible;
-    ``seconds_per_epoch``: their mean over the main stage."""
+    """The content of a run's metrics.json: results, the resolved spec, curves and provenance."""
     metrics = summarise(state["curve"])
-    seconds = state.get("epoch_seconds", {})
-    main = seconds.get("main", [])
     metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
                    dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
                    num_classes=num_classes, spec=spec.to_dict(), **extra, wall_time_s=wall_time_s,
-                   seconds_per_epoch=sum(main) / len(main) if main else None, epoch_seconds=seconds,
                    provenance=prov, curve=state["curve"], init_curve=state.get("init_curve", []))
     return metrics
 
