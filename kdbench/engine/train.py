@@ -25,6 +25,7 @@ training set only).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -260,16 +261,19 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
     optimizer = _sgd(list(student.parameters()) + list(objective.parameters()), base_lr, recipe)
     runtime = Runtime(spec.execution, dev)  # the fast path's options (kdbench/engine/fast.py)
     runtime.prepare(student, teacher, objective)
+    execution_used = spec.execution
     if unl is None:
         runtime.attach_cache(teacher, objective, train_loader)
     elif spec.execution.teacher_cache != "none":
         warnings.warn("execution.teacher_cache skipped: the exact cache holds the labelled training set's teacher "
                       "outputs, and this run's terms read unlabelled images")
+        execution_used = dataclasses.replace(spec.execution, teacher_cache="none")
 
     stages = [(f"init:{n}", t, t.init_epochs) for n, t in objective.terms.items() if t.init_epochs > 0]
     stages.append(("main", None, recipe.epochs))
     model = distributed.wrap(student, find_unused=len(stages) > 1)  # DDP-wrapped under torchrun
-    state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time()}
+    state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time(),
+             "epoch_seconds": {}}
     init_opt = None
     read = {"data": data_fingerprint(data),  # what this run reads, recorded and checked on resume
             "teachers": [file_sha256(p) for p in spec.teacher_ckpts] if teacher is not None else []}
@@ -283,7 +287,7 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
         student.load_state_dict(ck["student"])
         objective.load_state_dict(ck["objective"])
         optimizer.load_state_dict(ck["optimizer"])
-        state = ck["state"]
+        state = {"epoch_seconds": {}, **ck["state"]}  # checkpoints from before epoch timing have none
         if ck.get("init_optimizer") is not None:
             init_opt = ck["init_optimizer"]
 
@@ -304,6 +308,7 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
             for epoch in range(state["epoch"] + 1, n_epochs + 1):
                 if term is None:
                     opt.lr = recipe.lr_at(epoch, spec.student)
+                t_epoch = time.time()
                 torch.manual_seed(derive_seed(spec.seed, "global", name, epoch))
                 gen = generator(dev, derive_seed(spec.seed, "data", name, epoch))
                 per_step = None
@@ -324,6 +329,7 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
                     state["curve"].append(stats)
                 else:
                     state["init_curve"].append({"stage": name, **stats})
+                state["epoch_seconds"].setdefault(name, []).append(time.time() - t_epoch)
                 state["epoch"] = epoch
                 state["elapsed"] = time.time() - t0
                 if dctx.is_main:  # DDP: rank 0 writes
@@ -344,6 +350,7 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
 
     metrics = run_record(spec, state, status, failure, run_id, data.num_classes, time.time() - t0, prov,
                          loss=objective.spec.describe(), resolved_method=_method_dict(objective),
+                         **used_record(spec, objective, execution_used, optimizer),
                          **({"unlabeled_samples": unlabeled.num_samples} if unlabeled else {}),
                          eval_split="test" if spec.validation is None else "validation", eval_samples=test_loader.num_samples,
                          data_fingerprint=read["data"], teacher_sha256=read["teachers"],
@@ -368,13 +375,36 @@ def _method_dict(objective: Objective) -> dict:
     return {"name": s.name, "ce": s.ce, "terms": s.terms, "params": s.params}
 
 
+def used_record(spec: RunSpec, objective: Objective, execution, optimizer: SGD) -> dict:
+    """What the run used where it differs from what was asked, for metrics.json: ``used`` holds the
+    terms' parameters as they ran (a term that changes one at run time reports it from
+    ``used_params()``, e.g. CRD's nce_k), the execution options as they ran and the SGD kernel;
+    ``changed_at_run_time`` lists each ``term.param`` / ``execution.option`` whose used value is
+    not the requested one, as {requested, used}."""
+    requested = objective.spec.params
+    params = {name: {**requested.get(name, {}), **getattr(term, "used_params", dict)()}
+              for name, term in objective.terms.items()}
+    changed = {f"{t}.{k}": {"requested": requested.get(t, {}).get(k), "used": v}
+               for t, p in params.items() for k, v in p.items() if requested.get(t, {}).get(k) != v}
+    asked, ran = dataclasses.asdict(spec.execution), dataclasses.asdict(execution)
+    changed.update({f"execution.{k}": {"requested": asked[k], "used": ran[k]} for k in asked if asked[k] != ran[k]})
+    return {"used": {"params": params, "execution": ran, "sgd_kernel": optimizer.kernel},
+            "changed_at_run_time": changed}
+
+
 def run_record(spec: RunSpec, state: dict, status: str, failure: str | None, run_id: str | None,
                num_classes: int, wall_time_s: float, prov: dict, **extra) -> dict:
-    """The content of a run's metrics.json: results, the resolved spec, curves and provenance."""
+    """The content of a run's metrics.json: results, the resolved spec, curves and provenance.
+    ``epoch_seconds``: wall seconds of each epoch per stage (``main``, ``init:<term>``; training and
+    evaluation), kept apart from the curve so that curves stay exactly reproducible;
+    ``seconds_per_epoch``: their mean over the main stage."""
     metrics = summarise(state["curve"])
+    seconds = state.get("epoch_seconds", {})
+    main = seconds.get("main", [])
     metrics.update(status=status, failure=failure, run=run_id, hash=spec.config_hash(), seed=spec.seed,
                    dataset=spec.dataset, teacher=spec.teacher, student=spec.student, method=spec.method,
                    num_classes=num_classes, spec=spec.to_dict(), **extra, wall_time_s=wall_time_s,
+                   seconds_per_epoch=sum(main) / len(main) if main else None, epoch_seconds=seconds,
                    provenance=prov, curve=state["curve"], init_curve=state.get("init_curve", []))
     return metrics
 
