@@ -1,6 +1,7 @@
 """A device-resident loader: the whole split lives on the training device as one uint8 tensor.
 
-Training batches get RepDistiller's augmentation, batched: ``RandomCrop(32, padding=4)`` with
+Training batches get RepDistiller's augmentation, batched: ``RandomCrop(32, padding=4)`` (in
+general the image's size and the dataset's ``pad``: 64 and 8 for ``tinyimagenet64``) with
 zero padding applied to the uint8 image before normalisation (as PIL + ToTensor + Normalize
 do), and an independent horizontal flip with probability 1/2 per image. Every random draw comes
 from the ``torch.Generator`` passed to :meth:`TensorLoader.batches`, so the data order and the
@@ -44,7 +45,7 @@ def apply_views(padded: Tensor, size: int, dy: Tensor, dx: Tensor, flip: Tensor)
 
 
 def view_id(dy: Tensor, dx: Tensor, flip: Tensor, pad: int) -> Tensor:
-    """The view's number in [0, 2·(2·pad+1)²): ((dy·(2·pad+1) + dx)·2 + flip). 162 for pad 4."""
+    """The view's number in [0, 2·(2·pad+1)²): ((dy·(2·pad+1) + dx)·2 + flip). 162 for pad 4, 578 for pad 8."""
     return (dy * (2 * pad + 1) + dx) * 2 + flip.long()
 
 

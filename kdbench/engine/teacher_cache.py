@@ -1,13 +1,15 @@
 """The exact teacher-output cache: the frozen teacher's outputs for every augmented view.
 
 RepDistiller's augmentation has finitely many views per image: a 32×32 crop at one of
-(2·4+1)² = 81 offsets of the zero-padded image, flipped or not — 162 views (``TensorLoader.
-num_views``). The teacher is frozen and in eval mode, so its output for a view does not depend on
-the step, the batch, the student, the method or the seed. For methods whose terms read only the
-teacher's ``logits`` and ``pooled`` (``Objective.teacher_needs ⊆ {logits, pooled}``: KD, DKD,
-CRD, RKD, PKT, CC, KDA, FKD, REMD/IPOT on pooled features...), the teacher's forward pass can be
-computed once for all N×162 (sample, view) pairs and looked up by the loader's view id in every
-run that shares the teacher — any method, any seed.
+(2·4+1)² = 81 offsets of the zero-padded image, flipped or not — 162 views; in general
+2·(2·pad+1)² (``TensorLoader.num_views``): 578 for Tiny-ImageNet at 64 px (pad 8), where a
+ResNet34 teacher's table (100,000 images × 578 views × 712 values) is 165 GB in fp32. The teacher
+is frozen and in eval mode, so its output for a view does not depend on the step, the batch, the
+student, the method or the seed. For methods whose terms read only the teacher's ``logits`` and
+``pooled`` (``Objective.teacher_needs ⊆ {logits, pooled}``: KD, DKD, CRD, RKD, PKT, CC, KDA, FKD,
+REMD/IPOT on pooled features...), the teacher's forward pass can be computed once for all
+N×views (sample, view) pairs and looked up by the loader's view id in every run that shares the
+teacher — any method, any seed.
 
 Choices:
 
