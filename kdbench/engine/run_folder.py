@@ -1,0 +1,62 @@
+"""A run folder has one writer at a time, and a run start clears what a killed writer left.
+
+Every result file is written atomically (:mod:`kdbench.engine.io`): to a temporary file
+``.<name>.<8 random characters>`` in the same folder, then renamed. A process killed between the
+two leaves the temporary behind; :func:`claim` removes those of its own folder (never another
+run's: only the folder itself is scanned, only the names kdbench writes) once it holds the
+folder's lock, so no live writer can own them. The lock (``flock`` on ``.lock``, released when the
+process exits, also when it is killed) makes a second process that starts the same run — two
+``snakemake`` invocations whose suites share runs, or one with ``--nolock`` — wait for the first and
+then resume from its finished checkpoint instead of training the run a second time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+#: the temporary files of kdbench's atomic writes (tempfile.mkstemp's 8-character suffix)
+TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.json|model\.pt|diagnostics-[^/]+\.json)\.[A-Za-z0-9_]{8}$")
+LOCK = ".lock"
+
+
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if TEMPORARY.match(p.name) and p.is_file())
+
+
+@contextmanager
+def claim(folder: str | Path, poll_s: float = 2.0):
+    """Hold ``folder``'s lock (waiting for another process that holds it) and remove the stale
+    temporary files of its atomic writes; yields the removed paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    print(f"kdbench: {folder} is being written by another process; waiting for it to finish",
+                          file=sys.stderr, flush=True)
+                    waited = True
+                time.sleep(poll_s)
+        removed = stale_temporaries(folder)
+        for p in removed:
+            p.unlink(missing_ok=True)
+        if removed:
+            print(f"kdbench: removed {len(removed)} temporary file(s) a killed run left in {folder}: "
+                  f"{', '.join(p.name for p in removed)}", file=sys.stderr, flush=True)
+        yield removed
+    finally:
+        os.close(fd)  # releases the lock
