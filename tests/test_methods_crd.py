@@ -129,12 +129,35 @@ def test_gradients_mismatched_dims_and_state():
     assert torch.allclose(crd.memory_s[:5].norm(dim=1), torch.ones(5))
 
 
-def test_nce_k_clipped_with_warning():
-    with pytest.warns(UserWarning, match="clipping nce_k to 5"):
-        crd = CRD(ctx(LABELS), nce_k=16384)
-    assert crd.nce_k == 5
-    idx = crd.contrast_indices(torch.tensor([0, 5]))
-    assert idx.shape == (2, 6) and idx[:, 0].tolist() == [0, 5]
+def repdistiller_draws_with_replacement(labels: list[int], target: int, k: int) -> bool:
+    """RepDistiller ``dataset/cifar100.py`` CIFAR100InstanceSample: ``cls_negative[target]`` is every
+    other-class sample, and ``np.random.choice(cls_negative[target], k, replace=k > len(...))``."""
+    cls_negative = [i for i, c in enumerate(labels) if c != target]
+    return k > len(cls_negative)
+
+
+@pytest.mark.parametrize("k", [4, 9, 12, 16384])
+def test_nce_k_kept_and_drawn_with_replacement_where_repdistiller_does(k):
+    """Classes of 10, 3 and 3 samples (other-class counts 6, 13, 13): with k = 9 or 12 class 0
+    draws with replacement and classes 1, 2 without; k = 16384 draws every row with replacement.
+    nce_k is never reduced."""
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 3)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        crd = CRD(ctx(labels), nce_k=k)
+    assert crd.nce_k == k
+    idx = crd.contrast_indices(torch.tensor([0, 5]), torch.Generator().manual_seed(0))
+    assert idx.shape == (2, k + 1) and idx[:, 0].tolist() == [0, 5]
+    y = torch.tensor([0, 1, 2] * 300)
+    draws = crd.sampler(y, min(k, 64), torch.Generator().manual_seed(1))
+    k = min(k, 64)
+    assert draws.shape == (900, k) and (labels[draws] != y.unsqueeze(1)).all()
+    for c in range(3):
+        rows, allowed = draws[y == c], (labels != c).nonzero().flatten()
+        if not repdistiller_draws_with_replacement(labels.tolist(), c, k):
+            assert all(len(set(r.tolist())) == k for r in rows)  # without replacement
+        counts = torch.bincount(rows.flatten(), minlength=16)[allowed].numpy()
+        assert counts.sum() == rows.numel() and chisquare(counts).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("replace", [True, False])
@@ -169,7 +192,7 @@ def test_methods_build_and_run():
             b = Batch(torch.zeros(4), labels[:4], torch.arange(4))
             out = obj(feats(torch.randn(4, 6)), feats(torch.randn(4, 6)), b)
             assert set(out) == ({"ce", "crd"} if name == "crd" else {"ce", "kd", "crd"})
-            assert obj.spec.terms["crd"] == 0.8 and obj.terms["crd"].nce_k == 42
+            assert obj.spec.terms["crd"] == 0.8 and obj.terms["crd"].nce_k == 16384
 
 
 def test_forward_float32_under_autocast(monkeypatch):

@@ -16,10 +16,12 @@ the loss each bank row of the batch is updated: mem[i] ← normalise(m·mem[i] +
 
 Defaults: feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5 (RepDistiller CIFAR-100). Choices:
 - negatives are drawn on the data device with ``batch.generator``; ``replace=False`` (default)
-  draws them without replacement per sample as RepDistiller's ``np.random.choice`` does (the K
-  smallest of per-row uniform keys; rows are processed in chunks to bound memory for
-  ImageNet-sized N), ``replace=True`` with replacement (cheaper: O(B·K));
-- nce_k is clipped, with a warning, to the fewest other-class samples of any class;
+  draws them as RepDistiller's ``np.random.choice(cls_negative[target], K, replace=K >
+  len(cls_negative[target]))`` does: without replacement where the sample's class has at least K
+  other-class samples (the K smallest of per-row uniform keys; rows are processed in chunks to
+  bound memory for ImageNet-sized N), with replacement where it has fewer (small training sets,
+  e.g. 16384 negatives from STL-10's 4,500 other-class images); ``replace=True`` draws every row
+  with replacement (cheaper: O(B·K)). nce_k is never reduced;
 - banks and Z are buffers (checkpointed); Z is set on the first training batch without a host
   synchronisation; banks and Z change only in training mode.
 """
@@ -27,7 +29,6 @@ Defaults: feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5 (RepDistiller CIFAR-1
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -73,16 +74,30 @@ class OtherClassSampler(torch.nn.Module):
         self.register_buffer("count", counts, persistent=False)
         self.register_buffer("start", torch.cumsum(counts, 0) - counts, persistent=False)
         self.replace, self.max_chunk = bool(replace), int(max_chunk)
+        #: the fewest and the most other-class samples of any class present
         self.min_available = int(labels.numel() - counts.max())
+        self.max_available = int(labels.numel() - counts[counts > 0].min())
 
     def forward(self, y: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """[len(y), k] indices of other-class samples: without replacement per row where the
+        row's class has ≥ k of them and ``replace`` is off, else with replacement."""
         y = y.long()
-        if self.replace:  # rank r among the other classes' samples -> position in `order`
-            n_other = (self.labels.numel() - self.count[y]).unsqueeze(1)
-            u = torch.rand(y.numel(), k, generator=generator, device=y.device, dtype=torch.float64)
-            r = (u * n_other).long().clamp_max(n_other - 1)
-            r = r + (r >= self.start[y].unsqueeze(1)) * self.count[y].unsqueeze(1)
-            return self.order[r]
+        if self.replace or k > self.max_available:  # every row draws with replacement
+            return self._with_replacement(y, k, generator)
+        exact = self._without_replacement(y, k, generator)
+        if k <= self.min_available:
+            return exact
+        short = (self.labels.numel() - self.count[y] < k).unsqueeze(1)  # RepDistiller's replace=True rows
+        return torch.where(short, self._with_replacement(y, k, generator), exact)
+
+    def _with_replacement(self, y: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        n_other = (self.labels.numel() - self.count[y]).unsqueeze(1)  # rank r among the other classes'
+        u = torch.rand(y.numel(), k, generator=generator, device=y.device, dtype=torch.float64)
+        r = (u * n_other).long().clamp_max(n_other - 1)
+        r = r + (r >= self.start[y].unsqueeze(1)) * self.count[y].unsqueeze(1)  # -> position in `order`
+        return self.order[r]
+
+    def _without_replacement(self, y: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         rows = max(1, self.max_chunk // self.labels.numel())
         out = []
         for yc in y.split(rows):  # K smallest iid keys among other-class samples: a uniform K-subset
@@ -107,10 +122,6 @@ class CRD(DistillLoss):
         if self.sampler.min_available < 1:
             raise ValueError("CRD draws negatives from other classes, but some class has no other-class "
                              "training samples (the training labels hold a single class)")
-        if nce_k > self.sampler.min_available:
-            warnings.warn(f"CRD: nce_k={nce_k} exceeds the {self.sampler.min_available} other-class samples "
-                          f"available to some class; clipping nce_k to {self.sampler.min_available}")
-            nce_k = self.sampler.min_available
         self.nce_k, self.nce_t, self.nce_m = int(nce_k), float(nce_t), float(nce_m)
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_s", torch.rand(self.n_data, feat_dim).mul_(2 * stdv).sub_(stdv))
