@@ -20,6 +20,7 @@ localrules: all, aggregate
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/teachers.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/paper.smk"
 

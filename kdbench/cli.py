@@ -25,7 +25,7 @@ def cmd_fit(args, want: str) -> int:
 
     suite = _suite(args)
     run = _run_of(suite, args.run)
-    commands = {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}
+    commands = {"train": "train-teacher", "distill": "distill", "probe": "linear-probe", "import": "fetch-teachers"}
     if run.kind != want:
         raise SystemExit(f"run {args.run!r} is a {run.kind} run; use `kdbench {commands[run.kind]}`")
     torch_threads(args.threads or suite.config.get("threads", 1))
@@ -59,9 +59,11 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_list_runs(args) -> int:
+    from .engine.released import teacher_source
     suite = _suite(args)
     for rid, run in suite.runs.items():
-        print(f"{run.kind:8s} {rid}")
+        source = teacher_source(suite, run)
+        print(f"{run.kind:8s} {rid}" + (f"  teacher: {source}" if source else ""))
     print(f"# {len(suite.runs)} runs", file=sys.stderr)
     return 0
 
@@ -102,6 +104,7 @@ MODULE_COMMANDS = {
     "figures": ("kdbench.stats.figures", "paper figures (PNG) from run outputs"),
     "kernel-gap": ("kdbench.stats.kernel_gap", "untransferred kernel fraction of a student vs its teacher"),
     "import-teacher": ("kdbench.engine.import_teacher", "import a published teacher checkpoint"),
+    "fetch-teachers": ("kdbench.engine.released", "download, check and import a suite's released teachers"),
     "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
     "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
     "pack": ("kdbench.engine.pack", "train several runs that share a teacher together on one device"),

@@ -48,6 +48,8 @@ class Run:
     def kind(self) -> str:
         if self.spec.protocol == "linear_probe":
             return "probe"
+        if self.spec.protocol == "import":  # a released teacher (kdbench.engine.released)
+            return "import"
         return "distill" if self.spec.teacher_ckpts else "train"
 
 
@@ -79,6 +81,11 @@ class Suite:
 
     def run_dir(self, run_id: str) -> str:
         return f"{self.runs_dir}/{run_id}"
+
+    def trained_teacher_experiments(self) -> set[str]:
+        """Experiments whose teachers this suite trains (``teacher: train``): every student interval
+        of theirs is conditional on that one teacher run (captions say so)."""
+        return {c.experiment for c in self.cells if c.column == "teacher" and self.runs[c.run].kind == "train"}
 
     def synthetic_datasets(self) -> dict[str, dict]:
         return {n: d for n, d in self.config["datasets"].items() if "synthetic" in d}
@@ -216,6 +223,8 @@ def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
         e["recipe"] = Recipe.layer(recipe, exp.get("recipe"))
         if "teacher_recipe" in exp:
             e["teacher_recipe"] = Recipe.layer(recipe, exp["teacher_recipe"])
+        if "teacher" in cfg:  # the suite's teacher source, unless the experiment names its own
+            e.setdefault("teacher", cfg["teacher"])
         e["method_overrides"] = _merge_overrides(methods, exp.get("method_overrides") or {})
         e["execution"] = {**(cfg.get("execution") or {}), **(exp.get("execution") or {})}
         e["term_params"] = {t: {**terms.get(t, {}), **p} for t, p in {**terms, **(exp.get("term_params") or {})}.items()}
@@ -429,7 +438,11 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
             yield from probes(column, seed, run, t_arch, s_arch)
 
         teacher_seeds = exp.get("teacher_seeds", [0])
-        if t_arch in external:
+        if _teacher_source(exp, t_arch) == "released":
+            imported = _released_run(cfg, exp, t_arch, tds)
+            teachers, ckpts, tids = [imported], (f"{runs_dir}/{imported.id}/model.pt",), (imported.id,)
+            yield from cell("teacher", 0, imported)
+        elif t_arch in external:
             paths = external[t_arch] if isinstance(external[t_arch], list) else [external[t_arch]]
             teachers, ckpts, tids = [], tuple(paths), tuple(_teacher_file_id(p, exp) for p in paths)
         else:
@@ -465,3 +478,37 @@ def _teacher_file_id(path: str, exp: dict) -> str:
                          f"`kdbench import-teacher SOURCE {path}`, or correct the path") from None
 
 
+
+
+def _teacher_source(exp: dict, t_arch: str) -> str:
+    """``teacher:`` of an experiment (or its suite): ``train`` (the default: a teacher run per
+    teacher seed), ``released`` (the checkpoint the papers used, :mod:`kdbench.engine.released`),
+    or a mapping teacher architecture -> one of these (unnamed teachers are trained)."""
+    source = exp.get("teacher", "train")
+    if isinstance(source, dict):
+        unknown = set(source) - {t for t, _ in exp["pairs"]}
+        if unknown:
+            raise SuiteError(f"experiment {exp['name']!r}: teacher: names {sorted(unknown)}, which are no teachers of "
+                             f"this experiment (its teachers: {sorted({t for t, _ in exp['pairs']})})")
+        return source.get(t_arch, "train")
+    return source
+
+
+def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
+    """The import run of ``t_arch``'s released teacher: its id hashes the source's identity (the
+    file is fetched by the run's job, after the suite is loaded)."""
+    from .engine.released import released_teacher
+
+    where = f"experiment {exp['name']!r}: teacher: released"
+    if t_arch in exp.get("teacher_checkpoints", {}):
+        raise SuiteError(f"{where} and teacher_checkpoints both give the {t_arch} teacher; keep one")
+    if "teacher_seeds" in exp:
+        raise SuiteError(f"{where}: a released teacher is one file; teacher_seeds (trained teachers, ensembles) "
+                         f"applies with teacher: train")
+    try:
+        rt = released_teacher(dataset, t_arch)
+    except KeyError as e:
+        raise SuiteError(f"{where}: {e.args[0]}") from None
+    spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], t_arch, "student", 0, protocol="import",
+                   init_id=rt.identity())
+    return Run(f"{dataset}/released/{t_arch}/{rt.source}-{spec.config_hash()}", spec, exp["name"])

@@ -14,6 +14,8 @@ def inputs_of(run_id):
     # a teacher's (or probed model's) metrics.json marks it finished; a failed run leaves no
     # model.pt and the job that needs it then stops with a message naming it
     inputs = [f"{RUNS_DIR}/{t}/metrics.json" for t in run.needs]
+    if run.kind == "distill" and not run.needs:  # teacher_checkpoints: the imported files themselves
+        inputs += list(run.spec.teacher_ckpts)
     synthetic = SUITE.synthetic_datasets()
     if run.spec.dataset in synthetic:
         inputs.append(f"{synthetic[run.spec.dataset]['root']}/kdbench-synthetic.json")

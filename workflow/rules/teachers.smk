@@ -1,0 +1,28 @@
+# Released teachers (`teacher: released` in a suite; kdbench/engine/released.py): one job per
+# teacher downloads the checkpoint the papers used (where the network allows; otherwise the job
+# fails saying which file to put where), checks it and imports it as the run
+# <dataset>/released/<arch>/<source>-<hash>, whose model.pt every distillation from it reads.
+# Distillations list that run's metrics.json among their inputs (common.smk: run.needs), so the
+# import always comes first. `--config teachers_dir=DIR` moves the raw files (default teachers/).
+import re
+
+IMPORT_RUNS = [r for r, run in SUITE.runs.items() if run.kind == "import"]
+TEACHERS_DIR = config.get("teachers_dir", "teachers")
+
+if IMPORT_RUNS:
+
+    ruleorder: fetch_teacher > fit
+
+    rule fetch_teacher:
+        input:
+            run_inputs,
+        output:
+            metrics=f"{RUNS_DIR}/{{run}}/metrics.json",
+        log:
+            f"{RUNS_DIR}/{{run}}/log.txt",
+        wildcard_constraints:
+            run="|".join(re.escape(r) for r in IMPORT_RUNS),
+        resources:
+            gpus=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,
+        shell:
+            "kdbench fetch-teachers --suite {SUITE_FILE:q} --run {wildcards.run:q} --dir {TEACHERS_DIR:q} > {log:q} 2>&1"
