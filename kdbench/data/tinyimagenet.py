@@ -17,8 +17,8 @@ every KD paper that uses Tiny-ImageNet).
 Class k is the k-th wnid in sorted order (what ``ImageFolder`` on ``train/`` gives, as in
 mdistiller). Some images are grayscale JPEGs; they are expanded to RGB. Normalisation: mean
 (0.4802, 0.4481, 0.3975), std (0.2302, 0.2265, 0.2262) (mdistiller's ``tiny_imagenet`` loader;
-recipes.md §3.3), computed on the native 64-px training images; the 32-px reading uses the same
-values, as before.
+recipes.md §3.3; that loader reads the native 64-px images); the 32-px reading uses the same
+values.
 
 Two registered names read the same files (one root serves both):
 
@@ -30,7 +30,7 @@ Two registered names read the same files (one root serves both):
     the native 64 px, for models trained on Tiny-ImageNet itself (the KDA tables): crop 64 of
     the 8-px zero-padded image + horizontal flip. A choice: the KDA paper states neither its
     resolution nor its augmentation; 8 px is CIFAR's 4 px scaled with the image (1/8 of the
-    side), the usual Tiny-ImageNet setting of KD code. The training views are then
+    side); another padding is another registered name. The training views are then
     2·17² = 578 (162 at 32 px). Every KDA model (ResNet18/34, ResNet18-0.5, ShuffleNet) ends in
     global average pooling, so it runs at 64 px unchanged.
 
