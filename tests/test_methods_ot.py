@@ -7,7 +7,11 @@ from scipy.optimize import linear_sum_assignment
 
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.methods.ot import IPOT, REMD, cosine_cost, ipot_plan, remd_cost
+from kdbench.models import build_model, feature_shapes
 from kdbench.models.features import Features, FeatureShapes
+from kdbench.suite import SuiteError, load_suite
+
+from conftest import write_suite
 
 B = 6
 
@@ -44,6 +48,24 @@ def loop_remd(c):
     return max(rows, cols) / b
 
 
+def loop_ipot(c, beta=0.5, n_outer=50):
+    """methods.md §3.1's pseudo-code with L = 1, in numpy."""
+    b = len(c)
+    sigma, plan, g = np.ones(b) / b, np.ones((b, b)), np.exp(-c / beta)
+    for _ in range(n_outer):
+        q = g * plan
+        delta = (1 / b) / (q @ sigma)
+        sigma = (1 / b) / (q.T @ delta)
+        plan = delta[:, None] * q * sigma[None, :]
+    return (plan * c).sum()
+
+
+def avg_pool(m, size):
+    """Average-pool a (b, C, H, W) numpy map to (size, size) by block means (H a multiple of size)."""
+    b, ch, h, w = m.shape
+    return m.reshape(b, ch, size, h // size, size, w // size).mean(axis=(3, 5))
+
+
 def exact_ot(c):
     r, k = linear_sum_assignment(c)  # uniform equal-size marginals: OT = optimal assignment / b
     return c[r, k].mean()
@@ -54,7 +76,7 @@ def test_cost_and_remd_golden_values():
     c = cosine_cost(x, y)
     np.testing.assert_allclose(c.numpy(), loop_cost(x.numpy(), y.numpy()), rtol=1e-12, atol=1e-12)
     assert remd_cost(c).item() == pytest.approx(loop_remd(c.numpy()), rel=1e-12)
-    term = REMD(ctx())
+    term = REMD(ctx(), layers="pooled")
     got = term(feats(x.float(), rand(B, 3, 4, 4, seed=3).float()), feats(y.float(), rand(B, 3, 4, 4, seed=4).float()), BATCH)
     assert got.item() == pytest.approx(loop_remd(c.numpy()), rel=1e-5)
 
@@ -82,7 +104,7 @@ def test_ipot_approaches_exact_ot(seed):
 def test_ipot_term_is_plan_times_cost_with_gradient_through_cost_only():
     x, y = rand(B, 5, seed=7).float().requires_grad_(), rand(B, 5, seed=8).float().requires_grad_()
     stage = rand(B, 3, 4, 4, seed=9).float()
-    term = IPOT(ctx(), beta=0.5, n_outer=50, n_inner=1)
+    term = IPOT(ctx(), beta=0.5, n_outer=50, n_inner=1, layers="pooled")
     loss = term(feats(x, stage), feats(y, stage), BATCH)
     c = cosine_cost(x.detach().double(), y.detach().double())
     plan = ipot_plan(c, 0.5, 50, 1)
@@ -103,36 +125,209 @@ def test_remd_gradient_flows_through_argmin_entries():
     torch.testing.assert_close(c.grad, want)
 
 
-def test_mismatched_dims_build_embeddings_and_gradients():
+def test_unequal_widths_get_a_student_side_projection_and_the_teacher_stays_raw():
+    """Student 5-d pooled and (3, 4, 4) map; teacher 9-d pooled and (6, 2, 2) map: the student
+    map is pooled to 2×2 and 1×1-convolved to 6 channels, the pooled vector goes through a Linear
+    5 → 9; the teacher's features enter the cost as they are (its map already the smaller)."""
     c = ctx(d_s=5, d_t=9, stage_s=(3, 4, 4), stage_t=(6, 2, 2))
-    term = REMD(c, layers=["pooled", "stage:1", "stage:-1"])
-    assert set(term.embed_s) == {"pooled", "stage:1", "stage:-1"}
-    assert term.teacher_needs == {"pooled", "stages"}
+    term = REMD(c, layers=["pooled", "stage:1"])
+    assert set(term.adapters) == {"pooled", "stage:1"} and term.teacher_needs == {"pooled", "stages"}
+    lin, conv = term.adapters["pooled"].map, term.adapters["stage:1"].map
+    assert (lin.in_features, lin.out_features) == (5, 9)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 6, (1, 1))
+    # every trainable parameter is one of these student-side maps: none can act on the teacher
+    assert {id(p) for p in term.parameters()} == {id(p) for p in (lin.weight, lin.bias, conv.weight, conv.bias)}
     x, y = rand(B, 5, seed=1).float().requires_grad_(), rand(B, 9, seed=2).float().requires_grad_()
     fs, ft = rand(B, 3, 4, 4, seed=3).float().requires_grad_(), rand(B, 6, 2, 2, seed=4).float().requires_grad_()
     loss = term(feats(x, fs), feats(y, ft), BATCH)
+    # independent: W x + b on the student; 2×2 block means then a per-pixel W·v + b on the student map
+    w, bias = lin.weight.detach().double().numpy(), lin.bias.detach().double().numpy()
+    want = loop_remd(loop_cost(x.detach().double().numpy() @ w.T + bias, y.detach().double().numpy()))
+    cw, cb = conv.weight.detach().double().numpy()[:, :, 0, 0], conv.bias.detach().double().numpy()
+    pooled_s = avg_pool(fs.detach().double().numpy(), 2)
+    mapped = np.einsum("oc,bchw->bohw", cw, pooled_s) + cb[None, :, None, None]
+    want += loop_remd(loop_cost(mapped.reshape(B, -1), ft.detach().double().numpy().reshape(B, -1)))
+    assert loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
-    assert x.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0
-    assert y.grad is None and ft.grad is None
-    for embeds in (term.embed_s, term.embed_t):
-        for e in embeds.values():
-            assert e.linear.weight.grad is not None and e.linear.weight.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0 and y.grad is None and ft.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in term.parameters())
     same = IPOT(ctx(), layers="pooled")
-    assert len(same.embed_s) == 0 and IPOT(ctx(), embed="always").embed_s["pooled"].linear.out_features == 128
+    assert len(same.adapters) == 0 and IPOT(ctx(), adapter="always").adapters["stage:1"].map.out_channels == 3
 
 
-def test_sum_over_layers_and_validation():
-    x, y = rand(B, 5, seed=11).float(), rand(B, 5, seed=12).float()
-    fs, ft = rand(B, 3, 4, 4, seed=13).float(), rand(B, 3, 4, 4, seed=14).float()
-    both = REMD(ctx(), layers=["pooled", "preact:1"])(feats(x, fs), feats(y, ft), BATCH).item()
-    want = loop_remd(loop_cost(x.double().numpy(), y.double().numpy()))
-    want += loop_remd(loop_cost(fs.flatten(1).double().numpy(), ft.flatten(1).double().numpy()))
-    assert both == pytest.approx(want, rel=1e-5)
-    for bad in (["stage"], ["stage:x"], ["feat:1"], []):
-        with pytest.raises(ValueError, match="valid"):
+def test_a_larger_teacher_map_is_pooled_not_projected():
+    """Equal channels, teacher map 2× larger: the teacher is average-pooled (no parameter), no adapter."""
+    term = IPOT(ctx(stage_s=(3, 2, 2), stage_t=(3, 4, 4)))
+    assert term.layers == ["stage:1"] and len(term.adapters) == 0 and not list(term.parameters())
+    fs, ft = rand(B, 3, 2, 2, seed=5), rand(B, 3, 4, 4, seed=6)
+    pooled = torch.zeros(B, 5)
+    got = term(feats(pooled, fs.float()), feats(pooled, ft.float()), BATCH).item()
+    want = loop_ipot(loop_cost(fs.numpy().reshape(B, -1), avg_pool(ft.numpy(), 2).reshape(B, -1)))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def three_stage_shapes(widths, sizes, d):
+    maps = tuple(torch.Size([c, h, h]) for c, h in zip(widths, sizes))
+    return FeatureShapes(maps, maps, torch.Size([d]), torch.Size([10]))
+
+
+def three_stage_feats(shape, seed):
+    maps = [rand(B, *s, seed=seed + k).float() for k, s in enumerate(shape.stages)]
+    return Features(maps, maps, rand(B, *shape.pooled, seed=seed + 9).float(), torch.zeros(B, 10))
+
+
+@pytest.mark.parametrize("layers,names", [("stages", [1, 2, 3]), ("stages+pooled", [1, 2, 3, "pooled"]),
+                                          (["pooled"], ["pooled"]), (["stage:-1", "preact:1"], [3, 1])])
+@pytest.mark.parametrize("cls", [REMD, IPOT])
+def test_multi_layer_sum_golden(cls, layers, names):
+    """The default is the poster's Σ_l over the stage outputs after the stem (stages[1:]); the sum
+    is recomputed here with loops (REMD) / the numpy IPOT iteration, each map flattened per sample."""
+    sh = three_stage_shapes((2, 3, 4, 5), (8, 8, 4, 2), 7)
+    term = cls(MethodContext(sh, sh, 10, torch.zeros(8, dtype=torch.long)), layers=layers)
+    s, t = three_stage_feats(sh, 30), three_stage_feats(sh, 60)
+    golden = loop_remd if cls is REMD else loop_ipot
+    want = 0.0
+    for k in names:
+        a, b = (s.pooled, t.pooled) if k == "pooled" else (s.stages[k], t.stages[k])
+        want += golden(loop_cost(a.double().flatten(1).numpy(), b.double().flatten(1).numpy()))
+    assert term(s, t, BATCH).item() == pytest.approx(want, rel=1e-4)
+    assert REMD(MethodContext(sh, sh, 10, torch.zeros(8, dtype=torch.long))).layers == ["stage:1", "stage:2", "stage:3"]
+
+
+def test_layers_validation_and_teacher_needs():
+    assert REMD.needs_for({}) == {"stages"} and REMD.needs_for({"layers": "stages+pooled"}) == {"stages", "pooled"}
+    assert IPOT.needs_for({"layers": ["pooled", "logits"]}) == {"pooled", "logits"}
+    assert IPOT.needs_for({"layers": "preact:1"}) == {"preact"}
+    for bad in (["stage"], ["stage:x"], ["feat:1"], [], "stages+", "pool"):
+        with pytest.raises(ValueError, match="valid: 'stages', 'pooled'"):
             REMD(ctx(), layers=bad)
-    with pytest.raises(ValueError, match="embed"):
-        REMD(ctx(d_t=9), embed="never")
+    with pytest.raises(ValueError, match="twice"):
+        REMD(ctx(), layers="stages+stage:1")
+    with pytest.raises(ValueError, match="adapter='auto'"):
+        REMD(ctx(d_t=9), layers="pooled", adapter="never")
+    with pytest.raises(ValueError, match="valid: auto, always, never"):
+        REMD(ctx(), adapter="both")
+
+
+def test_stage_maps_of_the_zoo_pair_resnet32x4_shufflev2():
+    """The default layers on the one CIFAR pair of unequal widths: three 1×1 projections of the
+    student's stages (116, 232, 464 channels → 64, 128, 256) and the teacher's maps pooled to 16, 8, 4."""
+    t_sh, s_sh = feature_shapes(build_model("resnet32x4", 100)), feature_shapes(build_model("ShuffleV2", 100))
+    obj = build_objective("ipot_kd", MethodContext(s_sh, t_sh, 100, torch.zeros(8, dtype=torch.long)))
+    term = obj.terms["ipot"]
+    assert obj.teacher_needs == {"logits", "stages"} and term.layers == ["stage:1", "stage:2", "stage:3"]
+    assert [(a.map.in_channels, a.map.out_channels) for a in term.adapters.values()] == [(116, 64), (232, 128), (464, 256)]
+    assert {id(p) for p in obj.parameters()} == {id(p) for p in term.adapters.parameters()}
+    s = Features([torch.randn(4, *sh) for sh in s_sh.stages], [], torch.randn(4, 1024), torch.randn(4, 100))
+    t = Features([torch.randn(4, *sh) for sh in t_sh.stages], [], torch.randn(4, 256), torch.randn(4, 100))
+    assert torch.isfinite(term(s, t, BATCH))
+
+
+# --------------------------------------------------------------------------- the collapse experiment
+# Frozen random features with the resnet32x4 → ShuffleV2 shapes: pooled 1024 (student) vs 256
+# (teacher), and the last stage maps (464, 4, 4) vs (256, 8, 8), the teacher's pooled to 4×4 (d =
+# 4096). Each step draws a fresh batch: student features ~ ReLU(N(0, I)) (post-ReLU, like real
+# ones), teacher features ~ N(0, I), independent of the student's. Only the term's own parameters
+# train (SGD, RepDistiller's lr 0.05, momentum 0.9, wd 5e-4).
+#
+# Floor. Any student-side map sees only the student's batch, so its outputs z_1..z_b are independent
+# of the teacher's batch, and a teacher vector's direction ŷ is uniform on the sphere S^{d-1}.
+# Cap bound (Ball 1997, Lemma 2.2): P(cos(z, y) ≥ t) ≤ exp(−d t²/2) for a fixed unit z; a union
+# over the b student items gives E[max_i cos(z_i, y)] ≤ t + b·exp(−d t²/2) (cos ≤ 1). Both costs
+# are at least the column relaxation (1/b) Σ_j min_i C_ij: REMD is the max of it and the row
+# relaxation; IPOT's plan has exact column sums 1/b. Hence per layer
+#     E[cost] ≥ floor(d, b) = max_t (1 − t − b·exp(−d t²/2))
+# (0.7295 for d = 256, b = 64; 0.9273 for d = 4096), whatever the adapter learns. A trainable map
+# on the teacher side too breaks the independence: both maps can learn to output one shared
+# direction, the cost falls towards 0 (measured on the two-sided design: ~0.8 for the two layers
+# after 150 steps, against this floor of 1.62).
+CB = 64
+S_POOLED, T_POOLED, S_MAP, T_MAP = 1024, 256, (464, 4, 4), (256, 8, 8)
+
+
+def floor(d, b=CB):
+    t = np.linspace(0, 1, 100001)
+    return float(np.max(1 - t - b * np.exp(-d * t ** 2 / 2)))
+
+
+def collapse_ctx():
+    def sh(stage, d):
+        return FeatureShapes((torch.Size([2, 4, 4]), torch.Size(stage)), (torch.Size([2, 4, 4]), torch.Size(stage)),
+                             torch.Size([d]), torch.Size([10]))
+    return MethodContext(sh(S_MAP, S_POOLED), sh(T_MAP, T_POOLED), 10, torch.zeros(8, dtype=torch.long))
+
+
+def draw(g, informative=False):
+    """A student and a teacher batch; ``informative``: the student's pooled feature is a fixed
+    linear image of the teacher's (so a projection has something to learn)."""
+    t_pooled, t_map = torch.randn(CB, T_POOLED, generator=g), torch.randn(CB, *T_MAP, generator=g)
+    if informative:
+        mix = torch.randn(T_POOLED, S_POOLED, generator=torch.Generator().manual_seed(99)) / T_POOLED ** 0.5
+        s_pooled = t_pooled @ mix
+    else:
+        s_pooled = torch.randn(CB, S_POOLED, generator=g).relu()
+    s_map = torch.randn(CB, *S_MAP, generator=g).relu()
+    return feats(s_pooled, s_map), feats(t_pooled, t_map)
+
+
+def train_own_parameters(term, steps, informative=False):
+    """SGD on the term's parameters alone; the mean cost over 8 fresh batches afterwards."""
+    params = list(term.parameters())
+    assert params, "the unequal widths must give the term trainable adapters"
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(torch.zeros(CB, 3, 4, 4), torch.zeros(CB, dtype=torch.long), torch.arange(CB))
+    for _ in range(steps):
+        loss = term(*draw(g, informative), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return sum(term(*draw(g, informative), batch).item() for _ in range(8)) / 8
+
+
+def test_floor_is_a_lower_bound_of_the_column_relaxation():
+    """The derivation checked by sampling: at t = 0.25 the bound is 0.75 − 64·e^{−8} = 0.7285 ≤
+    floor(256); student items that do not depend on the teacher batch (random directions, or all
+    on one direction) give column relaxations above it."""
+    assert 0.7285 <= floor(256) < 0.75 and 0.92 < floor(4096) < 1
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(200, CB, 256, generator=g, dtype=torch.float64)
+    for z in (torch.randn(CB, 256, generator=g, dtype=torch.float64), torch.ones(CB, 256, dtype=torch.float64)):
+        columns = torch.stack([cosine_cost(z, yy).min(0).values.mean() for yy in y])
+        assert columns.mean().item() >= floor(256)
+
+
+@pytest.mark.parametrize("cls", [REMD, IPOT])
+def test_adapter_parameters_alone_cannot_zero_the_cost(cls):
+    """The OT term's own parameters alone must not drive it to zero: 150 steps on the adapters
+    leave the cost above floor(256) + floor(4096) (the old two-sided projections: ~0.8)."""
+    torch.manual_seed(0)
+    term = cls(collapse_ctx(), layers=["pooled", "stage:1"])
+    cost = train_own_parameters(term, 150)
+    assert cost >= floor(T_POOLED) + floor(4096), cost
+
+
+def test_the_projection_learns_when_the_student_carries_the_teachers_information():
+    """Control for the floor test: the same adapter does reduce the cost below its floor when the
+    student's pooled feature is a linear image of the teacher's (a real signal to regress)."""
+    torch.manual_seed(0)
+    term = REMD(collapse_ctx(), layers="pooled")
+    before = train_own_parameters(term, 0, informative=True)
+    after = train_own_parameters(term, 150, informative=True)
+    assert before > floor(T_POOLED) > after, (before, after)
+
+
+def test_ot_on_stages_is_refused_for_teacher_ensembles(tmp_path):
+    """Default OT reads stage maps, which an ensemble has not: refused at suite load, as AT/NST;
+    ``layers: pooled`` is accepted."""
+    exp = {"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]], "seeds": [0],
+           "teacher_seeds": [0, 1]}
+    for method in ("remd", "ipot_kd"):
+        with pytest.raises(SuiteError, match=f"{method} read the teacher's stage features"):
+            load_suite(write_suite(tmp_path / "bad.yaml", tmp_path / "data", experiments=[{**exp, "methods": [method]}]))
+    load_suite(write_suite(tmp_path / "ok.yaml", tmp_path / "data", term_params={"remd": {"layers": "pooled"}},
+                           experiments=[{**exp, "methods": ["remd"]}]))
 
 
 def test_method_presets():
@@ -148,7 +343,7 @@ def test_method_presets():
 def test_loss_is_float32_under_autocast():
     x, y = rand(B, 5, seed=21).float(), rand(B, 5, seed=22).float()
     stage = rand(B, 3, 4, 4, seed=23).float()
-    for term in (REMD(ctx()), IPOT(ctx())):
+    for term in (REMD(ctx()), IPOT(ctx()), REMD(ctx(), layers="stages+pooled")):
         plain = term(feats(x, stage), feats(y, stage), BATCH)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             auto = term(feats(x, stage), feats(y, stage), BATCH)

@@ -6,6 +6,8 @@ or ``(C,)``; a leading batch dimension is accepted and ignored), never from arch
 - :class:`ConvReg` — FitNet's convolutional regressor from a student map onto a teacher map.
 - :class:`Embed` — Linear(d → 128) then L2 normalisation (CRD's ``Embed``).
 - :class:`LinearEmbed` — Linear(d → 128) without normalisation (CC's ``LinearEmbed``).
+- :class:`Projection` — a student-side linear map onto the teacher's width: 1×1 conv for maps,
+  Linear for vectors (OT-KD's regressor; the teacher side gets none).
 - :func:`pool_to_smaller` — adaptive average pooling of the larger of two maps to the smaller
   spatial size, as RepDistiller's AT, NST and VID do before comparing maps.
 """
@@ -86,6 +88,24 @@ class Embed(LinearEmbed):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(super().forward(x), p=2, dim=1)
+
+
+class Projection(nn.Module):
+    """Map a student feature onto the teacher's width: a 1×1 convolution C_s → C_t for (C, H, W)
+    maps (spatial size kept), a Linear d_s → d_t for vectors. No normalisation or activation."""
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]):
+        super().__init__()
+        if len(s_shape) >= 3 and len(t_shape) >= 3:
+            self.map = nn.Conv2d(_chw(s_shape)[0], _chw(t_shape)[0], kernel_size=1)
+        elif len(s_shape) == 1 and len(t_shape) == 1:
+            self.map = nn.Linear(int(s_shape[0]), int(t_shape[0]))
+        else:
+            raise ValueError(f"Projection maps a map onto a map or a vector onto a vector, not "
+                             f"{tuple(s_shape)} onto {tuple(t_shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.map(x)
 
 
 def pool_to_smaller(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:

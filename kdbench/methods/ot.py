@@ -11,24 +11,36 @@ eq. for L). Two relaxations (poster "Relaxations of OT for KD"):
   Sinkhorn steps on G ⊙ T, G = exp(−C/β); the plan is computed without gradient and the loss is
   Σ T ⊙ C (gradient through C only). It converges to the exact OT plan as N grows.
 
-Layers (``layers``): ``"pooled"``, ``"logits"``, ``"stage:K"`` or ``"preact:K"`` (``Features
-.stages[K]`` / ``.preact[K]``, K may be negative, each sample's map flattened to a vector).
-Where student and teacher dimensions differ at a layer, both go through a trainable, shape-derived
-``Embed`` (Linear → ``embed_dim`` + L2 norm, CRD's); ``embed="always"`` forces it, ``"never"``
-forbids it. On a flattened stage map that Linear is large (ShuffleV2 stage 1: 29,696 → 128).
+Layers (``layers``, the poster's l = 1..l_max, which it does not name): a string or a list of
+items, "+" joining items in a string: ``"stages"`` (every stage output after the stem,
+``Features.stages[1:]`` = RepDistiller's ``feat[1:-1]``, paired from the first as AT and NST
+do), ``"pooled"``, ``"logits"``, ``"stage:K"`` or ``"preact:K"`` (``.stages[K]`` / ``.preact[K]``,
+K may be negative). Default ``"stages"``; ``"stages+pooled"`` adds the penultimate feature under
+the same α. The losses of the layers are summed. A stage map becomes one vector per sample:
+where the two maps' sizes differ, the larger is average-pooled to the smaller (H, W)
+(``pool_to_smaller``, as AT/NST/VID), then each sample's C·H·W values are flattened, so the
+cosine compares whole maps position by position.
+
+Adapters: the teacher's features are never transformed by a trained parameter. Where the
+student's width differs from the teacher's (channels C of a map, or the vector length), a
+student-side ``Projection`` (a FitNet-style regressor: 1×1 convolution for maps, Linear for
+vectors) maps the student onto the teacher's width. A trainable map on *both* sides could send
+every sample to one shared unit vector and make the cost 0 without learning anything (OT has no
+negatives to prevent it); a student-side map cannot, because the teacher's batch is fixed
+(tests/test_methods_ot.py: the collapse experiment and its floor). ``adapter="auto"`` projects
+only where widths differ, ``"always"`` at every layer, ``"never"`` refuses unequal widths.
 Costs and plans are computed in float32 (plan: float64) with autocast disabled.
 
-Unknown in the paper (methods.md §5.3), chosen here and overridable: layers = pooled only (one
-survey says "penultimate layer"); β, N, L = 0.5, 50, 1 (reference IPOT code); the OT weight
-α = 1 (RepDistiller's weights put a feature term at O(1) at the start; the cosine cost of
-post-ReLU pooled features starts around 0.2–0.5, so 1–3 is the plausible range: tune it);
+Unknown in the paper (methods.md §3.2), chosen here and overridable: layers = stage outputs
+(the poster sums L_OT over layers and solves OT "at intermediate layers"; which ones is not
+said); the student-side projection; β, N, L = 0.5, 50, 1 (reference IPOT code); the OT weight
+α = 1 (RepDistiller's weights put a feature term at O(1) at the start: tune it, tune_ot.yaml);
 the KD weight γ = 1 at T = 4 (RepDistiller's +KD convention, which the paper's CRD+KD baseline
 rows come from); CRD keeps its own weight 0.8 in the +CRD rows.
 """
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -36,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.features import Features
-from .adapters import Embed
+from .adapters import Projection, pool_to_smaller
 from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
@@ -69,7 +81,32 @@ def ipot_plan(c: Tensor, beta: float = 0.5, n_outer: int = 50, n_inner: int = 1)
     return plan
 
 
-FIELDS = {"pooled": "pooled", "logits": "logits", "stage": "stages", "preact": "preact"}
+FIELDS = {"pooled": "pooled", "logits": "logits", "stage": "stages", "preact": "preact", "stages": "stages"}
+DEFAULT_LAYERS = "stages"
+LAYER_CHOICES = "'stages', 'pooled', 'logits', 'stage:K', 'preact:K' (K an integer), joined by '+' or listed"
+
+
+def layer_items(layers) -> list[str]:
+    """The items of a ``layers`` value: a string ("+" joins items) or a list of such strings."""
+    parts = [layers] if isinstance(layers, str) else list(layers)
+    items = [item.strip() for part in parts for item in str(part).split("+")]
+    bad = [item for item in items if not re.fullmatch(r"stages|pooled|logits|(stage|preact):-?\d+", item)]
+    if bad or not items:
+        raise ValueError(f"OT layers {layers!r}: {bad or 'empty'}; valid: {LAYER_CHOICES}")
+    return items
+
+
+def resolve_layers(layers, n_stages: int) -> list[str]:
+    """Explicit layer names, "stages" expanded to stage:1 .. stage:n_stages-1; repeats refused."""
+    out = []
+    for item in layer_items(layers):
+        out += [f"stage:{k}" for k in range(1, n_stages)] if item == "stages" else [item]
+    if not out:
+        raise ValueError(f"OT layers {layers!r}: the models have no stage output after the stem")
+    repeated = sorted({la for la in out if out.count(la) > 1})
+    if repeated:
+        raise ValueError(f"OT layers {layers!r} name {repeated} twice; valid: {LAYER_CHOICES}")
+    return out
 
 
 def pick(record, layer: str):
@@ -79,32 +116,38 @@ def pick(record, layer: str):
     return value[int(k)] if k else value
 
 
+def compared_shapes(s_shape, t_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-sample shapes after ``pool_to_smaller`` (maps) as ``OTLoss.forward`` compares them."""
+    s_shape, t_shape = tuple(int(v) for v in s_shape), tuple(int(v) for v in t_shape)
+    if len(s_shape) == 3 and len(t_shape) == 3:
+        size = (min(s_shape[1], t_shape[1]), min(s_shape[2], t_shape[2]))
+        return (s_shape[0], *size), (t_shape[0], *size)
+    return s_shape, t_shape
+
+
 class OTLoss(DistillLoss):
     """Sum over ``layers`` of an OT cost between the student's and the teacher's batch."""
 
     @classmethod
     def needs_for(cls, params: dict) -> frozenset[str]:
-        layers = params.get("layers", ("pooled",))
-        layers = [layers] if isinstance(layers, str) else layers
-        return frozenset(FIELDS[f] for f in (la.partition(":")[0] for la in layers) if f in FIELDS)
+        return frozenset(FIELDS[item.partition(":")[0]] for item in layer_items(params.get("layers", DEFAULT_LAYERS)))
 
-    def __init__(self, ctx: MethodContext, layers=("pooled",), embed: str = "auto", embed_dim: int = 128):
+    def __init__(self, ctx: MethodContext, layers=DEFAULT_LAYERS, adapter: str = "auto"):
         super().__init__(ctx)
-        self.layers = [layers] if isinstance(layers, str) else list(layers)
-        if embed not in ("auto", "always", "never"):
-            raise ValueError(f"embed={embed!r}; valid: auto, always, never")
-        bad = [la for la in self.layers if not re.fullmatch(r"pooled|logits|(stage|preact):-?\d+", la)]
-        if bad or not self.layers:
-            raise ValueError(f"OT layers {bad or self.layers!r}; valid: 'pooled', 'logits', 'stage:K', 'preact:K' (K an integer)")
-        self.teacher_needs = self.needs_for({"layers": self.layers})
-        self.embed_s, self.embed_t = nn.ModuleDict(), nn.ModuleDict()
+        if adapter not in ("auto", "always", "never"):
+            raise ValueError(f"OT adapter={adapter!r}; valid: auto, always, never")
+        self.teacher_needs = self.needs_for({"layers": layers})
+        self.layers = resolve_layers(layers, min(len(ctx.student.stages), len(ctx.teacher.stages)))
+        self.adapters = nn.ModuleDict()  # student side only: see the module docstring
         for layer in self.layers:
-            d_s, d_t = math.prod(pick(ctx.student, layer)), math.prod(pick(ctx.teacher, layer))
-            if embed == "always" or (embed == "auto" and d_s != d_t):
-                self.embed_s[layer] = Embed(d_s, embed_dim)
-                self.embed_t[layer] = Embed(d_t, embed_dim)
-            elif d_s != d_t:
-                raise ValueError(f"OT layer {layer!r}: student dim {d_s} != teacher dim {d_t}; use embed='auto'")
+            s_shape, t_shape = compared_shapes(pick(ctx.student, layer), pick(ctx.teacher, layer))
+            if len(s_shape) != len(t_shape) or s_shape[1:] != t_shape[1:]:
+                raise ValueError(f"OT layer {layer!r}: student {s_shape} and teacher {t_shape} cannot be compared")
+            if adapter == "always" or (adapter == "auto" and s_shape[0] != t_shape[0]):
+                self.adapters[layer] = Projection(s_shape, t_shape)
+            elif s_shape[0] != t_shape[0]:
+                raise ValueError(f"OT layer {layer!r}: student width {s_shape[0]} != teacher width {t_shape[0]}; "
+                                 f"use adapter='auto' (a student-side projection)")
 
     def cost(self, c: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -113,11 +156,12 @@ class OTLoss(DistillLoss):
         total = 0.0
         with torch.autocast(s.pooled.device.type, enabled=False):
             for layer in self.layers:
-                x = pick(s, layer).float().flatten(1)
-                y = pick(t, layer).float().flatten(1).detach()
-                if layer in self.embed_s:
-                    x, y = self.embed_s[layer](x), self.embed_t[layer](y)
-                total = total + self.cost(cosine_cost(x, y))
+                x, y = pick(s, layer).float(), pick(t, layer).float().detach()
+                if x.dim() == 4:
+                    x, y = pool_to_smaller(x, y)
+                if layer in self.adapters:
+                    x = self.adapters[layer](x)
+                total = total + self.cost(cosine_cost(x.flatten(1), y.flatten(1)))
         return total
 
 
@@ -143,7 +187,7 @@ ALPHA, GAMMA = 1.0, 1.0  # unknown in the paper: see the module docstring
 _KD_T = {"kd": {"T": 4.0}}
 for _ot in ("remd", "ipot"):
     register_method(_ot, ce=1.0, terms={_ot: ALPHA}, paper=PAPER,
-                    doc=f"CE + α·{_ot.upper()} on the pooled features (α = 1 chosen, not published).")
+                    doc=f"CE + α·{_ot.upper()} summed over the stage outputs (α = 1 chosen, not published).")
     register_method(f"{_ot}_kd", ce=1.0, terms={"kd": GAMMA, _ot: ALPHA}, params=_KD_T, paper=PAPER,
                     doc=f"CE + γ·KD (T 4) + α·{_ot.upper()} (α = γ = 1 chosen, not published).")
 register_method("ipot_crd", ce=1.0, terms={"ipot": ALPHA, "crd": 0.8}, paper=PAPER,
