@@ -10,6 +10,7 @@ Failed runs (non-finite loss) and missing runs are counted and shown, never aver
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -35,7 +36,40 @@ def run_records(suite: Suite) -> pd.DataFrame:
         prov = (m or {}).get("provenance", {})
         row.update(git_sha=prov.get("git_sha"), device=prov.get("device_name"))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows + imported_teacher_rows(suite))
+
+
+def imported_teacher_rows(suite: Suite) -> list[dict]:
+    """Teachers given as files (``teacher_checkpoints``) are no runs and have no cells: their
+    "teacher" row is the top-1 measured when each file was imported (``kdbench import-teacher
+    --check-data``), one row per file (an ensemble's members, as trained teacher seeds), status
+    ``unevaluated`` when it was imported without the data."""
+    pairs = {}
+    for c in suite.cells:
+        run = suite.runs[c.run]
+        if run.kind == "distill" and not run.needs:
+            pairs.setdefault((c.experiment, c.dataset, c.teacher, c.student), run.spec.teacher_ckpts)
+    rows = []
+    for (exp, ds, t, s), paths in pairs.items():
+        for i, path in enumerate(paths):
+            got = _imported_accuracy(path)
+            status = "missing" if got is None else "ok" if got[0] is not None else "unevaluated"
+            top1, top5 = got or (None, None)
+            rows.append({"experiment": exp, "dataset": ds, "teacher": t, "student": s, "method": "teacher", "seed": i,
+                         "status": status, "run": path, "acc_last": top1, "acc_best": top1, "acc5_last": top5,
+                         "acc5_best": top5, "epoch_best": None, "wall_time_s": None, "git_sha": None, "device": None})
+    return rows
+
+
+@functools.cache
+def _imported_accuracy(path: str) -> tuple[float | None, float | None] | None:
+    """(top-1, top-5) recorded in an imported model file, or None if the file cannot be read."""
+    from ..engine.checkpoint import MODEL_FORMAT, CheckpointError, read_file
+    try:
+        imported = read_file(path, MODEL_FORMAT)["meta"].get("imported") or {}
+    except CheckpointError:
+        return None
+    return imported.get("measured_top1"), imported.get("measured_top5")
 
 
 def summarise(records: pd.DataFrame) -> pd.DataFrame:
