@@ -102,6 +102,33 @@ def test_dkd_bf16_and_method():
     assert over.terms["dkd"].beta == 6.0
 
 
+#: mdistiller configs/cifar100/dkd/<teacher>_<student>.yaml: DKD.BETA (CFG.DKD.BETA = 8.0 where unset),
+#: in mdistiller's names (recipes.md §4)
+MDISTILLER_DKD_BETA = {"res56_res20": 2.0, "res110_res32": 2.0, "res32x4_res8x4": 8.0, "wrn40_2_wrn_16_2": 6.0,
+                       "wrn40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0, "res32x4_shuv1": 8.0, "res32x4_shuv2": 8.0,
+                       "wrn40_2_shuv1": 8.0, "vgg13_mv2": 6.0, "res50_mv2": 8.0}
+MDISTILLER_NAMES = {"res56": "resnet56", "res20": "resnet20", "res110": "resnet110", "res32": "resnet32",
+                    "res32x4": "resnet32x4", "res8x4": "resnet8x4", "wrn40_2": "wrn_40_2", "wrn_16_2": "wrn_16_2",
+                    "wrn_40_1": "wrn_40_1", "vgg13": "vgg13", "vgg8": "vgg8", "shuv1": "ShuffleV1",
+                    "shuv2": "ShuffleV2", "mv2": "MobileNetV2", "res50": "ResNet50"}
+
+
+def test_dkd_beta_per_pair_as_mdistiller_and_overridable():
+    from dataclasses import replace
+    s, t = make_feats([(2, 4, 4)]), make_feats([(2, 4, 4)], seed=1)
+    for config, beta in MDISTILLER_DKD_BETA.items():
+        teacher, student = next((MDISTILLER_NAMES[config[:i]], MDISTILLER_NAMES[config[i + 1:]])
+                                for i in range(len(config)) if config[i] == "_" and config[:i] in MDISTILLER_NAMES
+                                and config[i + 1:] in MDISTILLER_NAMES)
+        pair_ctx = replace(ctx(s, t), teacher_arch=teacher, student_arch=student)
+        assert build_objective("dkd", pair_ctx).terms["dkd"].beta == beta, config
+        over = build_objective("dkd", pair_ctx, {"params": {"dkd": {"beta": 0.5}}}).terms["dkd"]
+        assert over.beta == 0.5 and over.used_params() == {"beta": 0.5}
+    other = replace(ctx(s, t), teacher_arch="resnet14", student_arch="resnet8")  # not an mdistiller pair
+    assert build_objective("dkd", other).terms["dkd"].beta == 8.0
+    assert build_objective("dkd", replace(other, teacher_arch="resnet56", student_arch="resnet20")).terms["dkd"].beta == 2.0
+
+
 # ---------------------------------------------------------------- AB
 def np_ab(g_s, g_t, margin=1.0):
     n, total = len(g_s), 0.0

@@ -13,10 +13,13 @@ logits with the ground-truth logit shifted by -1000, the loss is scaled by T², 
 ramped in linearly over ``warmup`` epochs: w = min(epoch / warmup, 1) with 1-based epochs
 (``batch.epoch``), so the first epoch already has weight 1/warmup.
 
-Defaults (mdistiller ``CFG.DKD``): α = 1, β = 8, T = 4, warmup = 20, CE weight 1. mdistiller's
-CIFAR-100 YAMLs change β per pair (2 for res56→res20/res110→res32; 6 for vgg13→vgg8,
-vgg13→MobileNetV2, wrn40_2→wrn16_2, wrn40_2→wrn40_1; 8 otherwise; ImageNet β 0.5, T 1,
-warmup 1): those are suite overrides (``params: {dkd: {beta: ...}}``), not preset here.
+Defaults (mdistiller ``CFG.DKD``): α = 1, T = 4, warmup = 20, CE weight 1, and β per
+teacher→student pair as mdistiller's CIFAR-100 YAMLs (``configs/cifar100/dkd/*.yaml``,
+:data:`PAIR_BETA`): 2 for resnet56→resnet20 and resnet110→resnet32; 6 for vgg13→vgg8,
+vgg13→MobileNetV2, wrn_40_2→wrn_16_2 and wrn_40_2→wrn_40_1; 8 (``CFG.DKD.BETA``) for every other
+pair, including pairs mdistiller never ran. ``beta`` (a number) overrides the table, e.g. a
+suite's ``params: {dkd: {beta: 0.5}}`` for mdistiller's ImageNet setting (β 0.5, T 1, warmup 1).
+The β a run used is recorded in its metrics.json (``used``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ from torch import Tensor
 
 from ..models.features import Features
 from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+
+
+#: mdistiller's CIFAR-100 β per (teacher, student) in kdbench's model names; other pairs: DEFAULT_BETA
+PAIR_BETA = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0,
+             ("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0,
+             ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0}
+DEFAULT_BETA = 8.0
 
 
 def dkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float, beta: float,
@@ -48,10 +58,16 @@ class DKD(DistillLoss):
     teacher_needs = frozenset({"logits"})
     needs_labels = True  # the target class splits the logits
 
-    def __init__(self, ctx: MethodContext, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0,
+    def __init__(self, ctx: MethodContext, alpha: float = 1.0, beta: float | None = None, T: float = 4.0,
                  warmup: int = 20):
+        """``beta``: None = mdistiller's value for the (teacher, student) pair (:data:`PAIR_BETA`)."""
         super().__init__(ctx)
+        if beta is None:
+            beta = PAIR_BETA.get((ctx.teacher_arch, ctx.student_arch), DEFAULT_BETA)
         self.alpha, self.beta, self.T, self.warmup = float(alpha), float(beta), float(T), int(warmup)
+
+    def used_params(self) -> dict:
+        return {"beta": self.beta}
 
     def warmup_weight(self, epoch: int) -> float:
         return 1.0 if self.warmup <= 0 else min(epoch / self.warmup, 1.0)
@@ -62,7 +78,7 @@ class DKD(DistillLoss):
 
 
 register_method("dkd", ce=1.0, terms={"dkd": 1.0},
-                params={"dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20}},
+                params={"dkd": {"alpha": 1.0, "T": 4.0, "warmup": 20}},
                 paper="Zhao et al. CVPR 2022, arXiv 2203.08679",
-                doc="mdistiller CIFAR-100 defaults: CE 1 + DKD(α 1, β 8, T 4, 20-epoch linear warm-up); "
-                    "per-pair β (2 / 6 / 8) is a suite override.")
+                doc="mdistiller CIFAR-100 defaults: CE 1 + DKD(α 1, T 4, 20-epoch linear warm-up) with "
+                    "mdistiller's per-pair β (2 / 6, else 8); params dkd.beta overrides it.")
