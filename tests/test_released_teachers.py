@@ -230,3 +230,19 @@ def test_pipeline_plans_the_teacher_import_before_distillations(tmp_path):
     fetch = re.search(r"rule fetch_teacher:.*?output: (\S+)", out, flags=re.S).group(1)
     fit = re.search(r"rule fit:\s+input: ([^\n]+)\n\s+output: (\S+/kd/\S+)", out)
     assert fit and fetch in fit.group(1)
+
+
+def test_captions_say_when_the_suite_trains_its_teachers(tmp_path, small_release):
+    from kdbench.stats.paper_tables import TRAINED_TEACHER_NOTE, table_specs
+
+    def caption(teacher):
+        path = suite_file(tmp_path, teacher=teacher)
+        import yaml
+        cfg = yaml.safe_load(path.read_text())
+        cfg["tables"] = [{"name": "main", "experiments": ["main"], "caption": "Own words.",
+                          "rows": {"Teacher": "teacher", "KD": "kd"}, "groups": [{"pair": ["resnet8", "resnet8"]}]}]
+        path.write_text(yaml.safe_dump(cfg))
+        return table_specs(load_suite(path))[0].caption
+
+    assert caption("train") == f"Own words. {TRAINED_TEACHER_NOTE}"
+    assert caption("released") == "Own words."

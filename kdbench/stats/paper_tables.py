@@ -68,6 +68,11 @@ UNPAIRED = ("teacher", "teacher_ensemble")  # columns whose seeds are not the st
 
 # ----------------------------------------------------------------------------- specification
 
+#: caption sentence of a table whose teachers the suite trains (``teacher: train``, kdbench/suite.py)
+TRAINED_TEACHER_NOTE = ("Teachers trained by this suite (one run each, not the paper's): every student interval is "
+                        "conditional on that teacher; its variance is not in the intervals.")
+
+
 @dataclass
 class Group:
     """One entry of the paper's non-method axis (a pair, dataset, ensemble size or layer)."""
@@ -182,7 +187,8 @@ def resolve(cfg: dict, suite: Suite) -> TableSpec:
         pub = {**own_pair, **(g.get("published") or {})}
         label = g.get("label") or f"{pair[0]} → {pair[1]}"
         groups.append(Group(label, list(g_exps), dataset, pair, gm, pub, dict(g.get("rows") or {}), g.get("x")))
-    caption = cfg.get("caption", "")
+    trained = suite.trained_teacher_experiments() & {e for g in groups for e in g.experiments}  # teacher: train
+    caption = " ".join(filter(None, [cfg.get("caption", ""), TRAINED_TEACHER_NOTE if trained else ""]))
     note = _stand_in_note(cfg, suite, groups) if stand_in is not None else None
     return TableSpec(name, rows, groups, cfg.get("layout", "methods_as_rows"), cfg.get("reference", "student"),
                      published, caption, cfg.get("figure"), note)
