@@ -173,8 +173,9 @@ class REMD(OTLoss):
 
 @register_loss("ipot")
 class IPOT(OTLoss):
-    def __init__(self, ctx: MethodContext, beta: float = 0.5, n_outer: int = 50, n_inner: int = 1, **kw):
-        super().__init__(ctx, **kw)
+    def __init__(self, ctx: MethodContext, layers=DEFAULT_LAYERS, adapter: str = "auto", beta: float = 0.5,
+                 n_outer: int = 50, n_inner: int = 1):
+        super().__init__(ctx, layers, adapter)
         self.beta, self.n_outer, self.n_inner = float(beta), int(n_outer), int(n_inner)
 
     def cost(self, c: Tensor) -> Tensor:
