@@ -310,14 +310,22 @@ def test_a_dataset_is_one_registration(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DATASETS, "_items", dict(DATASETS._items))  # registered for this test only
     fetched = []
+
+    def fetch_toy(root):
+        if fetched:
+            raise OSError("host unreachable")
+        fetched.append(root)
+
     register_dataset(DatasetInfo("toy", lambda r, s: read_cifar(r, "cifar10", s), (0.5,) * 3, (0.25,) * 3,
-                                 howto=lambda r: f"put it in {r}", fetch=fetched.append,
+                                 howto=lambda r: f"put cifar-10-batches-py/ in {r}", fetch=fetch_toy,
                                  write_synthetic=lambda r, tr, te: write_cifar(r, "cifar10", tr, te), pad=2))
     ensure_synthetic("toy", str(tmp_path), {"classes": 3, "train_per_class": 4, "test_per_class": 2})
     ds = load_dataset("toy", str(tmp_path))
     assert ds.num_classes == 3 and ds.loaders(4, 4, "cpu")[0].num_views == 2 * 5 ** 2
     fetch("toy", str(tmp_path))
     assert fetched == [str(tmp_path)]
+    with pytest.raises(SystemExit, match=rf"kdbench fetch toy: host unreachable\nput cifar-10-batches-py/ in {tmp_path}"):
+        fetch("toy", str(tmp_path))  # a failed download says how to place the files by hand
     with pytest.raises(ValueError, match="registered twice"):
         register_dataset(DATASETS.get("toy"))
     with pytest.raises(KeyError, match=r"unknown dataset 'tiny'.*Valid choices: .*tinyimagenet64"):

@@ -61,11 +61,8 @@ def fetch_imagenet(root: str) -> None:
     """Unpack the official archives placed in ``root`` (torchvision checks their MD5 sums)."""
     import torchvision.datasets as tvd
 
-    try:
-        for split in ("train", "val"):
-            tvd.ImageNet(root, split=split)
-    except RuntimeError as e:
-        raise SystemExit(f"{e}\n{howto(root)}") from None
+    for split in ("train", "val"):
+        tvd.ImageNet(root, split=split)
 
 
 def _class_dirs(folder: Path) -> list[str]:
