@@ -90,3 +90,24 @@ def test_a_second_writer_waits_for_the_first(tmp_path):
         order.append("first done")
     t.join(5)
     assert order == ["first done", "second"]
+
+
+def test_two_processes_starting_one_run_train_it_once(one_run, tmp_path, subprocess_env):
+    """Two `kdbench` processes on the same run (two snakemake invocations whose suites share it, or
+    --nolock): the second waits for the run folder, finds the run finished and writes nothing."""
+    suite_file = write_suite(tmp_path / "long.yaml", tmp_path / "data", recipe={"epochs": 20},
+                             experiments=[{"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]],
+                                           "methods": ["student"], "seeds": [0]}])
+    suite = load_suite(suite_file)
+    (run_id,) = suite.runs
+    args = [sys.executable, "-m", "kdbench.cli", "train-teacher", "--suite", str(suite_file), "--run", run_id, "--quiet"]
+    first = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
+    err1, err2 = first.communicate(timeout=300)[1], second.communicate(timeout=300)[1]
+    assert first.returncode == 0 and second.returncode == 0, err1 + err2
+    metrics = tmp_path / "runs" / run_id / "metrics.json"
+    assert ("already finished" in err1) != ("already finished" in err2), (err1, err2)
+    assert "is being written by another process" in err1 + err2
+    written = json.loads(metrics.read_text())
+    assert strip_times(written) == strip_times(fit(suite.runs[run_id].spec, tmp_path / "straight", device="cpu",
+                                                   progress=False))
