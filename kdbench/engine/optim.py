@@ -57,8 +57,10 @@ class SGD:
 
     @property
     def kernel(self) -> str | None:
-        """The path the steps took (``fused``, ``foreach``, or both joined by ``+``), for the run record."""
-        return "+".join(sorted(self.kernels)) or None
+        """The path the steps take (``fused``, ``foreach``, or both joined by ``+``), for the run record:
+        decided by the parameters' devices, so a run resumed after its last step records the same."""
+        devices = {p.device.type for p in self.params}
+        return "+".join(sorted({"fused" if d in self.fused_kernel_devices else "foreach" for d in devices})) or None
 
     @property
     def lr(self) -> float:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +40,7 @@ from ..data import TensorLoader, check_stream_split, holdout_split, load_dataset
 from ..methods import Batch, MethodContext, Objective, resolve_method
 from ..methods.base import label_free_methods
 from ..models import build_model, feature_shapes
-from . import distributed
+from . import distributed, run_folder
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_teacher, read_file, save_model
 from .fast import Runtime, StudentStep, TeacherRequest, set_train_modes, step_names
 from .optim import SGD
@@ -208,6 +210,31 @@ def drive(steps) -> dict:
 
 def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | None = None,
               progress: bool = True, stop_after_epochs: int | None = None, shared: dict | None = None):
+    """:func:`_fit_steps` holding the run folder (:func:`kdbench.engine.run_folder.claim`: one
+    writer at a time, a killed writer's temporary files removed); under torchrun rank 0 holds it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return (yield from _fit_steps(spec, out_dir, device, run_id, progress, stop_after_epochs, shared))
+    with run_folder.claim(out_dir):
+        done = finished_run(out_dir, spec)
+        if done is not None:  # another process finished it while this one waited (or earlier)
+            print(f"kdbench: {run_id or out_dir} is already finished ({Path(out_dir) / 'metrics.json'}); nothing to do",
+                  file=sys.stderr, flush=True)
+            return done
+        return (yield from _fit_steps(spec, out_dir, device, run_id, progress, stop_after_epochs, shared))
+
+
+def finished_run(out_dir: str | Path, spec: RunSpec) -> dict | None:
+    """The metrics of a finished run of ``spec`` in ``out_dir`` (metrics.json of this run's hash, with
+    its model.pt when it succeeded), or None. Snakemake deletes a job's outputs before rerunning it,
+    so this is a run another process finished while this one waited for the folder."""
+    m = read_json(Path(out_dir) / "metrics.json")
+    if m is None or m.get("hash") != spec.config_hash() or m.get("status") not in ("ok", "failed"):
+        return None
+    return m if m["status"] == "failed" or (Path(out_dir) / "model.pt").is_file() else None
+
+
+def _fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | None = None,
+               progress: bool = True, stop_after_epochs: int | None = None, shared: dict | None = None):
     """:func:`fit` as a generator of :class:`TeacherRequest` (see :func:`_epoch`) returning the
     metrics: :func:`drive` runs one, ``pack.py`` several in lockstep. ``shared`` may hold the
     ``data`` and ``loaders`` that several packed runs share, and ``fuse: True`` to yield a
