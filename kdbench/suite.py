@@ -29,12 +29,10 @@ from .data import DATASETS
 from .engine.spec import Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
 from .methods import LOSSES, METHODS, resolve_method
 from .models import MODELS
+from .suite_checks import SuiteError, check_file, check_suite
+from .suite_checks import check_name as _check_name
 
 SCHEMA = Path(__file__).parent / "schemas" / "suite.schema.yaml"
-
-
-class SuiteError(ValueError):
-    """An invalid suite file; the message names the location and the valid choices."""
 
 
 @dataclass
@@ -147,23 +145,23 @@ def _pack_id(runs: list[Run]) -> str:
     return f"{s.dataset}.{teacher}--{students}.{digest}"
 
 
-def _check_name(kind: str, name: str, valid, where: str) -> None:
-    if name not in valid:
-        close = difflib.get_close_matches(name, list(valid), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise SuiteError(f"{where}: unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(sorted(valid))}")
-
-
-def load_suite(path: str | Path) -> Suite:
+def load_suite(path: str | Path, check_files: bool = False) -> Suite:
+    """Load and check a suite; ``check_files``: also require every dataset root and imported
+    teacher file its runs read to exist (the pipeline checks this before any job)."""
     path = Path(path)
-    return build_suite(flatten(read_suite_file(path), path), path)
+    suite = build_suite(flatten(read_suite_file(path), path), path)
+    check_suite(suite, check_files)
+    return suite
 
 
 def read_suite_file(path: Path) -> dict:
     if not path.is_file():
         raise SuiteError(f"suite file {path} not found")
     with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise SuiteError(f"{path} is not valid YAML: {e}") from None
     with open(SCHEMA) as f:
         schema = yaml.safe_load(f)
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
@@ -177,6 +175,7 @@ def read_suite_file(path: Path) -> dict:
                 msg += f" — allowed keys here: {', '.join(allowed)}"
             lines.append(f"  {where}: {msg}")
         raise SuiteError(f"{path} is not a valid suite:\n" + "\n".join(lines))
+    check_file(cfg, path)
     return cfg
 
 
@@ -465,9 +464,6 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                 yield from cell(column, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
 
 
-#: linear_probe defaults. CRD never published its probe recipe (HobbitLong/RepDistiller#44);
-#: the DKD maintainers' guidance is wd 0 with a frozen backbone and BN (mdistiller#59).
-PROBE_RECIPE = {"epochs": 40, "milestones": [20, 30], "lr": 0.1, "weight_decay": 0.0, "batch_size": 64}
 def _teacher_file_id(path: str, exp: dict) -> str:
     """An imported teacher enters run ids by its content (``sha256:<hex>``), so it must exist."""
     try:
@@ -476,8 +472,6 @@ def _teacher_file_id(path: str, exp: dict) -> str:
         raise SuiteError(f"experiment {exp['name']!r}: teacher_checkpoints file {path} not found (paths are relative "
                          f"to the directory snakemake runs in). Import the published checkpoint there with "
                          f"`kdbench import-teacher SOURCE {path}`, or correct the path") from None
-
-
 
 
 def _teacher_source(exp: dict, t_arch: str) -> str:
@@ -512,3 +506,8 @@ def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
     spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], t_arch, "student", 0, protocol="import",
                    init_id=rt.identity())
     return Run(f"{dataset}/released/{t_arch}/{rt.source}-{spec.config_hash()}", spec, exp["name"])
+
+
+#: linear_probe defaults. CRD never published its probe recipe (HobbitLong/RepDistiller#44);
+#: the DKD maintainers' guidance is wd 0 with a frozen backbone and BN (mdistiller#59).
+PROBE_RECIPE = {"epochs": 40, "milestones": [20, 30], "lr": 0.1, "weight_decay": 0.0, "batch_size": 64}
