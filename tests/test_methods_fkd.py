@@ -118,3 +118,49 @@ def test_methods_and_bf16_inputs():
     h_s, h_t = rand(B, 4, seed=7), rand(B, 7, seed=8)
     loss = FKD(ctx())(feats(h_s.bfloat16()), feats(h_t.bfloat16(), 100), BATCH)
     assert loss.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- KD with a teacher ensemble (Fig. 4)
+def np_softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def np_kd_to(zs, targets, T):
+    """T² · mean over the batch of Σ_c p_c log(p_c / q_c), q = softmax(z_s / T)."""
+    return T * T * np.mean([sum(p * math.log(p / q) for p, q in zip(pt, np_softmax(z / T)))
+                            for z, pt in zip(zs, targets)])
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kd_ensemble_target_tempered_mean_default_and_averaged_probs_option(T):
+    """Through kdbench's real ensemble record (TeacherEnsemble of 3 resnet8): the default target is
+    the mean of the members' tempered softmaxes; ``averaged_probs`` is the averaged probability
+    raised to 1/T and renormalised (the ensemble's logits at temperature T)."""
+    from kdbench.engine.checkpoint import TeacherEnsemble
+    from kdbench.models import build_model
+
+    torch.manual_seed(0)
+    members = [build_model("resnet8", 10).eval() for _ in range(3)]
+    with torch.no_grad():
+        for m in members:
+            m.fc.weight.mul_(30)  # confident, disagreeing members: the two readings differ clearly
+        t = TeacherEnsemble(members)(torch.randn(4, 3, 32, 32))
+    z_e = np.stack([m.logits.double().numpy() for m in t.members])
+    zs = rand(4, 10, seed=3).double().numpy()
+    s = Features([], [], torch.zeros(4, 7), torch.from_numpy(zs).float())
+    tempered = np.mean([[np_softmax(z / T) for z in ze] for ze in z_e], axis=0)
+    averaged = np.mean([[np_softmax(z) for z in ze] for ze in z_e], axis=0) ** (1 / T)
+    averaged /= averaged.sum(1, keepdims=True)
+    c = MethodContext(shapes(7, 10), shapes(64, 10), 10, torch.zeros(8, dtype=torch.long))
+    default = build_objective(METHODS.get("kd").with_overrides({"params": {"kd": {"T": T}}}), c).terms["kd"]
+    legacy = build_objective("kd", c, {"params": {"kd": {"T": T, "ensemble": "averaged_probs"}}}).terms["kd"]
+    got_default, got_legacy = default(s, t, BATCH).item(), legacy(s, t, BATCH).item()
+    assert got_default == pytest.approx(np_kd_to(zs, tempered, T), rel=1e-4)
+    assert got_legacy == pytest.approx(np_kd_to(zs, averaged, T), rel=1e-4)
+    if T != 1.0:  # the two readings differ except at T = 1
+        assert abs(got_default - got_legacy) > 1e-3 * got_default
+    one = Features([], [], t.pooled, t.members[0].logits)  # a single teacher: both are softmax(z/T)
+    assert default(s, one, BATCH).item() == pytest.approx(legacy(s, one, BATCH).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="tempered_mean, averaged_probs"):
+        build_objective("kd", c, {"params": {"kd": {"ensemble": "mean"}}})
