@@ -198,6 +198,10 @@ def test_layers_validation_and_teacher_needs():
     assert REMD.needs_for({}) == {"stages"} and REMD.needs_for({"layers": "stages+pooled"}) == {"stages", "pooled"}
     assert IPOT.needs_for({"layers": ["pooled", "logits"]}) == {"pooled", "logits"}
     assert IPOT.needs_for({"layers": "preact:1"}) == {"preact"}
+    from kdbench.methods import resolve_method
+    for layers in ("stages", "stages+pooled", "pooled", ["logits", "preact:-1"]):  # what the suite checks = what is built
+        spec = resolve_method("ipot_kd", {"params": {"ipot": {"layers": layers}}})
+        assert build_objective(spec, ctx()).teacher_needs == spec.teacher_needs, layers
     for bad in (["stage"], ["stage:x"], ["feat:1"], [], "stages+", "pool"):
         with pytest.raises(ValueError, match="valid: 'stages', 'pooled'"):
             REMD(ctx(), layers=bad)
