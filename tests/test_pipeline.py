@@ -1,12 +1,16 @@
 """The DAG end to end through Snakemake: data -> teacher -> runs -> tables."""
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 
-from conftest import REPO, write_suite
+from conftest import REPO, kdbench_cmd, write_suite
 
 
 def snakemake(workdir, suite, *extra):
@@ -36,3 +40,71 @@ def test_dag_runs_and_rerun_recomputes_only_what_changed(tmp_path):
     assert "fit" in out and "aggregate" in out and "synthetic" not in out
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
     assert jobs == {"fit": "1", "aggregate": "1", "all": "1", "total": "3"}
+
+
+def test_failed_teacher_corrupt_metrics_and_table_spec_changes(tmp_path):
+    """Issue 18: a diverged teacher's students are failed runs and the tables are still written; a
+    corrupt metrics.json is reported as corrupt and a rerun repairs it; a changed table spec reruns
+    the tables."""
+    from kdbench.stats.aggregate import run_records
+    from kdbench.suite import load_suite
+
+    exp = {"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]], "methods": ["student", "kd"],
+           "seeds": [0, 1], "teacher_recipe": {"epochs": 2, "lr": 1.0e12}}
+    suite = write_suite(tmp_path / "tiny.yaml", tmp_path / "data", experiments=[exp])
+    proc = snakemake(tmp_path, suite)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = pd.read_csv(tmp_path / "results/tiny/runs.csv")
+    assert dict(runs.groupby("method").status.agg(set)) == {"teacher": {"failed"}, "student": {"ok"}, "kd": {"failed"}}
+    (teacher,) = runs[runs.method == "teacher"].run
+    for run in runs[runs.method == "kd"].run:
+        m = json.loads((tmp_path / "runs" / run / "metrics.json").read_text())
+        assert m["failure"].startswith(f"teacher {teacher} failed: non-finite loss")
+    kd = pd.read_csv(tmp_path / "results/tiny/summary.csv").set_index("method").loc["kd"]
+    assert kd.n == 0 and kd.n_failed == 2
+    assert "2 failed" in (tmp_path / "results/tiny/main.md").read_text()
+
+    # a corrupt metrics.json: reported as corrupt, and the next snakemake rewrites it from the checkpoint
+    student = runs[(runs.method == "student") & (runs.seed == 1)].run.iloc[0]
+    path = tmp_path / "runs" / student / "metrics.json"
+    good = json.loads(path.read_text())
+    path.write_text(path.read_text()[:100])
+    status = run_records(load_suite(suite)).set_index("run").status
+    assert status[student] == "corrupt"
+    proc = snakemake(tmp_path, suite)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "was corrupt: moved to metrics.json.corrupt" in proc.stdout + proc.stderr
+    repaired = json.loads(path.read_text())
+    assert repaired["status"] == "ok" and repaired["curve"] == good["curve"]
+
+    # the table's spec changes (metric, caption): the tables are rewritten, no run is redone
+    write_suite(tmp_path / "tiny.yaml", tmp_path / "data", experiments=[exp],
+                tables=[{"name": "main", "experiments": ["main"], "metric": "acc_best", "caption": "Best epoch"}])
+    dry = snakemake(tmp_path, suite, "-n", "--quiet", "rules")
+    assert dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout + dry.stderr, flags=re.M)) == {
+        "aggregate": "1", "all": "1", "total": "2"}
+    proc = snakemake(tmp_path, suite)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best epoch" in (tmp_path / "results/tiny/main.md").read_text()
+
+
+def test_one_command_recovers_a_killed_snakemake(tmp_path, subprocess_env):
+    """Issue 18: after snakemake is killed (its lock and incomplete outputs left behind) a plain rerun
+    refuses; `kdbench resume` with the same arguments finishes the pipeline."""
+    suite = write_suite(tmp_path / "tiny.yaml", tmp_path / "data", recipe={"epochs": 4})
+    args = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2", "--config", f"suite_file={suite}"]
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], env=subprocess_env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "runs").glob("**/checkpoint.pt")):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its jobs, as a crash would
+    proc.wait()
+    assert not (tmp_path / "results/tiny/runs.csv").exists(), "the pipeline finished before it could be killed"
+    plain = snakemake(tmp_path, suite)
+    assert plain.returncode != 0 and "lock" in (plain.stdout + plain.stderr).lower()
+    resumed = subprocess.run(kdbench_cmd("resume", *args), env=subprocess_env, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = pd.read_csv(tmp_path / "results/tiny/runs.csv")
+    assert set(runs.status) == {"ok"} and len(runs) == 5

@@ -119,6 +119,7 @@ def test_garbled_model_and_checkpoint_are_refused_with_the_fix(tmp_path):
         fit(kd, tmp_path / "kd", device="cpu", progress=False)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     garble(ckpt)
+    (tmp_path / "run" / "metrics.json").unlink()  # as snakemake does before it reruns a job
     with pytest.raises(CheckpointError, match="CRC-32.*restarts from its first epoch"):
         fit(spec, tmp_path / "run", device="cpu", progress=False)
     loose = tmp_path / "imported.pt"
@@ -150,3 +151,14 @@ def test_json_state_tells_corrupt_from_missing(tmp_path):
     assert read_json_state(tmp_path / "bin.json") == (None, "corrupt")
     (tmp_path / "ok.json").write_text('{"status": "ok"}')
     assert read_json_state(tmp_path / "ok.json") == ({"status": "ok"}, "ok")
+
+
+def test_truncated_dataset_pickle_names_the_file_and_the_fix(tmp_path):
+    from kdbench.data import DatasetMissingError, load_dataset
+
+    root = tmp_path / "d"
+    ensure_synthetic("cifar100", str(root), SMALL)
+    batch = root / "cifar-100-python" / "train"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    with pytest.raises(DatasetMissingError, match=rf"{batch}: corrupt or truncated .*kdbench fetch cifar100 --root {root}"):
+        load_dataset("cifar100", str(root))

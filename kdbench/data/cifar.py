@@ -59,8 +59,15 @@ def fetch_cifar(root: str, name: str) -> None:
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        root, name = path.parent.parent, next((n for n, lay in LAYOUT.items() if lay[0] == path.parent.name), "cifar100")
+        raise DatasetMissingError(
+            f"{path}: corrupt or truncated ({type(e).__name__}: {e}). Delete {root} and get the dataset again: "
+            f"`kdbench fetch {name} --root {root}`, or, for a suite's synthetic data, rerun snakemake (it "
+            f"regenerates it)") from None
 
 
 def read_cifar(root: str | Path, name: str, split: str) -> ImageSet:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from ..engine.io import atomic_write_bytes, read_json
+from ..engine.io import atomic_write_bytes, read_json_state
 from ..suite import Suite
 from .ci import mean_ci
 
@@ -27,8 +27,8 @@ METRICS = ("acc_last", "acc_best")
 def run_records(suite: Suite) -> pd.DataFrame:
     rows = []
     for c in suite.cells:
-        m = read_json(Path(suite.run_dir(c.run)) / "metrics.json")
-        status = "missing" if m is None else m.get("status", "unknown")
+        m, state = read_json_state(Path(suite.run_dir(c.run)) / "metrics.json")
+        status = state if m is None else m.get("status", "unknown")  # missing, corrupt (rerun snakemake: it redoes it)
         row = {"experiment": c.experiment, "dataset": c.dataset, "teacher": c.teacher, "student": c.student,
                "method": c.column, "seed": c.seed, "status": status, "run": c.run}
         for k in METRICS + ("acc5_last", "acc5_best", "epoch_best", "wall_time_s"):
@@ -78,7 +78,8 @@ def summarise(records: pd.DataFrame) -> pd.DataFrame:
     for key, g in records.groupby(keys, sort=False):
         ok = g[g.status == "ok"]
         row = dict(zip(keys, key))
-        row.update(n=len(ok), n_failed=int((g.status == "failed").sum()), n_missing=int((g.status == "missing").sum()))
+        row.update(n=len(ok), n_failed=int((g.status == "failed").sum()),
+                   n_missing=int(g.status.isin(["missing", "corrupt"]).sum()))  # no result either way
         for metric in METRICS:
             ci = mean_ci(ok[metric].tolist())
             row.update({f"{metric}_mean": ci.mean, f"{metric}_sd": ci.std, f"{metric}_ci_lo": ci.lo, f"{metric}_ci_hi": ci.hi})

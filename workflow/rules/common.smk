@@ -29,3 +29,39 @@ def all_metrics():
 def table_outputs():
     names = [t["name"] for t in SUITE.config.get("tables", [])] or ["summary"]
     return [f"{RESULTS}/runs.csv", f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{n}.md" for n in names]
+
+
+def spec_param(obj) -> str:
+    """A rule's ``params:`` value holding the part of the suite its outputs follow (Snakemake's
+    default rerun trigger ``params`` reruns the rule when it changes: a table's metric or caption)."""
+    import dataclasses
+    import json
+
+    def plain(o):
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+
+    return json.dumps(obj, sort_keys=True, default=plain)
+
+
+def set_aside_corrupt_metrics():
+    """A metrics.json that is not JSON (kdbench writes it atomically, so a damaged disk or a hand
+    edit) is moved to metrics.json.corrupt: this invocation then reruns the run's job, which
+    rewrites it from the run's complete checkpoint.pt without training, and the tables. A dry run
+    (-n) only says so. Reads every existing metrics.json once per invocation (main process only)."""
+    import pathlib
+
+    from kdbench.engine.io import read_json_state
+
+    for run in SUITE.runs:
+        path = pathlib.Path(f"{RUNS_DIR}/{run}/metrics.json")
+        if read_json_state(path)[1] != "corrupt":
+            continue
+        if workflow.dryrun:
+            print(f"kdbench: {path} is corrupt; a real invocation moves it to metrics.json.corrupt and reruns its job")
+        else:
+            path.replace(path.with_name("metrics.json.corrupt"))
+            print(f"kdbench: {path} was corrupt: moved to metrics.json.corrupt; its job reruns and rewrites it")
+
+
+if workflow.is_main_process:
+    set_aside_corrupt_metrics()

@@ -48,6 +48,8 @@ if PAPER_TABLES:
             list(DIAGNOSTICS),
         output:
             [f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv")],
+        params:
+            spec=spec_param(_PAPER_SPECS),  # the tables' resolved specs: a changed one reruns them
         shell:
             "kdbench tables --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
 
@@ -60,6 +62,8 @@ if PAPER_FIGURES:
             list(DIAGNOSTICS),
         output:
             [f"{PAPER_DIR}/{n}.png" for n in PAPER_FIGURES],
+        params:
+            spec=spec_param([s for s in _PAPER_SPECS if s.figure]),
         shell:
             "kdbench figures --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
 

@@ -6,6 +6,8 @@ rule aggregate:
         all_metrics(),
     output:
         table_outputs(),
+    params:
+        spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric or caption reruns the tables
     resources:
         gpus=0,
         mem_mb=2000,
