@@ -205,6 +205,8 @@ def test_layers_validation_and_teacher_needs():
     for bad in (["stage"], ["stage:x"], ["feat:1"], [], "stages+", "pool"):
         with pytest.raises(ValueError, match="valid: 'stages', 'pooled'"):
             REMD(ctx(), layers=bad)
+    with pytest.raises(ValueError, match="the student has 2 and the teacher 2 stage outputs"):
+        REMD(ctx(), layers="stage:2")
     with pytest.raises(ValueError, match="twice"):
         REMD(ctx(), layers="stages+stage:1")
     with pytest.raises(ValueError, match="adapter='auto'"):

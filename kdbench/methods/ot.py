@@ -102,7 +102,7 @@ def resolve_layers(layers, n_stages: int) -> list[str]:
     for item in layer_items(layers):
         out += [f"stage:{k}" for k in range(1, n_stages)] if item == "stages" else [item]
     if not out:
-        raise ValueError(f"OT layers {layers!r}: the models have no stage output after the stem")
+        raise ValueError(f"OT layers {layers!r}: the models have no stage output after the stem; use layers: pooled")
     repeated = sorted({la for la in out if out.count(la) > 1})
     if repeated:
         raise ValueError(f"OT layers {layers!r} name {repeated} twice; valid: {LAYER_CHOICES}")
@@ -140,7 +140,11 @@ class OTLoss(DistillLoss):
         self.layers = resolve_layers(layers, min(len(ctx.student.stages), len(ctx.teacher.stages)))
         self.adapters = nn.ModuleDict()  # student side only: see the module docstring
         for layer in self.layers:
-            s_shape, t_shape = compared_shapes(pick(ctx.student, layer), pick(ctx.teacher, layer))
+            try:
+                s_shape, t_shape = compared_shapes(pick(ctx.student, layer), pick(ctx.teacher, layer))
+            except IndexError:
+                raise ValueError(f"OT layer {layer!r}: the student has {len(ctx.student.stages)} and the teacher "
+                                 f"{len(ctx.teacher.stages)} stage outputs (stage:0 is the stem)") from None
             if len(s_shape) != len(t_shape) or s_shape[1:] != t_shape[1:]:
                 raise ValueError(f"OT layer {layer!r}: student {s_shape} and teacher {t_shape} cannot be compared")
             if adapter == "always" or (adapter == "auto" and s_shape[0] != t_shape[0]):
