@@ -23,6 +23,7 @@ if IMPORT_RUNS:
         wildcard_constraints:
             run="|".join(re.escape(r) for r in IMPORT_RUNS),
         resources:
-            gpus=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,
+            gpus=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,  # the accuracy check
+            gpu=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,  # SLURM plugin's name
         shell:
             "kdbench fetch-teachers --suite {SUITE_FILE:q} --run {wildcards.run:q} --dir {TEACHERS_DIR:q} > {log:q} 2>&1"
