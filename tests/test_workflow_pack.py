@@ -161,11 +161,11 @@ def test_slurm_profile_dry_runs_the_paper_suite_packed(tmp_path, subprocess_env)
     listed = jobs(log)
     made = {}
     for rule, js in listed.items():
-        if rule == "fit" or rule.startswith("pack_"):
+        if rule in ("fit", "fetch_teacher") or rule.startswith("pack_"):  # fetch_teacher: released teachers
             for job in js:
                 made.update({o.removeprefix("runs/").removesuffix("/metrics.json"): (rule, job["resources"])
                              for o in job["outputs"]})
-    assert set(made) == set(suite.runs)  # every run once, by a pack or by fit
+    assert set(made) == set(suite.runs)  # every run once, by a pack, fit or fetch_teacher
     packs = {r: js[0]["resources"] for r, js in listed.items() if r.startswith("pack_")}
     packed = {r for runs in suite.packs(12).values() for r in runs}
     assert len(packs) == len(suite.packs(12)) > 100 and len(packed) > 1500
