@@ -16,7 +16,7 @@ RESULTS = config.get("results_dir", f"results/{SUITE.name}")
 include: "workflow/rules/common.smk"
 
 # light jobs run where snakemake runs, never submitted to a cluster
-localrules: all, aggregate
+localrules: all, aggregate, seed_figures
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
@@ -31,6 +31,7 @@ rule all:
         # whose downstream outputs exist, and a deleted run must be recomputed (then its tables)
         all_metrics(),
         table_outputs(),
+        SEED_FIGURES,
         paper_outputs(),
 
 

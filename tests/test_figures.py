@@ -99,13 +99,32 @@ def test_figure_tables_read_run_and_kernel_gap_records(fig_suite):
 
 def test_figures_are_written_as_png(fig_suite, tmp_path):
     paths = figures.write_figures(fig_suite, tmp_path / "out")
-    assert sorted(p.name for p in paths) == ["fig3.png", "fig4.png"]
+    assert sorted(p.name for p in paths) == ["fig3.png", "fig3_forest.png", "fig4.png", "fig4_forest.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = imread(p)
         assert img.shape[0] > 300 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # a drawn, non-blank image
     assert figures.main(["--suite", str(fig_suite.path), "--out", str(tmp_path / "cli"), "--table", "fig3"]) == 0
-    assert [p.name for p in (tmp_path / "cli").iterdir()] == ["fig3.png"]
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["fig3.png", "fig3_forest.png"]
+
+
+def test_fig4_draws_dodged_error_bars_and_clips_no_interval(fig_suite):
+    """FKD Fig. 4: error bars (no overlapping bands), each row's points moved sideways so no two
+    bars share an x, and an axis that holds every interval whole (a 3-seed CI can pass 100%)."""
+    from matplotlib.collections import PolyCollection
+    wide = {0: 60.0, 1: 99.9, 2: 80.0}  # 95% CI ≈ 79.97 ± 49.5: beyond 100
+    for c in fig_suite.cells:
+        if c.experiment == "e2" and c.column == "fkd":
+            write_json(f"{fig_suite.run_dir(c.run)}/metrics.json", {"status": "ok", "acc_last": wide[c.seed]})
+    res = pt.compute(next(s for s in pt.table_specs(fig_suite) if s.name == "fig4"), fig_suite)
+    fig = figures.figure(res)
+    ax = fig.axes[0]
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no fill_between bands
+    lo, hi = ax.get_ylim()
+    cells = [c for c in res.cells if c.n >= 2]
+    assert lo <= min(c.lo for c in cells) and hi >= max(c.hi for c in cells) > 100
+    xs = [tuple(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_linestyle() == "-"]
+    assert len(xs) >= 3 and len(set(xs)) == len(xs)  # every row at its own x positions
 
 
 def test_missing_kernel_gap_record_counts_as_missing(fig_suite):

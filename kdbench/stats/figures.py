@@ -1,14 +1,20 @@
-"""``kdbench figures``: the paper figures as PNG, drawn from the same cells as the tables.
+"""``kdbench figures``: the figures of a suite as PNG, drawn from the same cells as the tables.
 
-A paper table with a ``figure:`` entry (suite schema) is computed by
-:func:`kdbench.stats.paper_tables.compute` — same runs, same failed/missing accounting, same
-95% t-intervals — and drawn with matplotlib:
+Paper tables (``kdbench tables``' cells: same runs, same failed/missing accounting, same 95%
+t-intervals), under ``results/<suite>/paper/``:
 
-* ``lines`` (FKD Fig. 4): the groups' ``x`` on the horizontal axis (log₂ if ``log2_x``), one line
-  per row with its 95% CI as a band (a single-value cell has no band), published values as
-  hollow markers on a dashed line of the same colour;
-* ``bars`` (KDA Fig. 3): one cluster per group, one bar per row with its 95% CI as an error bar,
-  published values as black crosses on their bars.
+* ``<table>.png`` for a table with a ``figure:`` entry, drawn with matplotlib:
+  ``lines`` (FKD Fig. 4): the groups' ``x`` on the horizontal axis (log₂ if ``log2_x``), one line
+  per row, each point with its 95% t-interval as an error bar, the rows' points dodged sideways
+  so no two bars overlap; published values as hollow diamonds on a dashed line of the row's
+  colour. ``bars`` (KDA Fig. 3): one cluster per group, one bar per row with its 95% CI as an
+  error bar, published values as black crosses. Intervals are never clipped: the axis covers
+  every one, and values beyond 0 or 100% (which a t-interval of 2 seeds reaches) are greyed.
+* ``<table>_forest.png`` for a table with a reference column: :mod:`kdbench.stats.forest`.
+
+Seed tables (``--seed-tables``, ``kdbench aggregate``'s layout), under ``results/<suite>/``:
+``<table>_forest.png`` (each method − the table's ``reference``, default ``student``, per pair,
+Holm over the table) and ``<table>_curves.png`` (:mod:`kdbench.stats.curves`).
 
 The legend gives each row's n (finished runs) per group where runs failed or are missing.
 """
@@ -20,7 +26,9 @@ import math
 import sys
 from pathlib import Path
 
-from .paper_tables import CellStat, Records, TableResult, compute, table_specs
+from .curves import BANDS, CellCurves, draw_curves, epoch_accuracies
+from .forest import ForestRow, draw_forest
+from .paper_tables import METRICS, CellStat, Records, TableResult, compute, table_specs
 
 
 def _ok(x) -> bool:
@@ -34,30 +42,55 @@ def _label(row: str, cells: list[CellStat]) -> str:
     return f"{row} (" + ", ".join(f"{c.group}: n={c.n}/{c.n_expected}" for c in short) + ")"
 
 
+def _shade_impossible(ax) -> None:
+    """Keep every interval whole (no clipping) and grey out the impossible values beyond 0 and 100%
+    that a t-interval over few seeds can reach."""
+    lo, hi = ax.get_ylim()
+    if lo < 0:
+        ax.axhspan(lo, 0, color="0.9", zorder=0)
+    if hi > 100:
+        ax.axhspan(100, hi, color="0.9", zorder=0)
+    ax.set_ylim(lo, hi)
+
+
 def draw(res: TableResult, path: str | Path) -> Path:
     """Draw ``res`` (a table with a ``figure`` spec) into the PNG file ``path``."""
+    import matplotlib.pyplot as plt
+    fig = figure(res)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def figure(res: TableResult):
+    """The matplotlib figure of ``res`` (a table with a ``figure`` spec)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     spec, fig_cfg = res.spec, res.spec.figure or {"kind": "lines"}
     groups, rows = spec.groups, list(spec.rows)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if fig_cfg["kind"] == "lines":
         xs = [g.x if g.x is not None else i + 1 for i, g in enumerate(groups)]
+        log2 = bool(fig_cfg.get("log2_x"))
         for k, row in enumerate(rows):
             cells = [res.cell(row, g.label) for g in groups]
             col = colours[k % len(colours)]
-            pts = [(x, c) for x, c in zip(xs, cells) if c.n]
-            ax.plot([x for x, _ in pts], [c.mean for _, c in pts], "o-", color=col, label=_label(row, cells))
-            band = [(x, c) for x, c in pts if _ok(c.lo)]
-            if band:
-                ax.fill_between([x for x, _ in band], [c.lo for _, c in band], [c.hi for _, c in band], color=col, alpha=0.2)
-            pub = [(x, c.published) for x, c in zip(xs, cells) if c.published is not None]
+            # dodge: each row's points sit a little left/right of the group's x, so bars never overlap
+            shift = (k - (len(rows) - 1) / 2) * 0.07
+            px = [x * 2 ** shift if log2 else x + shift for x in xs]
+            pts = [(x, c) for x, c in zip(px, cells) if c.n]
+            err = [[c.mean - c.lo if _ok(c.lo) else 0.0 for _, c in pts], [c.hi - c.mean if _ok(c.hi) else 0.0 for _, c in pts]]
+            ax.errorbar([x for x, _ in pts], [c.mean for _, c in pts], yerr=err, fmt="o-", color=col, capsize=4,
+                        lw=1.5, label=_label(row, cells))
+            pub = [(x, c.published) for x, c in zip(px, cells) if c.published is not None]
             if pub:
-                ax.plot(*zip(*pub), "o--", mfc="none", color=col, alpha=0.8)
-        if fig_cfg.get("log2_x"):
+                ax.plot(*zip(*pub), "D--", mfc="none", color=col, alpha=0.9, ms=6)
+        if log2:
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
     elif fig_cfg["kind"] == "bars":
@@ -74,48 +107,187 @@ def draw(res: TableResult, path: str | Path) -> Path:
         ax.set_xticks(range(len(groups)), [g.label for g in groups])
     else:
         raise ValueError(f"table {spec.name!r}: figure kind {fig_cfg['kind']!r}; valid: lines, bars")
-    if all(g.metric.startswith(("acc", "err")) for g in groups):  # CI bands of 2 seeds can leave [0, 100]
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
+    if all(g.metric.startswith(("acc", "err")) for g in groups):
+        _shade_impossible(ax)
     ax.set_xlabel(fig_cfg.get("xlabel", ""))
     ax.set_ylabel(fig_cfg.get("ylabel", ""))
     title = fig_cfg.get("title", spec.name) + ("  [STAND-IN: miniature runs]" if spec.stand_in else "")
     ax.set_title(title, fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     from matplotlib.lines import Line2D
-    mark = "o" if fig_cfg["kind"] == "lines" else "x"
-    handles.append(Line2D([], [], marker=mark, ls="--" if mark == "o" else "", color="k",
-                          mfc="none" if mark == "o" else "k"))
+    mark = "D" if fig_cfg["kind"] == "lines" else "x"
+    handles.append(Line2D([], [], marker=mark, ls="--" if mark == "D" else "", color="k",
+                          mfc="none" if mark == "D" else "k"))
     labels.append("published")
-    ax.legend(handles, labels, fontsize=8)
-    fig.text(0.01, 0.01, "mean over seeds with its 95% t-interval (band / error bar); n<2: no interval", fontsize=7)
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.text(0.01, 0.01, "mean over seeds with its 95% t-interval (error bar; points dodged sideways so that no two "
+                         "overlap); n<2: no interval; grey: outside 0–100%", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_figures(suite, out_dir: str | Path, only: list[str] | None = None) -> list[Path]:
-    records = Records(suite)
-    return [draw(compute(spec, suite, records), Path(out_dir) / f"{spec.name}.png")
-            for spec in table_specs(suite, only) if spec.figure]
+    """Every paper figure (``figure:`` tables) and a forest plot of every paper table with a
+    reference, under ``out_dir``: ``<table>.png``, ``<table>_forest.png``."""
+    records, out = Records(suite), []
+    for spec in table_specs(suite, only):
+        res = compute(spec, suite, records)
+        if spec.figure:
+            out.append(draw(res, Path(out_dir) / f"{spec.name}.png"))
+        if spec.reference:
+            out.append(draw_paper_forest(res, Path(out_dir) / f"{spec.name}_forest.png"))
+    return out
+
+
+# ----------------------------------------------------------------------------- forest plots
+
+def _margin(table: dict | None, dataset: str, metric: str) -> float:
+    from .verdict import default_margin
+    return float((table or {}).get("margin") or default_margin(dataset, metric))
+
+
+def _forest_row(label: str, group: str, test, p_adj: float = math.nan, correction: str = "",
+                published: float | None = None) -> ForestRow:
+    return ForestRow(label, group, test.n, test.mean_diff, test.ci_lo, test.ci_hi, test.sd_diff, published,
+                     p_adj, correction)
+
+
+def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
+    """Each tested cell − the reference column of its group, the published Δ where the paper
+    prints both values."""
+    spec = res.spec
+    rows = []
+    for c in res.cells:
+        if c.test is None or c.test.n == 0:
+            continue
+        ref = next(r for r in res.cells if r.group == c.group and r.column == spec.reference)
+        pub = c.published - ref.published if c.published is not None and ref.published is not None else None
+        rows.append(_forest_row(f"{c.row} − {spec.reference}", c.group, c.test, c.p_holm, "Holm", pub))
+    metric = spec.groups[0].metric if spec.groups else "acc_last"
+    margin = _margin(getattr(spec, "margin", None) and {"margin": spec.margin}, spec.groups[0].dataset, metric)
+    note = ("Δ = row − reference over shared seeds (paired t); published Δ = the paper's row − its reference. "
+            + ("STAND-IN: reproduced values from miniature runs, published values from the paper's setting." if spec.stand_in else ""))
+    return draw_forest(rows, margin, path, f"{spec.name}: Δ vs `{spec.reference}`"
+                       + ("  [STAND-IN]" if spec.stand_in else ""), f"Δ {METRICS[metric][0]} (pp)", note)
+
+
+def seed_metric(table: dict) -> str:
+    """The accuracy a seed table aggregates (as ``kdbench aggregate``: errors are shown as accuracies)."""
+    return "acc_best" if table.get("metric", "acc_last").endswith("_best") else "acc_last"
+
+
+def is_paper_table(table: dict) -> bool:
+    return any(k in table for k in ("published", "like", "rows"))
+
+
+def seed_figure_names(suite) -> list[str]:
+    """The seed-table figures ``kdbench figures --seed-tables`` writes (file names): a forest plot
+    of every seed table (not a paper table: those are under paper/) and the learning curves of
+    every table that is not a stand-in (a stand-in shows runs another table already draws)."""
+    out = []
+    for t in suite.config.get("tables") or []:
+        if not is_paper_table(t):
+            out.append(f"{t['name']}_forest.png")
+        if "stand_in" not in t:
+            out.append(f"{t['name']}_curves.png")
+    return out
+
+
+def _seed_cells(records, table: dict) -> dict[tuple, dict[str, list]]:
+    """(experiment, dataset, teacher, student) -> column -> its rows of ``runs.csv``."""
+    out: dict[tuple, dict[str, list]] = {}
+    for r in records[records.experiment.isin(table["experiments"])].itertuples():
+        out.setdefault((r.experiment, r.dataset, r.teacher, r.student), {}).setdefault(r.method, []).append(r)
+    return out
+
+
+def seed_forest_rows(records, table: dict) -> list[ForestRow]:
+    """Each method − the table's ``reference`` (default ``student``) per pair, paired by seed;
+    Holm over the table's tests (each distinct pair of run sets counted once)."""
+    from .paired import holm, paired_test
+    metric, ref = seed_metric(table), table.get("reference", "student")
+    cells = _seed_cells(records, table)
+    multi = len({k[:2] for k in cells}) > 1
+    tests = []  # (group, label, test, key: the two sides' runs — the same test counts once)
+    for (exp, ds, t, s), cols in cells.items():
+        if ref not in cols:
+            continue
+        group = f"{exp}/{ds}: {t} → {s}" if multi else f"{t} → {s}"
+        base = {r.seed: getattr(r, metric) for r in cols[ref] if r.status == "ok"}
+        for method, runs in cols.items():
+            if method not in (ref, "teacher"):
+                test = paired_test({r.seed: getattr(r, metric) for r in runs if r.status == "ok"}, base)
+                tests.append((group, f"{method} − {ref}", test, (tuple(r.run for r in runs), tuple(r.run for r in cols[ref]))))
+    distinct = {key: test.p for _, _, test, key in tests}
+    adjusted = dict(zip(distinct, holm(list(distinct.values()))))
+    return [_forest_row(label, group, test, float(adjusted[key]), "Holm") for group, label, test, key in tests]
+
+
+def seed_curve_cells(suite, records, table: dict) -> list[CellCurves]:
+    from ..engine.io import read_json
+    cells = _seed_cells(records, table)
+    multi = len(cells) > 1
+    out = []
+    for (exp, ds, t, s), cols in cells.items():
+        for method, runs in cols.items():
+            cc = CellCurves(f"{method} ({t} → {s})" if multi else method, method, (exp, ds, t, s))
+            for r in runs:
+                curve = epoch_accuracies(read_json(Path(suite.run_dir(r.run)) / "metrics.json"))
+                if r.status == "ok" and curve:
+                    cc.ok.append(curve)
+                elif r.status == "failed":
+                    cc.failed.append(curve)
+                else:
+                    cc.missing += 1
+            out.append(cc)
+    return out
+
+
+def write_seed_figures(suite, out_dir: str | Path, band: str = "range") -> list[Path]:
+    """The forest plots and learning curves of :func:`seed_figure_names` under ``out_dir``."""
+    from .aggregate import run_records
+    records, out = run_records(suite), []
+    for t in suite.config.get("tables") or []:
+        title = t["name"] + ("  [STAND-IN]" if "stand_in" in t else "")
+        if not is_paper_table(t):
+            metric = seed_metric(t)
+            ds = records[records.experiment.isin(t["experiments"])].dataset
+            margin = _margin(t, ds.iloc[0] if len(ds) else "", metric)
+            out.append(draw_forest(seed_forest_rows(records, t), margin, Path(out_dir) / f"{t['name']}_forest.png",
+                                   f"{title}: Δ vs `{t.get('reference', 'student')}`, paired by seed",
+                                   f"Δ {METRICS[metric][0]} (pp)",
+                                   "Δ = method − reference over the seeds both finished (paired t); p Holm-adjusted "
+                                   "over this table's comparisons; decided = the interval excludes 0, or its 90% "
+                                   "interval lies inside the margin."))
+        if "stand_in" not in t:
+            out.append(draw_curves(seed_curve_cells(suite, records, t), t.get("reference", "student"),
+                                   Path(out_dir) / f"{t['name']}_curves.png", title, band))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="kdbench figures",
-        description="Draw the paper figures of a suite (its tables with a `figure:` entry: FKD Fig. 4, KDA Fig. 3) "
-                    "as PNG from the runs' outputs, with 95% CIs over seeds and the published values.")
+        description="Draw a suite's figures as PNG from the runs' outputs. Default: the paper figures (tables with "
+                    "a `figure:` entry: FKD Fig. 4, KDA Fig. 3) and a forest plot of every paper table "
+                    "(<table>_forest.png: each method − the reference with its 95% paired t-interval, the margin, "
+                    "the published Δ) under results/<suite>/paper. With --seed-tables: a forest plot of every seed "
+                    "table and the learning curves of every table (<table>_curves.png) under results/<suite>.")
     p.add_argument("--suite", required=True, help="suite YAML file (workflow/suites/*.yaml)")
-    p.add_argument("--out", help="output folder (default results/<suite name>/paper)")
-    p.add_argument("--table", action="append", help="only this figure's table (repeatable)")
+    p.add_argument("--out", help="output folder (default results/<suite name>/paper, or results/<suite name> "
+                                 "with --seed-tables)")
+    p.add_argument("--table", action="append", help="only this paper table (repeatable)")
+    p.add_argument("--seed-tables", action="store_true", help="the seed tables' forest plots and learning curves")
+    p.add_argument("--band", choices=BANDS, default="range",
+                   help="learning-curve band over seeds: range (min-max, default), sd (±1 sd), ci95 (t-interval)")
     args = p.parse_args(argv)
     from ..suite import SuiteError, load_suite
     try:
         suite = load_suite(args.suite)
-        paths = write_figures(suite, args.out or f"results/{suite.name}/paper", args.table)
+        if args.seed_tables:
+            paths = write_seed_figures(suite, args.out or f"results/{suite.name}", args.band)
+        else:
+            paths = write_figures(suite, args.out or f"results/{suite.name}/paper", args.table)
     except (SuiteError, ValueError) as e:
         print(f"kdbench figures: error: {e}", file=sys.stderr)
         return 2

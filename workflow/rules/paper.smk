@@ -7,13 +7,24 @@ PAPER_DIR = f"{RESULTS}/paper"
 _PAPER_SPECS = table_specs(SUITE)
 PAPER_TABLES = [s.name for s in _PAPER_SPECS]
 PAPER_FIGURES = [s.name for s in _PAPER_SPECS if s.figure]
+PAPER_FORESTS = [s.name for s in _PAPER_SPECS if s.reference]  # <table>_forest.png (kdbench figures)
 DIAGNOSTICS = diagnostic_targets(SUITE)  # record path -> (run id, teacher run folders or model files)
 DEVICE_ARG = SUITE.config.get("device", "auto")
 
 
 def paper_outputs():
     tables = [f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv")]
-    return tables + [f"{PAPER_DIR}/{n}.png" for n in PAPER_FIGURES]
+    return tables + _paper_pngs()
+
+
+def _paper_pngs():
+    return [f"{PAPER_DIR}/{n}.png" for n in PAPER_FIGURES] + [f"{PAPER_DIR}/{n}_forest.png" for n in PAPER_FORESTS]
+
+
+def _paper_reported(path):
+    """`snakemake --report`: every paper table (.md) and figure, with its caption (workflow/report/)."""
+    kind = "forest" if path.endswith("_forest.png") else "figure" if path.endswith(".png") else "paper_table"
+    return report(path, caption=f"../report/{kind}.rst", category="Paper tables", subcategory=kind.replace("_", " "))
 
 
 def _diagnostic_inputs():
@@ -47,23 +58,24 @@ if PAPER_TABLES:
             all_metrics(),
             list(DIAGNOSTICS),
         output:
-            [f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv")],
+            [_paper_reported(f) if f.endswith(".md") else f
+             for f in (f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv"))],
         params:
             spec=spec_param(_PAPER_SPECS),  # the tables' resolved specs: a changed one reruns them
         shell:
             "kdbench tables --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
 
 
-if PAPER_FIGURES:
+if PAPER_FIGURES or PAPER_FORESTS:
 
     rule paper_figures:
         input:
             all_metrics(),
             list(DIAGNOSTICS),
         output:
-            [f"{PAPER_DIR}/{n}.png" for n in PAPER_FIGURES],
+            [_paper_reported(f) for f in _paper_pngs()],
         params:
-            spec=spec_param([s for s in _PAPER_SPECS if s.figure]),
+            spec=spec_param([s for s in _PAPER_SPECS if s.figure or s.reference]),
         shell:
             "kdbench figures --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
 

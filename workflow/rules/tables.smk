@@ -1,11 +1,22 @@
-# Seed aggregation: one job reads every run's metrics.json and writes the suite's tables.
+# Seed aggregation: one job reads every run's metrics.json and writes the suite's tables; one
+# draws the seed tables' forest plots and learning curves (`kdbench figures --seed-tables`).
+# report(...) puts them in `snakemake --report report.html`, with the captions in workflow/report/.
+from kdbench.stats.figures import seed_figure_names
+
+SEED_FIGURES = [f"{RESULTS}/{n}" for n in seed_figure_names(SUITE)]
+
+
+def _seed_reported(path):
+    kind = "forest" if path.endswith("_forest.png") else "curves" if path.endswith("_curves.png") else "table"
+    caption = {"forest": "../report/forest.rst", "curves": "../report/curves.rst", "table": "../report/seed_table.rst"}
+    return report(path, caption=caption[kind], category="Seed tables", subcategory=kind)
 
 
 rule aggregate:
     input:
         all_metrics(),
     output:
-        table_outputs(),
+        [_seed_reported(f) if f.endswith(".md") else f for f in table_outputs()],
     params:
         spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric or caption reruns the tables
     resources:
@@ -14,3 +25,16 @@ rule aggregate:
         runtime=10,
     shell:
         "kdbench aggregate --suite {SUITE_FILE:q} --out {RESULTS:q}"
+
+
+rule seed_figures:
+    input:
+        all_metrics(),
+    output:
+        [_seed_reported(f) for f in SEED_FIGURES],
+    resources:
+        gpus=0,
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "kdbench figures --seed-tables --suite {SUITE_FILE:q} --out {RESULTS:q}"
