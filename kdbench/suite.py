@@ -495,7 +495,8 @@ def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
 
     where = f"experiment {exp['name']!r}: teacher: released"
     if t_arch in exp.get("teacher_checkpoints", {}):
-        raise SuiteError(f"{where} and teacher_checkpoints both give the {t_arch} teacher; keep one")
+        raise SuiteError(f"{where} and teacher_checkpoints both give the {t_arch} teacher; keep one (to use the file, "
+                         f"set this experiment's teacher: {{{t_arch}: train}} or remove teacher: released)")
     if "teacher_seeds" in exp:
         raise SuiteError(f"{where}: a released teacher is one file; teacher_seeds (trained teachers, ensembles) "
                          f"applies with teacher: train")
