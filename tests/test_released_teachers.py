@@ -95,19 +95,16 @@ def test_teacher_train_is_todays_behaviour_and_per_pair_mapping(tmp_path, small_
 
 
 @pytest.mark.parametrize("teacher, extra, message", [
-    ("released", {"pairs": [["vgg8", "resnet8"]]}, r"no released vgg8 teacher for cifar100; released teachers: .*"
+    ("released", {"pairs": [("vgg8", "resnet8")]}, r"no released vgg8 teacher for cifar100; released teachers: .*"
                                                    r"resnet32x4 \(cifar100\).*teacher: train"),
     ("released", {"teacher_seeds": [0, 1]}, "teacher_seeds .* applies with teacher: train"),
     ({"vgg13": "released"}, {}, r"names \['vgg13'\], which are no teachers"),
     ("downloaded", {}, "is not valid"),
+    ("released", {"teacher_checkpoints": {"resnet8": "t.pt"}}, r"both give the resnet8 teacher.*teacher: \{resnet8: train\}"),
 ])
 def test_bad_teacher_settings_are_refused(tmp_path, small_release, teacher, extra, message):
-    path = suite_file(tmp_path, teacher=teacher)
-    if extra:
-        path = suite_file(tmp_path, teacher=teacher, **{k: v for k, v in extra.items() if k != "pairs"},
-                          **({"pairs": extra["pairs"]} if "pairs" in extra else {}))
     with pytest.raises(SuiteError, match=message):
-        load_suite(path)
+        load_suite(suite_file(tmp_path, teacher=teacher, **extra))
 
 
 def tar_with(member: str, src) -> bytes:
