@@ -363,3 +363,28 @@ def test_init_stage_module_modes_are_repdistillers(tiny, tmp_path, monkeypatch, 
         for buf in ("running_mean", "running_var"):
             moved = not torch.equal(after[f"{name}.{buf}"], initial[f"{name}.{buf}"])
             assert moved == trains, (name, buf)
+
+
+@pytest.mark.parametrize("method", ["ab", "ft"])
+def test_init_stage_with_its_own_modes_runs_unfused_in_a_fused_pack(tiny, tmp_path, method):
+    """A fused BN has one mode for all its members, so an AB/FT initialisation stage (student BN in
+    eval mode) runs unfused beside a fused KD run of the same WRN student, then rejoins the fused
+    model: its final BN statistics equal those of the run alone."""
+    from kdbench.engine.pack import fit_packed
+    from kdbench.engine.spec import Recipe, RunSpec
+    from kdbench.engine.train import fit
+
+    recipe = Recipe.from_config({"epochs": 1, "batch_size": 16})
+
+    def spec(m, seed, **params):
+        return RunSpec("cifar100", str(tiny / "data"), "wrn_16_1", m, seed, "resnet8", (str(tiny / "t.pt"),),
+                       method_overrides={"params": params} if params else {}, recipe=recipe)
+
+    specs = [spec("kd", 0), spec("kd", 1), spec(method, 0, **{method: {"init_epochs": 1}})]
+    alone = fit(specs[2], tmp_path / "alone", "cpu", progress=False)
+    packed = fit_packed(specs, [tmp_path / f"pack{k}" for k in range(3)], "cpu", fuse=True)[2]
+    assert len(packed["init_curve"]) == 1 and packed["init_curve"][0]["loss"] == pytest.approx(alone["init_curve"][0]["loss"], rel=1e-5)
+    a = torch.load(tmp_path / "alone" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "pack2" / "model.pt", weights_only=True)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
