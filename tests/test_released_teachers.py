@@ -243,3 +243,13 @@ def test_captions_say_when_the_suite_trains_its_teachers(tmp_path, small_release
 
     assert caption("train") == f"Own words. {TRAINED_TEACHER_NOTE}"
     assert caption("released") == "Own words."
+
+
+def test_download_writes_the_whole_file_or_nothing(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 5000)
+    released.download(src.as_uri(), tmp_path / "out/dest.bin")
+    assert (tmp_path / "out/dest.bin").read_bytes() == src.read_bytes()
+    with pytest.raises(OSError):
+        released.download((tmp_path / "absent.bin").as_uri(), tmp_path / "out/none.bin")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dest.bin"]  # no partial or temporary file

@@ -30,9 +30,11 @@ distilled from it, as any change of teacher must).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -105,16 +107,23 @@ def by_hand(rt: ReleasedTeacher, target: Path, resume: str) -> str:
     return f"{how} and put it at {target} (file name {target.name}, folder {target.parent}), then run {resume}"
 
 
+def _write_whole(dest: Path, src) -> None:
+    """Copy the stream ``src`` to ``dest`` through a temporary file of its own, so a reader (or
+    another job fetching the same archive at the same time) never sees a partial file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def download(url: str, dest: Path, timeout: float = 60) -> None:
     """Download ``url`` to ``dest`` (written whole or not at all). Tests replace this function."""
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
-            shutil.copyfileobj(r, f, 1 << 20)
-        part.replace(dest)
-    finally:
-        part.unlink(missing_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        _write_whole(dest, r)
 
 
 def _from_archive(url: str, member: str, dest: Path, cache: Path) -> None:
@@ -126,10 +135,8 @@ def _from_archive(url: str, member: str, dest: Path, cache: Path) -> None:
         found = [m for m in tar.getmembers() if m.isfile() and (m.name == member or m.name.endswith("/" + member))]
         if not found:
             raise CheckpointError(f"{cache}: no member {member} in the archive from {url}")
-        part = dest.with_name(dest.name + ".part")
-        with tar.extractfile(found[0]) as src, open(part, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-        part.replace(dest)
+        with tar.extractfile(found[0]) as src:
+            _write_whole(dest, src)
 
 
 def obtain(rt: ReleasedTeacher, teachers_dir: str | Path, resume: str) -> tuple[Path, str]:
