@@ -75,22 +75,30 @@ def test_synthetic_data_of_other_settings_is_refused(tmp_path):
                device="cpu", progress=False)["status"] == "ok"
 
 
-def test_resume_on_other_data_or_teacher_is_refused(tmp_path):
+def test_resume_on_other_data_is_refused_and_on_a_remade_teacher_restarts(tmp_path, capfd):
     root = str(tmp_path / "d")
     ensure_synthetic("cifar100", root, SMALL)
     teacher = teacher_file(tmp_path / "t.pt", 0)
     spec = RunSpec("cifar100", root, "resnet8", "kd", 0, "resnet8", (teacher,), recipe=Recipe.from_config({"epochs": 3}))
     fit(spec, tmp_path / "run", device="cpu", progress=False, stop_after_epochs=1)
-    teacher_file(tmp_path / "t.pt", 1)  # the teacher file changes under the run
-    with pytest.raises(CheckpointError, match="other teacher file.*Delete"):
-        fit(spec, tmp_path / "run", device="cpu", progress=False)
-    teacher_file(tmp_path / "t.pt", 0)
     ensure_synthetic("cifar100", root, {**SMALL, "seed": 1})  # the data changes under the run
-    with pytest.raises(CheckpointError, match="other data"):
+    with pytest.raises(CheckpointError, match="other data.*Delete"):
         fit(spec, tmp_path / "run", device="cpu", progress=False)
     ensure_synthetic("cifar100", root, SMALL)
-    m = fit(spec, tmp_path / "run", device="cpu", progress=False)
-    assert m["status"] == "ok" and m["teacher_sha256"] and len(m["data_fingerprint"]) == 16
+    teacher_file(tmp_path / "t.pt", 1)  # the teacher is made again (other weights): the run restarts
+    restarted = fit(spec, tmp_path / "run", device="cpu", progress=False)
+    assert "restarts from its first epoch" in capfd.readouterr().err
+    fresh = fit(spec, tmp_path / "fresh", device="cpu", progress=False)
+    assert restarted["curve"] == fresh["curve"] and restarted["teacher_sha256"] == fresh["teacher_sha256"]
+    assert len(restarted["data_fingerprint"]) == 16
+
+
+def test_equal_content_saves_to_equal_bytes(tmp_path):
+    """A retrained teacher that equals the old one bit for bit (CPU) keeps its SHA-256, so its
+    students' checkpoints stay resumable."""
+    teacher_file(tmp_path / "a.pt", 0)
+    teacher_file(tmp_path / "b.pt", 0)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
 
 def garble(path):

@@ -57,9 +57,13 @@ def atomic_torch_save(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        # through a file object, torch names the archive's records archive/... (not after the random
+        # temporary file), so equal content gives equal bytes and an equal SHA-256 (teacher checks)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -171,15 +171,26 @@ def check_synthetic_data(spec: RunSpec) -> None:
                          f"data with `kdbench make-data --suite SUITE --dataset {spec.dataset}`")
 
 
-def check_same_inputs(ckpt_path: Path, recorded: dict | None, now: dict) -> None:
-    """A resumed run must read the data and teacher file(s) its checkpoint was trained on."""
+def resumable(ckpt_path: Path, recorded: dict | None, now: dict) -> bool:
+    """Whether a checkpoint may be resumed by a run reading ``now`` (its ``read`` record).
+
+    Other data under the same run id is refused: the data changed under the run (real data is
+    identified by its name, see :func:`kdbench.engine.spec.dataset_identity`). Another teacher file
+    means the teacher was made again (a deleted teacher run retrained, on a GPU not bit for bit):
+    Snakemake reruns the student for that reason, so it restarts from its first epoch (False) instead
+    of mixing two teachers in one run."""
     if recorded is None:  # a checkpoint written before kdbench recorded its inputs
-        return
-    for key, what in (("data", "data (fingerprint of the decoded dataset)"), ("teachers", "teacher file(s) (SHA-256)")):
-        if recorded.get(key) != now[key]:
-            raise CheckpointError(f"{ckpt_path}: was trained on other {what} than this run reads now "
-                                  f"({recorded.get(key)} vs {now[key]}); the data or teacher changed under the run. "
-                                  f"Delete {ckpt_path.parent} to train this run afresh on what it reads now")
+        return True
+    if recorded.get("data") != now["data"]:
+        raise CheckpointError(f"{ckpt_path}: was trained on other data than this run reads now (dataset fingerprint "
+                              f"{recorded.get('data')} vs {now['data']}): the data changed under the run. Delete "
+                              f"{ckpt_path.parent} to train this run afresh on the data there now")
+    if recorded.get("teachers") != now["teachers"]:
+        print(f"kdbench: {ckpt_path} was trained against another teacher file (SHA-256 {recorded.get('teachers')} vs "
+              f"{now['teachers']}): the teacher was made again, so this run restarts from its first epoch",
+              file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _sgd(params, lr: float, recipe) -> SGD:
@@ -310,7 +321,7 @@ def _fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id:
         if ck["hash"] != spec.config_hash():
             raise CheckpointError(f"{ckpt_path}: belongs to run config {ck['hash']}, not {spec.config_hash()}; "
                                   f"delete it to start this run afresh")
-        check_same_inputs(ckpt_path, ck.get("read"), read)
+    if ckpt_path.exists() and resumable(ckpt_path, ck.get("read"), read):
         student.load_state_dict(ck["student"])
         objective.load_state_dict(ck["objective"])
         optimizer.load_state_dict(ck["optimizer"])
