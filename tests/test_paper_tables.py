@@ -11,6 +11,8 @@ import yaml
 from scipy import stats
 
 from kdbench.stats import paper_tables as pt
+from kdbench.stats.paired import paired_test, pooled_sd, seeds_needed
+from kdbench.stats.verdict import classify
 from kdbench.suite import SuiteError, load_suite
 
 from conftest import REPO
@@ -31,7 +33,7 @@ def published(table, teacher, student, method, metric="top1_acc_pct"):
     return float(r.value.iloc[0])
 
 
-def write_suite(path, pair=("resnet32x4", "resnet8x4"), tables=None, name="t"):
+def write_suite(path, pair=("resnet32x4", "resnet8x4"), tables=None, name="t", primary=None):
     cfg = {"name": name, "device": "cpu", "runs_dir": str(path.parent / "runs"),
            "datasets": {"cifar100": {"root": str(path.parent / "data")}},
            "experiments": [{"name": "e", "dataset": "cifar100", "pairs": [list(pair)],
@@ -40,7 +42,7 @@ def write_suite(path, pair=("resnet32x4", "resnet8x4"), tables=None, name="t"):
                "name": "t1", "experiments": ["e"], "metric": "acc_last",
                "published": {"paper": "tian2020_crd", "table": CRD_T1},
                "rows": {"Teacher": "teacher", "Student": "student", "KD": "kd", "CRD": "crd"},
-               "groups": [{"pair": list(pair)}]}]}
+               "groups": [{"pair": list(pair)}], **({"primary": primary} if primary else {})}]}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -52,8 +54,12 @@ def fake_runs(suite, acc=ACC, acc5_offset=None):
         if v is None:
             continue
         d = suite.runs_dir + "/" + c.run
-        m = {"status": "failed", "failure": "non-finite loss in epoch 3", "acc_last": None} if v == "failed" else \
-            {"status": "ok", "acc_last": v, "acc_best": v + 0.5, "acc5_last": v + 15.0, "acc5_best": v + 15.5}
+        if v == "failed":
+            m = {"status": "failed", "failure": "non-finite loss in epoch 3", "acc_last": None}
+        elif v == "nan":  # finished, but its accuracy is not a number
+            m = {"status": "ok", "acc_last": float("nan"), "acc_best": float("nan"), "acc5_last": 90.0, "acc5_best": 90.0}
+        else:
+            m = {"status": "ok", "acc_last": v, "acc_best": v + 0.5, "acc5_last": v + 15.0, "acc5_best": v + 15.5}
         Path(d).mkdir(parents=True, exist_ok=True)
         Path(d, "metrics.json").write_text(json.dumps(m))
 
@@ -74,9 +80,35 @@ def test_cell_values_published_delta_and_verdict(table):
     pub = published(CRD_T1, "resnet32x4", "resnet8x4", "CRD")
     assert crd.n == 4 and math.isclose(crd.mean, np.mean(list(x))) and math.isclose(crd.lo, lo) and math.isclose(crd.hi, hi)
     assert crd.published == pub and math.isclose(crd.delta, np.mean(list(x)) - pub)
-    assert crd.verdict == ("within CI" if lo <= pub <= hi else "pub above CI" if pub > hi else "pub below CI")
+    # CRD prints no spread: s_p = s_r assumed over n_p = the suite's 4 seeds, df = n_r − 1; δ = 0.5 on CIFAR-100
+    s = np.std(list(x), ddof=1)
+    se = s * math.sqrt(1 / 4 + 1 / 4)
+    h90 = stats.t.ppf(0.95, 3) * se
+    assert math.isclose(crd.check.se, se) and crd.check.df == 3 and crd.check.margin == 0.5
+    assert math.isclose(crd.check.ci90[0], crd.delta - h90) and math.isclose(crd.check.ci90[1], crd.delta + h90)
+    assert crd.verdict == classify(crd.delta, se, 3, 0.5)[0] == "inconclusive" and crd.check.more_seeds > 0
     teacher = res.cell("Teacher", "resnet32x4 → resnet8x4")
-    assert teacher.n == 1 and teacher.verdict == "n<2: no CI" and teacher.published == 79.42
+    assert teacher.n == 1 and teacher.verdict == "no verdict: n < 3" and teacher.published == 79.42
+    assert res.cell("KD", "resnet32x4 → resnet8x4").verdict == "no verdict: n < 3"  # two finished seeds
+
+
+def test_published_values_print_as_printed_with_their_spread_type(tmp_path):
+    tables = [{"name": "t2", "experiments": ["e"], "layout": "methods_as_columns",
+               "published": {"paper": "he2022_fkd", "table": "Table 2 (submission version)"},
+               "rows": {"Student (from Tian et al. 2020)": "student", "KD (from Tian et al. 2020)": "kd",
+                        "FKD": "crd"}, "groups": [{"pair": ["resnet32x4", "resnet8x4"]}]}]
+    suite = load_suite(write_suite(tmp_path / "t.yaml", tables=tables))
+    fake_runs(suite)
+    res = pt.compute(pt.table_specs(suite)[0], suite)
+    g = "resnet32x4 → resnet8x4"
+    student, kd, fkd = (res.cell(r, g) for r in ("Student (from Tian et al. 2020)", "KD (from Tian et al. 2020)", "FKD"))
+    assert "pub 72.50" in pt.cell_text(student) and student.spread_type == "none"  # not 72.5
+    assert "pub 73.33 ± 0.22 (type unknown)" in pt.cell_text(kd)
+    assert "pub 75.57 ± 0.22 (95% CI) (n=5)" in pt.cell_text(fkd)
+    # FKD's ± is a 95% CI over 5 students: s_p = 0.22·√5 / t_{0.975,4}, Welch with n_p = 5
+    s_p, s_r = 0.22 * math.sqrt(5) / stats.t.ppf(0.975, 4), np.std(list(ACC["crd"].values()), ddof=1)
+    assert math.isclose(fkd.check.se, math.sqrt(s_r ** 2 / 4 + s_p ** 2 / 5))
+    assert pt.cells_frame(res).set_index("row").loc["Student (from Tian et al. 2020)", "published"] == "72.50"
 
 
 def test_failed_and_missing_seeds_are_counted_and_shown(table):
@@ -90,17 +122,51 @@ def test_failed_and_missing_seeds_are_counted_and_shown(table):
     assert cells.loc["KD", "n_failed"] == 1 and cells.loc["KD", "n_missing"] == 1 and cells.loc["KD", "seeds"] == "0 2"
 
 
-def test_paired_tests_against_reference_with_holm(table):
-    _, res = table
-    kd, crd = res.cell("KD", "resnet32x4 → resnet8x4"), res.cell("CRD", "resnet32x4 → resnet8x4")
-    s = ACC["student"]
-    p_kd = stats.ttest_rel([73.0, 73.4], [s[0], s[2]]).pvalue  # only seeds 0 and 2 finished on both sides
-    p_crd = stats.ttest_rel(list(ACC["crd"].values()), list(s.values())).pvalue
-    assert kd.test.seeds == (0, 2) and math.isclose(kd.test.p, p_kd) and math.isclose(crd.test.p, p_crd)
-    lo, hi = sorted([p_kd, p_crd])  # Holm, m = 2: 2·p_(1), then max(2·p_(1), p_(2))
-    holm_lo, holm_hi = min(1, 2 * lo), max(min(1, 2 * lo), hi)
-    assert math.isclose(min(kd.p_holm, crd.p_holm), holm_lo) and math.isclose(max(kd.p_holm, crd.p_holm), holm_hi)
+def test_primary_family_holm_and_exploratory_bh(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "t.yaml", primary={"CRD": ["KD", "Student"]}))
+    fake_runs(suite)
+    res = pt.compute(pt.table_specs(suite)[0], suite)
+    s, c = ACC["student"], ACC["crd"]
+    p_crd_kd = stats.ttest_rel([c[0], c[2]], [73.0, 73.4]).pvalue  # only seeds 0 and 2 finished on both sides
+    p_crd_s = stats.ttest_rel(list(c.values()), list(s.values())).pvalue
+    p_kd_s = stats.ttest_rel([73.0, 73.4], [s[0], s[2]]).pvalue
+    by = {(k.a, k.b): k for k in res.comparisons}
+    assert set(by) == {("CRD", "KD"), ("CRD", "Student"), ("KD", "Student")}
+    assert by[("CRD", "KD")].family == by[("CRD", "Student")].family == "primary"
+    lo, hi = sorted([p_crd_kd, p_crd_s])  # Holm, m = 2: 2·p_(1), then max(2·p_(1), p_(2))
+    holm = {lo: min(1, 2 * lo), hi: max(min(1, 2 * lo), hi)}
+    assert math.isclose(by[("CRD", "KD")].p_adj, holm[p_crd_kd]) and math.isclose(by[("CRD", "Student")].p_adj, holm[p_crd_s])
+    kd = by[("KD", "Student")]  # the other method against the reference: exploratory, BH (a family of 1)
+    assert kd.family == "exploratory" and kd.correction == "BH" and math.isclose(kd.p_adj, p_kd_s)
+    assert res.cell("KD", "resnet32x4 → resnet8x4").test.seeds == (0, 2)
     assert res.cell("Teacher", "resnet32x4 → resnet8x4").test is None  # teachers are not paired with students
+    # seeds needed: δ = 0.5 at α/m, the sd of the differences pooled over the primary family
+    sd = pooled_sd([by[k].test.sd_diff for k in (("CRD", "KD"), ("CRD", "Student"))], [2, 4])
+    assert res.seeds_plan.n == seeds_needed(0.5, sd, 0.025) and math.isclose(res.seeds_plan.alpha, 0.025)
+    md = pt.markdown(res)
+    assert "Primary family" in md and "Holm at α = 0.05 over 2 distinct test(s)" in md and "Benjamini–Hochberg" in md
+
+
+def test_primary_family_names_must_be_rows(tmp_path):
+    with pytest.raises(SuiteError, match="primary: 'CDR' is not a row label. Did you mean 'CRD'"):
+        pt.table_specs(load_suite(write_suite(tmp_path / "t.yaml", primary={"CDR": ["KD"]})))
+
+
+def test_non_finite_accuracy_counts_as_failed_never_averaged(tmp_path):
+    from kdbench.stats.aggregate import run_records, summarise
+    suite = load_suite(write_suite(tmp_path / "t.yaml"))
+    fake_runs(suite, {**ACC, "student": {**ACC["student"], 3: "nan"}})
+    cell = pt.compute(pt.table_specs(suite)[0], suite).cell("Student", "resnet32x4 → resnet8x4")
+    assert (cell.n, cell.n_failed) == (3, 1) and math.isclose(cell.mean, np.mean([72.1, 72.6, 71.9]))
+    row = summarise(run_records(suite)).set_index("method").loc["student"]  # kdbench aggregate counts it alike
+    assert (row.n, row.n_failed, row.n_missing) == (3, 1, 0) and math.isclose(row.acc_last_mean, cell.mean)
+
+
+def test_identical_seeds_get_no_verdict(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "t.yaml"))
+    fake_runs(suite, {**ACC, "crd": {0: 75.5, 1: 75.5, 2: 75.5, 3: 75.5}})
+    res = pt.compute(pt.table_specs(suite)[0], suite)
+    assert res.cell("CRD", "resnet32x4 → resnet8x4").verdict == "no verdict: sd 0 (every seed equal)"
 
 
 def test_layout_csv_has_the_papers_rows_and_columns(table, tmp_path):
@@ -109,10 +175,10 @@ def test_layout_csv_has_the_papers_rows_and_columns(table, tmp_path):
     layout = pd.read_csv(written["t1.csv"])
     assert list(layout.iloc[:, 0]) == ["Teacher", "Student", "KD", "CRD"]
     g = "resnet32x4 → resnet8x4"
-    assert {f"{g} | mean", f"{g} | ci95", f"{g} | n", f"{g} | failed", f"{g} | published", f"{g} | verdict"} <= set(layout.columns)
+    assert {f"{g} | mean", f"{g} | ci95_half_width", f"{g} | n", f"{g} | failed", f"{g} | published", f"{g} | verdict"} <= set(layout.columns)
     assert layout.set_index(layout.columns[0]).loc["KD", f"{g} | failed"] == 1
     md = written["t1.md"].read_text()
-    assert "last epoch" in md and CRD_T1 in md and "Holm" in md
+    assert "last epoch" in md and CRD_T1 in md and "Benjamini–Hochberg" in md
 
 
 def test_error_metric_and_methods_as_columns(tmp_path):
@@ -142,6 +208,24 @@ def test_stand_in_reuses_layout_and_published_values(tmp_path):
     cell = res.cell("CRD", "resnet32x4 → resnet8x4")
     assert cell.published == published(CRD_T1, "resnet32x4", "resnet8x4", "CRD") and cell.n == 4
     assert res.spec.groups[0].pair == ("resnet8", "resnet8") and "STAND-IN" in pt.markdown(res)
+    assert all(c.check is None for c in res.cells) and "No reproduction verdicts" in pt.markdown(res)
+    assert not any(v in pt.markdown(res) for v in ("reproduced (", "inconclusive", "differs"))
+
+
+def test_stand_in_repeating_one_test_counts_it_once(tmp_path):
+    paperish = [{"name": "t1", "experiments": ["e"], "published": {"paper": "tian2020_crd", "table": CRD_T1},
+                 "rows": {"Student": "student", "KD": "kd", "CRD": "crd"}, "primary": {"CRD": ["KD"]},
+                 "groups": [{"pair": ["resnet32x4", "resnet8x4"]}, {"pair": ["vgg13", "vgg8"]}]}]
+    write_suite(tmp_path / "paperish.yaml", tables=paperish)
+    mini = write_suite(tmp_path / "mini.yaml", ("resnet8", "resnet8"), name="mini",
+                       tables=[{"name": "t1", "like": {"suite": "paperish.yaml"}, "experiments": ["e"], "stand_in": {}}])
+    suite = load_suite(mini)
+    fake_runs(suite)
+    res = pt.compute(pt.table_specs(suite)[0], suite)
+    primary = [k for k in res.comparisons if k.family == "primary"]
+    assert len(primary) == 2 and primary[0].key == primary[1].key  # the same runs in both groups
+    p = paired_test(ACC["crd"], {s: v for s, v in ACC["kd"].items() if v != "failed"}).p
+    assert all(math.isclose(k.p_adj, p) for k in primary)  # Holm over m = 1, not 2
 
 
 def test_ambiguous_published_filter_is_refused(tmp_path):

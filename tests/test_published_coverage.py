@@ -69,3 +69,32 @@ def test_every_paper_table_has_a_suite_and_a_statistic(paper):
     assert metric["kda_table2"] == {"acc_best"}  # KDA's code keeps the best checkpoint
     assert metric["dkd_same_family"] == metric["dkd_cross_family"] == {"acc_best"}  # mdistiller: best epoch
     assert metric["ot_imagenet"] == {"err_last", "err5_last"}
+
+
+def test_published_spreads_have_a_type_and_run_count():
+    """Every ± has its type (statistics.md §4): FKD's own rows are 95% CIs over 5 students, KDA's and
+    the CRD numbers FKD quotes are of unknown type; a row without a ± is `none`."""
+    df = pd.read_csv(REPO / "kdbench/reference/published.csv", dtype=str, keep_default_na=False)
+    assert "ci95" not in df.columns and {"spread", "spread_type", "n_runs"} <= set(df.columns)
+    assert set(df.spread_type) <= {"ci95", "sd", "unknown", "none"}
+    assert ((df.spread == "") == (df.spread_type == "none")).all()
+    assert (df.spread_type == "unknown").sum() == 52  # KDA (36) and FKD's quotes of CRD (16)
+    ci = df[df.spread_type == "ci95"]
+    assert len(ci) == 8 and set(ci.method) == {"FKD", "FKD w.o. FR"} and set(ci.n_runs) == {"5"}
+    fig4 = df[df.table.str.startswith("Figure 4") & df.method.isin(["KD", "FKD", "Student (no distillation)"])]
+    assert set(fig4.n_runs) == {"10"}
+    assert set(df[df.paper.str.startswith("qian2020_kda") & (df.spread != "")].spread_type) == {"unknown"}
+
+
+def test_fkd_table2_is_laid_out_as_the_paper(paper):
+    """FKD's Table 2 prints methods as rows and teacher → student pairs as columns, as CRD's tables."""
+    spec = next(s for s in pt.table_specs(paper) if s.name == "fkd_table2")
+    assert spec.layout == "methods_as_rows" and spec.groups[0].label == "resnet32x4 → resnet8x4"
+
+
+def test_paper_tables_declare_the_papers_claims(paper):
+    primary = {s.name: s.primary for s in pt.table_specs(paper)}
+    assert "KD" in primary["crd_table1"]["CRD"] and len(primary["crd_table1"]["CRD"]) == 12
+    assert primary["ot_cifar100"] == {"IPOT+KD": ["KD"], "REMD+KD": ["KD"]}
+    assert primary["fkd_table2"]["FKD"] == ["KD (from Tian et al. 2020)", "Student (from Tian et al. 2020)"]
+    assert primary["kda_table2"]["KDA (after FC)"] == ["KD (after FC)"]

@@ -20,6 +20,7 @@ from tabulate import tabulate
 from ..engine.io import atomic_write_bytes, read_json_state
 from ..suite import Suite
 from .ci import mean_ci
+from .records import run_status
 
 METRICS = ("acc_last", "acc_best")
 
@@ -28,7 +29,7 @@ def run_records(suite: Suite) -> pd.DataFrame:
     rows = []
     for c in suite.cells:
         m, state = read_json_state(Path(suite.run_dir(c.run)) / "metrics.json")
-        status = state if m is None else m.get("status", "unknown")  # missing, corrupt (rerun snakemake: it redoes it)
+        status = state if m is None else run_status(m)  # missing, corrupt (rerun snakemake: it redoes it); failed
         row = {"experiment": c.experiment, "dataset": c.dataset, "teacher": c.teacher, "student": c.student,
                "method": c.column, "seed": c.seed, "status": status, "run": c.run}
         for k in METRICS + ("acc5_last", "acc5_best", "epoch_best", "wall_time_s"):
