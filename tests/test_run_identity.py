@@ -149,6 +149,10 @@ def test_students_of_a_failed_teacher_are_failed_runs_saying_why(tmp_path):
     on_disk = json.loads((tmp_path / "kd" / "metrics.json").read_text())
     assert on_disk["status"] == "failed" and on_disk["failure"] == m["failure"] and on_disk["epochs_done"] == 0
     assert not (tmp_path / "kd" / "model.pt").exists()
+    probe = RunSpec("cifar100", root, "resnet8", recipe=Recipe.from_config({"epochs": 1}), protocol="linear_probe",
+                    init_ckpt=str(tmp_path / "teacher" / "model.pt"), init_id="T")
+    m = fit(probe, tmp_path / "probe", device="cpu", run_id="P", progress=False)
+    assert m["status"] == "failed" and m["failure"].startswith("probed model T failed: non-finite loss")
 
 
 def test_json_state_tells_corrupt_from_missing(tmp_path):

@@ -145,12 +145,18 @@ def check_unlabeled(spec: RunSpec) -> None:
 
 
 def failed_teacher(spec: RunSpec) -> str | None:
-    """Why a teacher run of ``spec`` failed (``teacher <run> failed: <reason>``), or None. A teacher
-    run is a ``model.pt`` whose folder holds the run's metrics.json; a failed run has no model.pt."""
-    for ckpt in spec.teacher_ckpts:
-        m = read_json(Path(ckpt).parent / "metrics.json") if Path(ckpt).name == "model.pt" else None
+    """Why a teacher run of ``spec`` failed (``teacher <run> failed: <reason>``), or None."""
+    return failed_source(spec.teacher_ckpts, "teacher")
+
+
+def failed_source(models, role: str) -> str | None:
+    """Why the run that makes one of ``models`` failed (``<role> <run> failed: <reason>``), or None.
+    A run's ``model.pt`` sits beside its metrics.json; a failed run has no model.pt, so the runs
+    that read it are failed runs too, saying why, and the tables still count them."""
+    for path in models:
+        m = read_json(Path(path).parent / "metrics.json") if Path(path).name == "model.pt" else None
         if m is not None and m.get("status") == "failed":
-            return f"teacher {m.get('run') or Path(ckpt).parent} failed: {m.get('failure')}"
+            return f"{role} {m.get('run') or Path(path).parent} failed: {m.get('failure')}"
     return None
 
 
@@ -205,6 +211,12 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
     """
     if spec.protocol == "linear_probe":
         from .linear_probe import fit_probe
+        failure = failed_source([spec.init_ckpt], "probed model")
+        if failure is not None:
+            metrics = run_record(spec, {"curve": []}, "failed", failure, run_id, None, 0.0,
+                                 provenance(resolve_device(device)))
+            atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+            return metrics
         return fit_probe(spec, out_dir, device=device, run_id=run_id, progress=progress)
     return drive(fit_steps(spec, out_dir, device, run_id, progress, stop_after_epochs))
 
