@@ -253,3 +253,19 @@ def test_download_writes_the_whole_file_or_nothing(tmp_path):
     with pytest.raises(OSError):
         released.download((tmp_path / "absent.bin").as_uri(), tmp_path / "out/none.bin")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dest.bin"]  # no partial or temporary file
+
+
+def test_list_runs_shows_every_paper_distillations_teacher_source(capsys, tmp_path, monkeypatch):
+    from kdbench.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)  # runs/ here holds no fetched teacher
+    assert cli(["list-runs", "--suite", str(REPO / "workflow/suites/paper.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    distill = [ln for ln in lines if ln.startswith("distill")]
+    assert distill and all(re.search(r"  teacher: (released teachers/\S+ sha256 \S+|trained \S+)", ln) for ln in distill)
+    imports = [ln for ln in lines if ln.startswith("import")]
+    assert len(imports) == 7 and all("sha256 not fetched yet (unpinned)" in ln for ln in imports)
+    ot_imagenet = [ln for ln in distill if ln.split()[1].startswith("imagenet/")]
+    assert ot_imagenet and all("released teachers/torchvision/resnet34-b627a593.pth" in ln for ln in ot_imagenet)
+    kda = [ln for ln in distill if "/ResNet34--" in ln.split()[1]]
+    assert kda and all("teacher: trained " in ln for ln in kda)  # the KDA code's teachers were not released
