@@ -104,7 +104,7 @@ def test_published_values_print_as_printed_with_their_spread_type(tmp_path):
     student, kd, fkd = (res.cell(r, g) for r in ("Student (from Tian et al. 2020)", "KD (from Tian et al. 2020)", "FKD"))
     assert "pub 72.50" in pt.cell_text(student) and student.spread_type == "none"  # not 72.5
     assert "pub 73.33 ± 0.22 (type unknown)" in pt.cell_text(kd)
-    assert "pub 75.57 ± 0.22 (95% CI) (n=5)" in pt.cell_text(fkd)
+    assert "pub 75.57 ± 0.22 (95% CI, n=5)" in pt.cell_text(fkd)
     # FKD's ± is a 95% CI over 5 students: s_p = 0.22·√5 / t_{0.975,4}, Welch with n_p = 5
     s_p, s_r = 0.22 * math.sqrt(5) / stats.t.ppf(0.975, 4), np.std(list(ACC["crd"].values()), ddof=1)
     assert math.isclose(fkd.check.se, math.sqrt(s_r ** 2 / 4 + s_p ** 2 / 5))
@@ -275,3 +275,10 @@ def test_compare_two_methods_from_disk(table, capsys):
     assert "crd − kd" in out and "kd: 1 failed, 1 missing" in out
     assert compare.main(["crd", "kdd", "--suite", str(suite.path)]) == 2
     assert "Did you mean 'kd'" in capsys.readouterr().err
+
+
+def test_all_equal_cell_prints_no_zero_width_interval(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "t.yaml"))
+    fake_runs(suite, {**ACC, "crd": {0: 75.5, 1: 75.5, 2: 75.5, 3: 75.5}})
+    text = pt.cell_text(pt.compute(pt.table_specs(suite)[0], suite).cell("CRD", "resnet32x4 → resnet8x4"))
+    assert "± 0.00" not in text and "75.50 (n=4, every seed equal)" in text and "no verdict: sd 0" in text

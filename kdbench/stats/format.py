@@ -49,9 +49,10 @@ def published_text(c) -> str:
     """The published value exactly as printed, its ± with the spread's type, and n_p where known."""
     if c.published is None:
         return ""
-    spread = f" ± {c.spread_text} ({SPREAD_WORDS[c.spread_type]})" if c.spread_type != "none" else ""
-    runs = f" (n={c.published_n})" if c.published_n else ""
-    return f"pub {c.published_text}{spread}{runs}"
+    what = [SPREAD_WORDS[c.spread_type]] if c.spread_type != "none" else []
+    what += [f"n={c.published_n}"] if c.published_n else []
+    spread = f" ± {c.spread_text}" if c.spread_type != "none" else ""
+    return f"pub {c.published_text}{spread}" + (f" ({', '.join(what)})" if what else "")
 
 
 def verdict_text(c) -> str:
@@ -79,6 +80,8 @@ def cell_text(c, sep: str = "<br>") -> str:
         text = f"— (0 of {c.n_expected} ok)"
     elif c.n == 1:
         text = f"{c.mean:.{d}f} (n=1)"
+    elif c.sd == 0:  # a zero-width interval would claim a certainty the quantised accuracy does not have
+        text = f"{c.mean:.{d}f} (n={c.n}, every seed equal)"
     else:
         text = f"{c.mean:.{d}f} ± {(c.hi - c.lo) / 2:.{d}f} (n={c.n})"
     if notes:
@@ -133,6 +136,14 @@ def caption(res) -> str:
     return head + body + _family_caption(res) + (f" {extra}" if extra else "")
 
 
+def _distinct(tests) -> list[tuple]:
+    """(comparison, its groups' text): a test repeated on the same runs (a stand-in) listed once."""
+    groups: dict[tuple, list] = {}
+    for c in tests:
+        groups.setdefault((c.a, c.b, c.key), [c]).append(c.group)
+    return [(v[0], v[1] if len(v) == 2 else f"{', '.join(v[1:])} (same runs)") for v in groups.values()]
+
+
 def _tests_table(res, family: str) -> list[str]:
     tests = [c for c in res.comparisons if c.family == family and c.test.n > 0]
     if not tests:
@@ -141,10 +152,10 @@ def _tests_table(res, family: str) -> list[str]:
     boot = any(c.test.n >= MIN_BOOTSTRAP_N for c in tests)
     alpha = res.spec.alpha
     rows = []
-    for c in tests:
+    for c, group in _distinct(tests):
         t = c.test
         ci = "all differences equal" if t.degenerate else _interval(t.ci_lo, t.ci_hi, d).strip()
-        row = [f"{c.a} − {c.b}", c.group, t.n, f"{_signed(t.mean_diff, d)} {ci}", _p(t.p), _p(c.p_adj),
+        row = [f"{c.a} − {c.b}", group, t.n, f"{_signed(t.mean_diff, d)} {ci}", _p(t.p), _p(c.p_adj),
                "yes" if c.p_adj < alpha else "no"]
         if boot:
             row.insert(4, _interval(t.boot_lo, t.boot_hi, d).strip() or "—")
