@@ -270,6 +270,9 @@ def test_compare_two_methods_from_disk(table, capsys):
     assert (row["pairs"], row["seeds"], row["kd_failed"], row["kd_missing"]) == (2, [0, 2], 1, 1)
     assert math.isclose(row["diff"], np.mean([75.2 - 73.0, 75.0 - 73.4]))
     assert math.isclose(row["p"], stats.ttest_rel([75.2, 75.0], [73.0, 73.4]).pvalue)
+    # prospective seeds needed: δ = 0.5 (CIFAR-100), one pair so α = 0.05 and the pooled sd is this pair's
+    assert row["seeds_needed"] == seeds_needed(0.5, row["sd_diff"], 0.05) and row["seeds_needed_effect"] == 0.5
+    assert compare.compare(suite, "crd", "kd", effect=2.0)[0]["seeds_needed"] == seeds_needed(2.0, row["sd_diff"], 0.05)
     assert compare.main(["crd", "kd", "--suite", str(suite.path)]) == 0
     out = capsys.readouterr().out
     assert "crd − kd" in out and "kd: 1 failed, 1 missing" in out

@@ -12,6 +12,7 @@ from tabulate import tabulate
 from .comparisons import EXPLORATORY, PRIMARY, family_size
 from .paired import MIN_BOOTSTRAP_N
 from .paper_layout import METRICS
+from .verdict import MAX_MORE_SEEDS
 
 SPREAD_WORDS = {"ci95": "95% CI", "sd": "sd", "unknown": "type unknown"}
 
@@ -66,7 +67,7 @@ def verdict_text(c) -> str:
         return f"{delta}{v.reason}"
     verdict = v.verdict
     if verdict == "inconclusive":
-        verdict += f" (+{v.more_seeds} seeds)" if v.more_seeds else " (more seeds cannot decide it)"
+        verdict += f" (+{v.more_seeds} seeds)" if v.more_seeds else f" (not decided by {MAX_MORE_SEEDS} more seeds)"
     return f"Δ {_signed(v.delta, d)}{_interval(*v.ci90, d)} · {verdict}"
 
 
@@ -100,8 +101,7 @@ def _verdict_caption(res) -> str:
             f"of Δ inside ±δ; `differs` — the 95% CI excludes 0 and |Δ| ≥ δ; `differs, within ±δ` — the 95% CI "
             f"excludes 0 and the 90% CI is inside ±δ; `inconclusive` — neither, with the further seeds that would "
             f"decide it at the observed Δ and sd. No verdict below n = 3, at sd 0 or with a non-finite value."
-            + (f" Assumed where the paper is silent: {'; '.join(assumed)} (n_p default = this suite's "
-               f"{spec.default_n} seeds)." if assumed else ""))
+            + (f" Assumed where the paper is silent: {'; '.join(assumed)}." if assumed else ""))
 
 
 def _family_caption(res) -> str:

@@ -30,6 +30,7 @@ from scipy import stats
 
 SPREAD_TYPES = ("ci95", "sd", "unknown", "none")
 MIN_SEEDS = 3
+MAX_MORE_SEEDS = 100  # beyond this, "more seeds" is no plan: the cell says it cannot be decided
 # δ in percentage points of accuracy/error (kernel-gap fractions: 0.05). CIFAR-100 and ImageNet as
 # statistics.md suggests; CIFAR-10 and SVHN sit near their ceiling with a smaller seed spread; the
 # others are CIFAR-100-like in accuracy and spread.
@@ -136,11 +137,12 @@ def classify(delta: float, se: float, df: float, margin: float) -> tuple[str, tu
     return verdict, ci90, ci95
 
 
-def seeds_to_decide(delta: float, s_r: float, n_r: int, pub: PublishedSD, margin: float, max_n: int = 1000) -> int | None:
+def seeds_to_decide(delta: float, s_r: float, n_r: int, pub: PublishedSD, margin: float,
+                    max_more: int = MAX_MORE_SEEDS) -> int | None:
     """Further reproduced seeds after which Δ̂ and s_r as observed would give a decided verdict
-    (None: not within ``max_n`` seeds, e.g. when the published mean's own noise alone is wider
-    than the margin)."""
-    n = np.arange(n_r + 1, max_n + 1, dtype=float)
+    (None: not within ``max_more`` more seeds, e.g. when the published mean's own noise alone is
+    about as wide as the margin)."""
+    n = np.arange(n_r + 1, n_r + max_more + 1, dtype=float)
     hit = np.flatnonzero(_decided(delta, *_se_df(s_r, n, pub), margin))
     return int(n[hit[0]]) - n_r if len(hit) else None
 
