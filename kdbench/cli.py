@@ -108,6 +108,7 @@ MODULE_COMMANDS = {
     "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
     "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
     "pack": ("kdbench.engine.pack", "train several runs that share a teacher together on one device"),
+    "looks": ("kdbench.stats.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),
     "resume": ("kdbench.resume", "continue a killed snakemake pipeline: unlock, then rerun incomplete jobs"),
 }
 

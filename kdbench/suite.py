@@ -29,6 +29,8 @@ from .data import DATASETS
 from .engine.spec import Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
 from .methods import LOSSES, METHODS, resolve_method
 from .models import MODELS
+from .stats.looks import budget, cell_seeds
+from .stats.looks import read_state as read_looks
 from .suite_checks import SuiteError, check_file, check_suite
 from .suite_checks import check_name as _check_name
 
@@ -401,6 +403,11 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
     execution = Execution.from_config(exp.get("execution"))
+    try:  # seeds as a budget: each cell's seeds so far (kdbench.stats.looks)
+        looks = read_looks(cfg) if budget(exp) else {}
+        cell_seeds(cfg, exp, "", "", "", looks)
+    except ValueError as e:
+        raise SuiteError(f"{cfg.get('name')}: {e}") from None
     tds = exp.get("teacher_dataset", ds)  # cross_dataset_distill when it differs
     external = exp.get("teacher_checkpoints", {})
 
@@ -451,7 +458,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                 yield from cell("teacher", ts, t)
         variants = [(m, col, own) for m in exp["methods"] for col, own in _method_variants(exp, m)]  # sweep values
         for method, column, own in variants:
-            for seed in exp["seeds"]:
+            for seed in cell_seeds(cfg, exp, t_arch, s_arch, column, looks):
                 if not METHODS.get(method).needs_teacher:
                     yield from cell(column, seed, scratch(s_arch, seed, validation=validation))
                     continue
