@@ -39,7 +39,7 @@ def test_dag_runs_and_rerun_recomputes_only_what_changed(tmp_path):
     out = dry.stdout + dry.stderr
     assert "fit" in out and "aggregate" in out and "synthetic" not in out
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
-    assert jobs == {"fit": "1", "aggregate": "1", "all": "1", "total": "3"}
+    assert jobs == {"fit": "1", "aggregate": "1", "seed_figures": "1", "all": "1", "total": "4"}
 
 
 def test_failed_teacher_corrupt_metrics_and_table_spec_changes(tmp_path):
