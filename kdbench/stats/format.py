@@ -179,7 +179,9 @@ def markdown(res) -> str:
         out += [f"{untested} comparison(s) have no paired seeds with finished runs yet.", ""]
     out += _tests_table(res, PRIMARY) + _tests_table(res, EXPLORATORY)
     plan = res.seeds_plan
-    if plan is not None:
+    if plan is not None and _nan(plan.sd):
+        out += ["Seeds needed (prospective): not estimable yet (no primary test has 2 paired seeds).", ""]
+    elif plan is not None:
         need = f"{plan.n}" if plan.n is not None else "more than 10,000"
         out += [f"Seeds needed (prospective): {need} paired seeds for power {plan.power:g} to detect a difference of "
                 f"δ = {plan.effect:g} at α = {plan.alpha:.3g} (Holm's strictest step), with the sd of the differences "
