@@ -92,6 +92,16 @@ def test_cell_values_published_delta_and_verdict(table):
     assert res.cell("KD", "resnet32x4 → resnet8x4").verdict == "no verdict: n < 3"  # two finished seeds
 
 
+def test_published_runs_sets_the_assumed_n_p(tmp_path):
+    tables = [{"name": "t1", "experiments": ["e"], "published": {"paper": "tian2020_crd", "table": CRD_T1},
+               "rows": {"CRD": "crd"}, "groups": [{"pair": ["resnet32x4", "resnet8x4"]}], "published_runs": 1}]
+    suite = load_suite(write_suite(tmp_path / "t.yaml", tables=tables))
+    fake_runs(suite)
+    crd = pt.compute(pt.table_specs(suite)[0], suite).cell("CRD", "resnet32x4 → resnet8x4")
+    s = np.std(list(ACC["crd"].values()), ddof=1)  # one published run: SE = s_r·√(1/4 + 1/1)
+    assert math.isclose(crd.check.se, s * math.sqrt(1 / 4 + 1)) and "n_p = 1 assumed" in crd.check.assumption
+
+
 def test_published_values_print_as_printed_with_their_spread_type(tmp_path):
     tables = [{"name": "t2", "experiments": ["e"], "layout": "methods_as_columns",
                "published": {"paper": "he2022_fkd", "table": "Table 2 (submission version)"},

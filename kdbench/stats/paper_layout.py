@@ -13,6 +13,8 @@ A suite's ``tables:`` item describes one paper table (schema: ``kdbench/schemas/
 * ``metric`` — the statistic the paper reports: ``acc_last`` (CRD, OT), ``acc_best``, errors
   ``err_last``/``err5_last`` (OT ImageNet), or ``kernel_gap_pooled``/``kernel_gap_logits``
   (KDA Fig. 3; from ``kdbench kernel-gap`` records);
+* ``published_runs`` — n_p of a published value whose paper states no run count (default: the
+  most seeds the table's experiments run);
 * ``margin`` — the equivalence margin δ of the reproduction verdicts (default per dataset:
   :func:`kdbench.stats.verdict.default_margin`) and the effect ``seeds needed`` is planned for;
 * ``primary`` — the paper's claims, the table's primary family of paired tests (Holm):
@@ -189,7 +191,7 @@ def resolve(cfg: dict, suite: Suite) -> TableSpec:
     note = _stand_in_note(cfg, suite, groups) if stand_in is not None else None
     return TableSpec(name, rows, groups, cfg.get("layout", "methods_as_rows"), cfg.get("reference", "student"),
                      published, caption, cfg.get("figure"), note, cfg.get("margin"), cfg.get("alpha", 0.05),
-                     _primary(name, cfg.get("primary") or {}, rows), _seed_count(suite, exps))
+                     _primary(name, cfg.get("primary") or {}, rows), cfg.get("published_runs") or _seed_count(suite, exps))
 
 
 def _primary(table: str, primary: dict, rows: dict) -> dict[str, list[str]]:
