@@ -114,27 +114,25 @@ def _se_df(s_r, n_r, pub: PublishedSD):
     return welch_se_df(s_r, n_r, pub.sd, pub.n)
 
 
-def _decided(delta, se, df, margin):
-    """Whether :func:`classify` would decide (anything but inconclusive); elementwise."""
+def _tests(delta, se, df, margin):
+    """(90% and 95% half-widths, equivalent: the 90% CI inside ±margin, excludes 0: the 95% CI
+    does not hold 0); elementwise over arrays of se and df."""
     h90, h95 = stats.t.ppf(0.95, df) * se, stats.t.ppf(0.975, df) * se
-    equivalent = (np.abs(delta) + h90) < margin
-    return equivalent | ((np.abs(delta) > h95) & (abs(delta) >= margin))
+    return h90, h95, np.abs(delta) + h90 < margin, np.abs(delta) > h95
 
 
 def classify(delta: float, se: float, df: float, margin: float) -> tuple[str, tuple, tuple]:
     """The verdict of Δ̂ with standard error ``se`` (``df`` degrees of freedom) against ±margin,
     and its 90% and 95% intervals."""
-    h90, h95 = float(stats.t.ppf(0.95, df)) * se, float(stats.t.ppf(0.975, df)) * se
-    ci90, ci95 = (delta - h90, delta + h90), (delta - h95, delta + h95)
-    equivalent = -margin < ci90[0] and ci90[1] < margin
-    excludes_0 = ci95[0] > 0 or ci95[1] < 0
+    h90, h95, equivalent, excludes_0 = _tests(delta, se, df, margin)
+    h90, h95 = float(h90), float(h95)
     if equivalent:
         verdict = f"differs, within ±{margin:g}" if excludes_0 else f"reproduced (±{margin:g})"
     elif excludes_0 and abs(delta) >= margin:
         verdict = "differs"
     else:
         verdict = "inconclusive"
-    return verdict, ci90, ci95
+    return verdict, (delta - h90, delta + h90), (delta - h95, delta + h95)
 
 
 def seeds_to_decide(delta: float, s_r: float, n_r: int, pub: PublishedSD, margin: float,
@@ -143,7 +141,8 @@ def seeds_to_decide(delta: float, s_r: float, n_r: int, pub: PublishedSD, margin
     (None: not within ``max_more`` more seeds, e.g. when the published mean's own noise alone is
     about as wide as the margin)."""
     n = np.arange(n_r + 1, n_r + max_more + 1, dtype=float)
-    hit = np.flatnonzero(_decided(delta, *_se_df(s_r, n, pub), margin))
+    _, _, equivalent, excludes_0 = _tests(delta, *_se_df(s_r, n, pub), margin)
+    hit = np.flatnonzero(equivalent | (excludes_0 & (abs(delta) >= margin)))
     return int(n[hit[0]]) - n_r if len(hit) else None
 
 
