@@ -172,3 +172,16 @@ def test_kernel_gap_record_equals_numpy_kernels(tmp_path):
     assert math.isclose(both["teacher"]["top1"], 100 * (probs.argmax(1) == y).double().mean().item())
     write_json(tmp_path / "s/metrics.json", {"status": "failed", "failure": "non-finite loss"})
     assert diagnose(tmp_path / "s", [str(tmp_path / "t0")], "cpu")["status"] == "skipped"
+
+
+def test_paper_forest_rows_are_the_table_comparisons_with_published_deltas(fig_suite):
+    res = pt.compute(next(s for s in pt.table_specs(fig_suite) if s.name == "fig4"), fig_suite)
+    rows = {(r.label, r.group): r for r in figures.paper_forest_rows(res)}
+    fkd = rows[("FKD − KD [exploratory]", "E=1")]
+    d = np.array([FKD[s] - KD[s] for s in range(3)])
+    assert fkd.n == 3 and math.isclose(fkd.diff, d.mean()) and math.isclose(fkd.sd, d.std(ddof=1))
+    pub = {c.row: c.published for c in res.cells if c.group == "E=1"}
+    assert math.isclose(fkd.published, pub["FKD"] - pub["KD"])
+    comp = next(c for c in res.comparisons if (c.a, c.group) == ("FKD", "E=1"))
+    assert fkd.p_adj == comp.p_adj and fkd.correction == comp.correction
+    assert all("Teacher ensemble" not in label for label, _ in rows)  # an unpaired column is not compared

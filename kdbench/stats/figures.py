@@ -152,23 +152,36 @@ def _forest_row(label: str, group: str, test, p_adj: float = math.nan, correctio
                      p_adj, correction)
 
 
-def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
-    """Each tested cell − the reference column of its group, the published Δ where the paper
-    prints both values."""
-    spec = res.spec
-    rows = []
-    for c in res.cells:
-        if c.test is None or c.test.n == 0:
+def paper_forest_rows(res: TableResult) -> list[ForestRow]:
+    """The table's comparisons (its primary family first, then every other row − the reference),
+    each with the published Δ where the paper prints both values; a test repeated on the same
+    runs in several groups (a stand-in) is drawn once, labelled with all its groups."""
+    groups: dict[tuple, list[str]] = {}
+    for c in res.comparisons:
+        groups.setdefault((c.family, c.key), []).append(c.group)
+    rows, seen = [], set()
+    for c in sorted(res.comparisons, key=lambda c: c.family != "primary"):
+        if (c.family, c.key) in seen or c.test.n == 0:
             continue
-        ref = next(r for r in res.cells if r.group == c.group and r.column == spec.reference)
-        pub = c.published - ref.published if c.published is not None and ref.published is not None else None
-        rows.append(_forest_row(f"{c.row} − {spec.reference}", c.group, c.test, c.p_holm, "Holm", pub))
+        seen.add((c.family, c.key))
+        a, b = res.cell(c.a, c.group), res.cell(c.b, c.group)
+        pub = a.published - b.published if a.published is not None and b.published is not None else None
+        where = groups[(c.family, c.key)]
+        group = where[0] if len(where) == 1 else f"{where[0]} (same runs as {len(where) - 1} more groups)"
+        rows.append(_forest_row(f"{c.a} − {c.b} [{c.family}]", group, c.test, c.p_adj, c.correction, pub))
+    return rows
+
+
+def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
+    spec = res.spec
     metric = spec.groups[0].metric if spec.groups else "acc_last"
-    margin = _margin(getattr(spec, "margin", None) and {"margin": spec.margin}, spec.groups[0].dataset, metric)
-    note = ("Δ = row − reference over shared seeds (paired t); published Δ = the paper's row − its reference. "
-            + ("STAND-IN: reproduced values from miniature runs, published values from the paper's setting." if spec.stand_in else ""))
-    return draw_forest(rows, margin, path, f"{spec.name}: Δ vs `{spec.reference}`"
-                       + ("  [STAND-IN]" if spec.stand_in else ""), f"Δ {METRICS[metric][0]} (pp)", note)
+    note = ("Δ = row − row over shared seeds (paired t). p adjusted within its family: primary (the paper's claims) "
+            "Holm, exploratory (vs the reference) BH. Published Δ = the paper's same difference. "
+            + ("STAND-IN: reproduced values from miniature runs; published values from the paper's setting."
+               if spec.stand_in else ""))
+    return draw_forest(paper_forest_rows(res), spec.margin_for(spec.groups[0]), path,
+                       f"{spec.name}: paired differences" + ("  [STAND-IN]" if spec.stand_in else ""),
+                       f"Δ {METRICS[metric][0]}" + ("" if metric.startswith("kernel_gap") else " (pp)"), note)
 
 
 def seed_metric(table: dict) -> str:
