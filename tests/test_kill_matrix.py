@@ -145,3 +145,52 @@ def test_killed_pack_resumes_bit_for_bit(tiny, tmp_path, point, fuse):
     reference = fit_packed(specs, ref_dirs, "cpu", fuse=fuse)
     for k in range(len(specs)):
         assert_same_run(dirs[k], ref_dirs[k], resumed[k], reference[k])
+
+
+def test_killed_ddp_run_resumes_bit_for_bit(tmp_path, subprocess_env):
+    """Two gloo processes (torchrun through kdbench's launcher) killed together right after a
+    checkpoint, restarted, end with the metrics and weights of an uninterrupted DDP run."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from kdbench.data.synthetic_files import ensure_synthetic
+    from kdbench.suite import load_suite
+
+    synthetic = {"classes": 4, "train_per_class": 9, "test_per_class": 5, "seed": 0}
+    ensure_synthetic("cifar100", str(tmp_path / "data"), synthetic)
+
+    def suite(runs):
+        cfg = {"name": "ddp", "device": "cpu", "threads": 1, "runs_dir": str(tmp_path / runs),
+               "datasets": {"cifar100": {"root": str(tmp_path / "data"), "synthetic": synthetic}},
+               "recipe": {"epochs": 12, "batch_size": 8, "test_batch_size": 7},
+               "experiments": [{"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]],
+                                "methods": ["student"], "seeds": [0]}]}
+        (tmp_path / f"{runs}.yaml").write_text(yaml.safe_dump(cfg))
+        return load_suite(tmp_path / f"{runs}.yaml")
+
+    def command(s):
+        (run_id,) = s.runs
+        return run_id, [sys.executable, "-m", "kdbench.engine.distributed", "--gpus", "0", "--nproc", "2", "--",
+                        "train-teacher", "--suite", str(s.path), "--run", run_id, "--quiet"]
+
+    killed = suite("killed")
+    run_id, cmd = command(killed)
+    proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt, deadline = tmp_path / "killed" / run_id / "checkpoint.pt", time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["state"]["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / run_id / "metrics.json").exists(), "the run finished before it was killed"
+    for s in (killed, suite("straight")):
+        done = subprocess.run(command(s)[1], env=subprocess_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / run_id / "metrics.json").read_text()) for d in ("killed", "straight"))
+    assert_same_run(tmp_path / "killed" / run_id, tmp_path / "straight" / run_id, a, b)

@@ -4,8 +4,8 @@ Every result file is written atomically (:mod:`kdbench.engine.io`): to a tempora
 ``.<name>.<8 random characters>`` in the same folder, then renamed. A process killed between the
 two leaves the temporary behind; :func:`claim` removes those of its own folder (never another
 run's: only the folder itself is scanned, only the names kdbench writes) once it holds the
-folder's lock, so no live writer can own them. The lock (``flock`` on ``.lock``, released when the
-process exits, also when it is killed) makes a second process that starts the same run — two
+folder's lock, so no live writer can own them. The lock (``flock`` on the folder itself, so it
+leaves no file behind; released when the process exits, also when it is killed) makes a second process that starts the same run — two
 ``snakemake`` invocations whose suites share runs, or one with ``--nolock`` — wait for the first and
 then resume from its finished checkpoint instead of training the run a second time.
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 
 #: the temporary files of kdbench's atomic writes (tempfile.mkstemp's 8-character suffix)
 TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.json|model\.pt|diagnostics-[^/]+\.json)\.[A-Za-z0-9_]{8}$")
-LOCK = ".lock"
 
 
 def stale_temporaries(folder: str | Path) -> list[Path]:
@@ -38,7 +37,7 @@ def claim(folder: str | Path, poll_s: float = 2.0):
     temporary files of its atomic writes; yields the removed paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         waited = False
         while True:

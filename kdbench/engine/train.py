@@ -25,6 +25,7 @@ training set only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -235,9 +236,8 @@ def fit_steps(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
               progress: bool = True, stop_after_epochs: int | None = None, shared: dict | None = None):
     """:func:`_fit_steps` holding the run folder (:func:`kdbench.engine.run_folder.claim`: one
     writer at a time, a killed writer's temporary files removed); under torchrun rank 0 holds it."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return (yield from _fit_steps(spec, out_dir, device, run_id, progress, stop_after_epochs, shared))
-    with run_folder.claim(out_dir):
+    # under torchrun rank 0 holds the folder; every rank reads the same files, so all take one path
+    with run_folder.claim(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         done = finished_run(out_dir, spec)
         if done is not None:  # another process finished it while this one waited (or earlier)
             print(f"kdbench: {run_id or out_dir} is already finished ({Path(out_dir) / 'metrics.json'}); nothing to do",
