@@ -287,8 +287,11 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
             raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
     n_teachers = max([len(exp.get("teacher_seeds", [0]))] + [len(v) for v in exp.get("teacher_checkpoints", {}).values()
                                                               if isinstance(v, list)])
-    needs = {m: frozenset().union(*(resolve_method(m, o).teacher_needs for _, o in _method_variants(exp, m)))
-             for m in exp["methods"]}  # with overrides and every sweep value
+    try:  # with overrides and every sweep value; a term refuses parameters it cannot read (e.g. OT layers)
+        needs = {m: frozenset().union(*(resolve_method(m, o).teacher_needs for _, o in _method_variants(exp, m)))
+                 for m in exp["methods"]}
+    except ValueError as e:
+        raise SuiteError(f"{where}: {e}") from None
     if n_teachers > 1:
         staged = [m for m in exp["methods"] if needs[m] & {"stages", "preact"}]
         if staged:

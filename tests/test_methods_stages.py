@@ -349,13 +349,13 @@ def _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch):
 
 
 @pytest.mark.parametrize("method,student_arch", [("ab", "wrn_16_1"), ("ab", "resnet8"), ("ft", "wrn_16_1"),
-                                                  ("ft", "resnet8")])
+                                                  ("ft", "resnet8"), ("fsp", "wrn_16_1"), ("fsp", "resnet8")])
 def test_init_stage_module_modes_are_repdistillers(tiny, tmp_path, monkeypatch, method, student_arch):
-    """AB: only RepDistiller's feature modules train (a WRN's final BN, which makes the third
+    """AB and FSP: only RepDistiller's feature modules train (a WRN's final BN, which makes the third
     pre-activation map, normalises with its running statistics and they stay put); FT: the whole
     student is in eval mode, so none of its BN statistics move during the paraphraser stage."""
     modes, initial, after = _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch)
-    feat = REPDISTILLER_FEAT_MODULES[student_arch] if method == "ab" else ()
+    feat = REPDISTILLER_FEAT_MODULES[student_arch] if method in ("ab", "fsp") else ()
     assert "bn1" in modes and len(modes) > 5  # every student BN was called
     for name in modes:
         trains = name.split(".")[0] in feat

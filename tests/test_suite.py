@@ -107,8 +107,12 @@ def test_method_checks_see_the_overrides(tmp_path):
                           experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["remd"], **extra}])
         with pytest.raises(SuiteError, match="remd read the teacher's stage features"):
             load_suite(bad)
+    with pytest.raises(SuiteError, match="remd read the teacher's stage features"):  # OT's default: the stages
+        load_suite(write_suite(tmp_path / "st.yaml", tmp_path / "data",
+                               experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["remd"]}]))
     load_suite(write_suite(tmp_path / "ok.yaml", tmp_path / "data",
-                           experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["remd"]}]))
+                           experiments=[{**EXP, "teacher_seeds": [0, 1], "methods": ["remd"],
+                                         "term_params": {"remd": {"layers": "pooled"}}}]))
     datasets = {"cifar100": {"root": "d100"}, "cifar10": {"root": "d10"}}
     cross = {**EXP, "dataset": "cifar10", "teacher_dataset": "cifar100", "methods": ["kda_before", "kda_after"]}
     with pytest.raises(SuiteError, match=r"student\): kda_after read the teacher's logits"):  # kda_before passes

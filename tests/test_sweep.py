@@ -167,8 +167,9 @@ def test_validation_without_sweep_and_schema_errors(tmp_path):
     ("tune_fkd", "fkd", {"teacher": 2, "student": 6, "fkd[fkd=1]": 3, "fkd[fkd=10]": 3, "fkd[fkd=100]": 3,
                          "fkd[fkd=1000]": 3, **{f"fkd[fkd={lam},feature_reg={fr}]": 3 for lam in (1, 10, 100, 1000)
                                                 for fr in ("5e-05", "0.0005", "0.005")}}),
-    ("tune_ot", "ot", {"teacher": 1, "student": 3, "kd": 3, **{f"{m}_kd[{m}={v}]": 3 for m in ("remd", "ipot")
-                                                               for v in ("0.1", "1", "10")}}),
+    ("tune_ot", "ot", {"teacher": 1, "student": 3, "kd": 3, **{f"{m}_kd[{m}={v},{m}.layers={la}]": 3
+                                                               for m in ("remd", "ipot") for v in ("0.1", "1", "10")
+                                                               for la in ("stages", "stages+pooled", "pooled")}}),
     ("tune_kda", "kda", {"teacher": 1, "student": 3, "kda_before": 3, "kda_before_kd[kd=0.25]": 3,
                          "kda_before_kd[kd=1]": 3, "kda_before_kd[kd=4]": 3}),
 ])

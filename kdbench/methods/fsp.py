@@ -63,6 +63,9 @@ class FSP(InitStageLoss):
     def init_parameters(self, student: nn.Module) -> Iterable[nn.Parameter]:
         return student.feature_modules().parameters()
 
+    def init_train_modules(self, student: nn.Module) -> list[nn.Module]:
+        return [student.feature_modules()]  # RepDistiller: model_s.eval(), then get_feat_modules().train()
+
     def init_loss(self, s: Features, t: Features, batch: Batch) -> Tensor:
         return fsp_loss(s.stages, [f.detach() for f in t.stages])
 
