@@ -122,6 +122,7 @@ def _family_caption(res) -> str:
 
 
 def caption(res) -> str:
+    """What the table shows, its statistic, verdicts, families and assumptions, in words."""
     spec = res.spec
     what = "; ".join(METRICS[m][0] for m in dict.fromkeys(g.metric for g in spec.groups))
     where = spec.published.get("table", "")

@@ -72,6 +72,8 @@ class Group:
 
 @dataclass
 class TableSpec:
+    """One paper table, resolved: its rows, groups, published filter and statistical settings."""
+
     name: str
     rows: dict[str, dict]  # label -> {"column": str, "published": dict}
     groups: list[Group]

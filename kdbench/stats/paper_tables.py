@@ -88,6 +88,7 @@ class CellStat:
 
     @property
     def verdict(self) -> str:
+        """The reproduction verdict, or why there is none."""
         if self.n_expected == 0:
             return "n/a" if self.published is None else "not in suite"
         if self.n == 0:
@@ -101,6 +102,8 @@ class CellStat:
 
 @dataclass
 class TableResult:
+    """A computed table: its cells, its paired comparisons and the prospective seeds needed."""
+
     spec: TableSpec
     cells: list[CellStat]
     paper_title: str
@@ -121,6 +124,7 @@ def published_table() -> pd.DataFrame:
 
 
 def match_published(filt: dict) -> pd.DataFrame:
+    """The published.csv rows matching ``filt`` (``paper`` matches the paper's first word)."""
     df = published_table()
     mask = pd.Series(True, index=df.index)
     for k, v in filt.items():
@@ -225,6 +229,7 @@ def diagnostic_targets(suite: Suite) -> dict[str, tuple[str, list[str]]]:
 
 
 def write_tables(suite: Suite, out_dir: str | Path, only: list[str] | None = None) -> dict[str, Path]:
+    """Write ``<table>.md``, ``.csv`` and ``_cells.csv`` of the suite's paper tables into ``out_dir``."""
     from ..engine.io import atomic_write_bytes
     out, written, records = Path(out_dir), {}, Records(suite)
     for spec in table_specs(suite, only):

@@ -46,6 +46,7 @@ def teachers_of(rec: "Records", cell: Cell) -> list[str]:
 
 
 def diagnostics_path(suite: Suite, run_id: str, teachers: list[str]) -> str:
+    """The ``kdbench kernel-gap`` record of a run against these teachers."""
     key = hashlib.sha256("\n".join(teachers).encode()).hexdigest()[:8]
     return f"{suite.run_dir(run_id)}/diagnostics-{key}.json"
 
@@ -62,10 +63,12 @@ class Records:
 
     @functools.cache
     def metrics(self, run_id: str) -> dict | None:
+        """A run's metrics.json (None: missing or unreadable)."""
         return read_json_state(Path(self.suite.run_dir(run_id)) / "metrics.json")[0]  # corrupt: as missing
 
     @functools.cache
     def diag(self, path: str) -> dict | None:
+        """A kernel-gap record (None: missing or unreadable)."""
         return read_json(Path(path))
 
     def value(self, cell: Cell, metric: str) -> tuple[str, float | None]:

@@ -49,6 +49,8 @@ def default_margin(dataset: str, metric: str = "acc_last") -> float:
 
 @dataclass(frozen=True)
 class PublishedSD:
+    """A published value's spread as an sd over ``n`` runs, and what was assumed to get it."""
+
     sd: float | None  # None: the paper gives no spread (assume s_p = s_r)
     n: int
     note: str  # what was assumed, for the caption ("" when nothing was)
