@@ -6,7 +6,8 @@
 #   snakemake --cores 2 --config pack_size=12     # distillations 12 per job (kdbench pack), see train.smk
 #
 # The suite is validated (schema + registry names) when this file is parsed, before any job.
-from kdbench.suite import load_suite
+from kdbench.suite import SuiteError, load_suite
+from kdbench.suite_checks import check_files_exist
 
 SUITE_FILE = config.get("suite_file") or f"{workflow.basedir}/workflow/suites/{config.get('suite', 'smoke')}.yaml"
 SUITE = load_suite(SUITE_FILE)
@@ -33,6 +34,14 @@ rule all:
         table_outputs(),
         SEED_FIGURES,
         paper_outputs(),
+
+
+onstart:
+    # before any job (a dry run plans without): every real dataset root and imported teacher file exists
+    try:
+        check_files_exist(SUITE)
+    except SuiteError as e:
+        raise SystemExit(f"kdbench: {e}")
 
 
 onsuccess:

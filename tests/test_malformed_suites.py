@@ -48,3 +48,23 @@ def test_unused_term_params_only_warn_when_suites_include_each_other(tmp_path):
         "  - {name: m, dataset: cifar100, pairs: [[resnet14, resnet8]], methods: [kd], seeds: [0]}\n")
     with pytest.warns(UserWarning, match="apply to nothing"):
         load_suite(tmp_path / "main.yaml")
+
+
+def test_pipeline_refuses_a_missing_dataset_before_any_job_but_plans_it(tmp_path):
+    """`snakemake` stops before its first job when a real dataset root is missing (a cluster would
+    otherwise fail each job in turn); `snakemake -n` still plans the jobs."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text((Path(__file__).parent / "malformed_suites" / "dataset_root_missing.yaml").read_text()
+                     .replace("data/not-here", str(tmp_path / "not-here")))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"),
+           "--cores", "1", "--config", f"suite_file={suite}"]
+    plan = subprocess.run(cmd + ["-n"], capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode != 0 and f"kdbench fetch cifar100 --root {tmp_path / 'not-here'}" in run.stderr + run.stdout
+    assert not (tmp_path / "work" / "runs").exists()
