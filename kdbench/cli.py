@@ -70,8 +70,11 @@ def cmd_list_runs(args) -> int:
 
 def cmd_validate(args) -> int:
     from .stats.paper_tables import table_specs
+    from .suite_checks import check_files_exist
     suite = _suite(args)
     table_specs(suite)  # paper-table columns, pairs and `like` references
+    if not args.no_files:
+        check_files_exist(suite)
     print(f"{suite.path}: valid suite {suite.name!r} with {len(suite.runs)} runs")
     return 0
 
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     agg = with_suite(sub.add_parser("aggregate", help="seed-aggregated tables under results/<suite>/"))
     agg.add_argument("--out", help="output folder (default results/<suite name>)")
     with_suite(sub.add_parser("list-runs", help="print the suite's run ids"))
-    with_suite(sub.add_parser("validate", help="check a suite file and count its runs"))
+    va = with_suite(sub.add_parser("validate", help="check a suite file (and the files it needs) and count its runs"))
+    va.add_argument("--no-files", action="store_true",
+                    help="skip checking that dataset roots and imported teacher files exist (to plan elsewhere)")
     md = with_suite(sub.add_parser("make-data", help="write a suite's synthetic dataset in its real format"))
     md.add_argument("--dataset", required=True)
     ls = sub.add_parser("list", help="list registered methods, models or datasets")
