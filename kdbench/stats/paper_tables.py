@@ -84,7 +84,6 @@ class CellStat:
         """The comparison's adjusted p (Holm in the primary family, BH otherwise: ``comparison.correction``)."""
         return self.comparison.p_adj if self.comparison else math.nan
 
-    p_holm = p_adj  # the name before the families (kept for callers); the correction is comparison.correction
 
     @property
     def verdict(self) -> str:
