@@ -84,7 +84,6 @@ class CellStat:
         """The comparison's adjusted p (Holm in the primary family, BH otherwise: ``comparison.correction``)."""
         return self.comparison.p_adj if self.comparison else math.nan
 
-
     @property
     def verdict(self) -> str:
         """The reproduction verdict, or why there is none."""
