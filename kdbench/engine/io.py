@@ -8,24 +8,43 @@ import platform
 import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: str | Path):
+    """A binary file object whose content replaces ``path`` whole when the block ends (written to
+    ``.<name>.<8 random characters>`` in the same folder, synced, renamed; removed on error). The
+    file gets the mode a plain ``open`` gives (0666 less the umask): ``tempfile.mkstemp`` creates
+    0600 files, which others sharing the project's storage could not read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -54,20 +73,10 @@ def read_json_state(path: str | Path) -> tuple[dict | None, str]:
 
 
 def atomic_torch_save(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        # through a file object, torch names the archive's records archive/... (not after the random
-        # temporary file), so equal content gives equal bytes and an equal SHA-256 (teacher checks)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # through a file object, torch names the archive's records archive/... (not after the random
+    # temporary file), so equal content gives equal bytes and an equal SHA-256 (teacher checks)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def git_sha() -> tuple[str | None, bool | None]:

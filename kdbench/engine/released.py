@@ -30,11 +30,9 @@ distilled from it, as any change of teacher must).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .import_teacher import PUBLISHED_TOP1, import_teacher
-from .io import atomic_write_json, file_sha256, provenance
+from .io import atomic_file, atomic_write_json, file_sha256, provenance
 
 REPDISTILLER_URL = "http://shape2prog.csail.mit.edu/repo/{arch}_vanilla/ckpt_epoch_240.pth"
 MDISTILLER_ARCHIVE = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
@@ -110,14 +108,8 @@ def by_hand(rt: ReleasedTeacher, target: Path, resume: str) -> str:
 def _write_whole(dest: Path, src) -> None:
     """Copy the stream ``src`` to ``dest`` through a temporary file of its own, so a reader (or
     another job fetching the same archive at the same time) never sees a partial file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(dest) as f:
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 def download(url: str, dest: Path, timeout: float = 60) -> None:
