@@ -98,7 +98,7 @@ def ddp_suite(tmp_path_factory):
 
 
 def run_ddp(suite, run_id, command, subprocess_env):
-    cmd = [sys.executable, "-m", "kdbench.engine.distributed", "--gpus", "0", "--nproc", str(WORLD), "--",
+    cmd = [sys.executable, "-m", "kdbench.launch", "--gpus", "0", "--nproc", str(WORLD), "--",
            command, "--suite", str(suite.path), "--run", run_id, "--quiet"]
     done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

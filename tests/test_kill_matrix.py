@@ -174,7 +174,7 @@ def test_killed_ddp_run_resumes_bit_for_bit(tmp_path, subprocess_env):
 
     def command(s):
         (run_id,) = s.runs
-        return run_id, [sys.executable, "-m", "kdbench.engine.distributed", "--gpus", "0", "--nproc", "2", "--",
+        return run_id, [sys.executable, "-m", "kdbench.launch", "--gpus", "0", "--nproc", "2", "--",
                         "train-teacher", "--suite", str(s.path), "--run", run_id, "--quiet"]
 
     killed = suite("killed")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kdbench.engine.distributed import claim_gpus, launch_command
+from kdbench.launch import claim_gpus, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "workflow/profiles/slurm"
@@ -66,14 +66,14 @@ def test_slurm_profile_dry_runs_the_paper_suite_without_data(paper_dry_run):
     probe = next(r for r in jobs if "/probe/" in r and r.startswith("stl10/"))
     train = next(r for r in jobs if r.startswith("cifar100/scratch/"))
     assert int(jobs[probe]["runtime"]) < int(jobs[train]["runtime"])  # 40 epochs on 5k images vs 240 on 50k
-    assert "-m kdbench.engine.distributed --gpus 4 --nproc 4 -- distill" in paper_dry_run
+    assert "-m kdbench.launch --gpus 4 --nproc 4 -- distill" in paper_dry_run
 
 
 def test_slurm_plugin_turns_the_requests_into_sbatch_flags(paper_dry_run):
     """What sbatch receives for an ImageNet job, rendered by the installed plugin itself."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
-    from kdbench.engine.distributed import job_resources
+    from kdbench.launch import job_resources
     from kdbench.suite import load_suite
 
     suite = load_suite(REPO / "workflow/suites/paper.yaml")
@@ -97,7 +97,7 @@ def test_imagenet_trains_with_torchrun_from_the_fit_rule(tmp_path, subprocess_en
                      "suite=imagenet_smoke", "ddp_procs=2", env=subprocess_env, timeout=400)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    assert log.count("kdbench.engine.distributed --gpus 0 --nproc 2 --") == 2  # teacher and KD student
+    assert log.count("kdbench.launch --gpus 0 --nproc 2 --") == 2  # teacher and KD student
     runs = sorted((tmp_path / "runs/imagenet").rglob("metrics.json"))
     assert len(runs) == 2
     for m in map(lambda p: json.loads(p.read_text()), runs):

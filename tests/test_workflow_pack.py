@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdbench.engine.distributed import job_resources
+from kdbench.launch import job_resources
 from kdbench.engine.pack import check_packable
 from kdbench.suite import SuiteError, load_suite
 

@@ -6,7 +6,7 @@
 import re
 import shlex
 
-from kdbench.engine.distributed import job_resources
+from kdbench.launch import job_resources
 
 PACKING = SUITE.pack_options(config)  # {"size": N, "fuse": bool}
 PACKS = SUITE.packs(PACKING["size"])  # pack id -> run ids (kdbench.suite.Suite.packs)
@@ -21,7 +21,7 @@ def _fit_command(wildcards):
 
 
 def _res(key):
-    """One of the run's resource requests (kdbench.engine.distributed.job_resources: GPUs, DDP
+    """One of the run's resource requests (kdbench.launch.job_resources: GPUs, DDP
     processes, threads, memory, runtime in minutes), computed without reading any data."""
     return lambda wildcards, **_: job_resources(SUITE.runs[wildcards.run], SUITE.config, config)[key]
 
@@ -31,7 +31,7 @@ def _launch(wildcards, resources):
     import sys
     if resources.gpus == 0 and resources.nproc == 1:
         return "kdbench"
-    return f"{sys.executable} -m kdbench.engine.distributed --gpus {resources.gpus} --nproc {resources.nproc} --"
+    return f"{sys.executable} -m kdbench.launch --gpus {resources.gpus} --nproc {resources.nproc} --"
 
 
 rule fit:
