@@ -151,3 +151,33 @@ def test_looks_loop_end_to_end_through_snakemake(tmp_path):
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                           "--cores", "1", "--config", f"suite_file={suite}", "-n"], capture_output=True, text=True)
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.parametrize("values, decision, seeds", [
+    ({0: 72.50, 1: 72.51, 2: 72.49}, "equivalent", [0, 1, 2]),  # reproduced within ±0.5 already at look 1
+    ({0: 70.0, 1: 75.0, 2: 72.5}, "undecided", [0, 1, 2, 3, 4]),  # inconclusive: more seeds
+])
+def test_reproduction_verdicts_drive_the_looks(tmp_path, values, decision, seeds):
+    """A paper-table cell (OT's CIFAR-100 table, Student 72.50, no published spread: s_p = s_r
+    assumed) gets the next look's seeds only while its verdict is undecided."""
+    cfg = {"name": "repro", "device": "cpu", "runs_dir": str(tmp_path / "runs"),
+           "datasets": {"cifar100": {"root": str(tmp_path / "data")}},
+           "experiments": [{"name": "main", "dataset": "cifar100", "pairs": [["resnet32x4", "resnet8x4"]],
+                            "methods": ["student"], "seeds": {"looks": [3, 5]}}],
+           "tables": [{"name": "ot", "experiments": ["main"], "margin": 0.5,
+                       "published": {"paper": "lohit2022_ot", "table": "CIFAR-100 table"},
+                       "rows": {"Student": "student"}}]}
+    path = tmp_path / "repro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    suite = load_suite(path)
+    for c in suite.cells:
+        v = values[c.seed] if c.column == "student" else 79.0
+        Path(suite.run_dir(c.run)).mkdir(parents=True, exist_ok=True)
+        Path(suite.run_dir(c.run), "metrics.json").write_text(json.dumps({"status": "ok", "acc_last": v}))
+    state = looks.next_look(suite)["main"]
+    [d] = state["decisions"]
+    assert d["reference"].startswith("published (ot: Student") and d["decision"] == decision
+    x = np.array(list(values.values()))
+    se = x.std(ddof=1) * math.sqrt(1 / 3 + 1 / 3)  # s_p = s_r over the suite's n_p = 3 seeds
+    assert math.isclose(d["p"], 2 * stats.t.sf(abs(x.mean() - 72.50) / se, 2), rel_tol=1e-6)
+    assert seeds_of(load_suite(path))["student"] == seeds

@@ -236,6 +236,20 @@ def seed_forest_rows(records, table: dict) -> list[ForestRow]:
     return [_forest_row(label, group, test, float(adjusted[key]), "Holm") for group, label, test, key in tests]
 
 
+def _budget_note(suite, table: dict) -> str:
+    """The sequential design of the table's experiments whose seeds are a budget (kdbench.stats.looks)."""
+    from .looks import budget, state_path
+    notes = []
+    for exp in suite.config["experiments"]:
+        b = budget(exp) if exp["name"] in table["experiments"] else None
+        if b:
+            rule = "O'Brien–Fleming" if b["spending"] == "obrien_fleming" else "Pocock"
+            notes.append(f" {exp['name']}: seeds as a budget, looks at n = {', '.join(map(str, b['looks']))}, "
+                         f"{rule}-type alpha spending of α = {b['alpha']:g}, Holm within each look "
+                         f"(decisions: {state_path(suite.config).with_suffix('.md')}).")
+    return "".join(notes)
+
+
 def seed_curve_cells(suite, records, table: dict) -> list[CellCurves]:
     from ..engine.io import read_json
     cells = _seed_cells(records, table)
@@ -271,7 +285,7 @@ def write_seed_figures(suite, out_dir: str | Path, band: str = "range") -> list[
                                    f"Δ {METRICS[metric][0]} (pp)",
                                    "Δ = method − reference over the seeds both finished (paired t); p Holm-adjusted "
                                    "over this table's comparisons; decided = the interval excludes 0, or its 90% "
-                                   "interval lies inside the margin."))
+                                   "interval lies inside the margin." + _budget_note(suite, t)))
         if "stand_in" not in t:
             out.append(draw_curves(seed_curve_cells(suite, records, t), t.get("reference", "student"),
                                    Path(out_dir) / f"{t['name']}_curves.png", title, band))

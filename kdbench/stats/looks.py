@@ -9,8 +9,10 @@ An experiment may declare its seeds as a budget instead of a list::
 if given, must equal ``looks[0]``). Every cell (method × teacher → student pair) starts with seeds
 ``0 … looks[0]−1``. After the runs of look k have finished, :func:`next_look` (``kdbench
 next-look``) tests every comparison still open — each method − ``reference`` per pair, paired by
-seed — and gives the next look's seeds only to the cells of the comparisons it could not decide
-(both sides, so they stay paired); decided cells keep theirs.
+seed, and each reproduction verdict of a paper table (not a stand-in) over the experiment's runs:
+Δ = reproduced − published with its Welch standard error (:mod:`kdbench.stats.verdict`) — and
+gives the next look's seeds only to the cells it could not decide (a comparison's both sides, so
+they stay paired); decided cells keep theirs.
 
 **Decision at look k.** The nominal two-sided level α_k of look k comes from a Lan–DeMets
 alpha-spending function of the information fraction t_k = looks[k] / looks[-1], so that the
@@ -175,6 +177,39 @@ def paired_p_values(a: dict, b: dict, margin: float) -> tuple[int, float, float,
     return n, mean, p, tost
 
 
+def verdict_p_values(delta: float, se: float, df: float, margin: float) -> tuple[float, float]:
+    """(p of "reproduced = published", TOST p of "|reproduced − published| ≥ margin") of a
+    reproduction verdict's Δ with its Welch standard error (:mod:`kdbench.stats.verdict`)."""
+    from scipy import stats
+    if not (math.isfinite(delta) and math.isfinite(se) and se > 0):
+        return math.nan, math.nan
+    p = float(2 * stats.t.sf(abs(delta) / se, df))
+    return p, max(float(stats.t.sf((delta + margin) / se, df)), float(stats.t.cdf((delta - margin) / se, df)))
+
+
+def reproduction_tests(suite, exp: dict, level: float, look: int, seeds: int) -> list[dict]:
+    """One test per paper-table cell (not a stand-in) with a published value whose runs are this
+    experiment's: its reproduction verdict's Δ, tested like a comparison (a cell without a verdict
+    — too few seeds, every seed equal — is undecided)."""
+    from .paper_tables import compute, table_specs
+    out = []
+    for spec in table_specs(suite):
+        if spec.stand_in or not any(exp["name"] in g.experiments for g in spec.groups):
+            continue
+        res = compute(spec, suite)
+        for c in res.cells:
+            g = next(g for g in spec.groups if g.label == c.group)
+            if c.published is None or c.n_expected == 0 or exp["name"] not in g.experiments or c.column == "teacher":
+                continue
+            margin = spec.margin_for(g)
+            check = c.check
+            p, tost = verdict_p_values(check.delta, check.se, check.df, margin) if check else (math.nan, math.nan)
+            out.append({"look": look, "seeds": seeds, "pair": f"{g.pair[0]}--{g.pair[1]}", "method": c.column,
+                        "reference": f"published ({spec.name}: {c.row} / {c.group})", "n": c.n,
+                        "diff": c.delta, "p": p, "tost": tost, "level": level, "margin": margin})
+    return out
+
+
 def decide(tests: list[dict], level: float) -> list[str]:
     """Holm at ``level`` over the look's open tests (``p``, ``tost``): differs / equivalent / undecided."""
     import numpy as np
@@ -222,27 +257,29 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
         margin = float(b["margin"] if b["margin"] is not None else default_margin(exp["dataset"], b["metric"]))
         level = nominal_levels(b["looks"], b["alpha"], b["spending"])[k]
         values = _values(rec, exp["name"], b["metric"])
-        closed = {(d["pair"], d["method"]) for d in st["decisions"] if d["decision"] != OPEN}
+        closed = {(d["pair"], d["method"], d["reference"]) for d in st["decisions"] if d["decision"] != OPEN}
         tests = []
         for t_arch, s_arch in exp["pairs"]:
             pair = f"{t_arch}--{s_arch}"
             ref = values.get((t_arch, s_arch, b["reference"]), {})
             for column in dict.fromkeys(c.column for c in suite.cells if c.experiment == exp["name"]
                                         and (c.teacher, c.student) == (t_arch, s_arch)):
-                if column in (b["reference"], "teacher") or (pair, column) in closed:
+                if column in (b["reference"], "teacher") or (pair, column, b["reference"]) in closed:
                     continue
                 n, diff, p, tost = paired_p_values(values.get((t_arch, s_arch, column), {}), ref, margin)
                 tests.append({"look": k + 1, "seeds": b["looks"][k], "pair": pair, "method": column,
                               "reference": b["reference"], "n": n, "diff": diff, "p": p, "tost": tost,
                               "level": level, "margin": margin})
+        tests += [t for t in reproduction_tests(suite, exp, level, k + 1, b["looks"][k])
+                  if (t["pair"], t["method"], t["reference"]) not in closed]
         for t, verdict in zip(tests, decide(tests, level)):
             t["decision"] = verdict
         st["decisions"] = st["decisions"] + tests
         undecided = [t for t in tests if t["decision"] == OPEN]
         if k + 1 < len(b["looks"]) and undecided:
             n_next = b["looks"][k + 1]
-            for t in undecided:
-                for column in (t["method"], b["reference"]):
+            for t in undecided:  # a comparison's two cells (they stay paired), or a reproduced cell
+                for column in (t["method"], b["reference"]) if t["reference"] == b["reference"] else (t["method"],):
                     st["seeds"][f"{t['pair']}/{column}"] = n_next
             st["look"] = k + 1
         else:

@@ -32,6 +32,8 @@ rule seed_figures:
         all_metrics(),
     output:
         [_seed_reported(f) for f in SEED_FIGURES],
+    params:
+        spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric, margin or reference redraws them
     resources:
         gpus=0,
         mem_mb=2000,
