@@ -9,6 +9,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 from conftest import REPO, kdbench_cmd, write_suite
 
@@ -88,23 +89,44 @@ def test_failed_teacher_corrupt_metrics_and_table_spec_changes(tmp_path):
     assert "Best epoch" in (tmp_path / "results/tiny/main.md").read_text()
 
 
-def test_one_command_recovers_a_killed_snakemake(tmp_path, subprocess_env):
-    """Issue 18: after snakemake is killed (its lock and incomplete outputs left behind) a plain rerun
-    refuses; `kdbench resume` with the same arguments finishes the pipeline."""
-    suite = write_suite(tmp_path / "tiny.yaml", tmp_path / "data", recipe={"epochs": 4})
-    args = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2", "--config", f"suite_file={suite}"]
+RESULTS_COLUMNS = ["experiment", "method", "seed", "status", "run", "acc_last", "acc_best", "acc5_last", "epoch_best"]
+
+
+@pytest.mark.parametrize("kill", ["group", "snakemake"])
+def test_one_command_recovers_a_killed_snakemake(tmp_path, subprocess_env, kill):
+    """Issues 13 and 18: snakemake is SIGKILLed mid-pipeline — with its jobs (a crash of the
+    machine), or alone while its jobs run on (their run folders stay locked until they end). A
+    plain rerun refuses (on the lock, or on outputs it did not see finish); `kdbench resume` with the same arguments finishes the pipeline,
+    and its tables equal an uninterrupted pipeline's."""
+    def pipeline(folder):
+        folder.mkdir()
+        suite = write_suite(folder / "tiny.yaml", folder / "data", recipe={"epochs": 4})
+        return suite, ["-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", "2", "--config",
+                       f"suite_file={suite}"]
+
+    suite, args = pipeline(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], env=subprocess_env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "runs").glob("**/checkpoint.pt")):
+    while time.time() < deadline and not list((tmp_path / "killed/runs").glob("**/checkpoint.pt")):
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its jobs, as a crash would
+    if kill == "group":
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "results/tiny/runs.csv").exists(), "the pipeline finished before it could be killed"
-    plain = snakemake(tmp_path, suite)
-    assert plain.returncode != 0 and "lock" in (plain.stdout + plain.stderr).lower()
+    assert not (tmp_path / "killed/results/tiny/runs.csv").exists(), "the pipeline finished before it could be killed"
+    plain = snakemake(tmp_path / "killed", suite)
+    said = (plain.stdout + plain.stderr).lower()  # the lock, or (jobs that ran on) their unrecorded outputs
+    assert plain.returncode != 0 and ("lock" in said or "incomplete" in said), plain.stderr[-3000:]
     resumed = subprocess.run(kdbench_cmd("resume", *args), env=subprocess_env, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    runs = pd.read_csv(tmp_path / "results/tiny/runs.csv")
+    straight_suite, straight_args = pipeline(tmp_path / "straight")
+    done = subprocess.run([sys.executable, "-m", "snakemake", *straight_args], env=subprocess_env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, ref = (pd.read_csv(tmp_path / d / "results/tiny/runs.csv") for d in ("killed", "straight"))
     assert set(runs.status) == {"ok"} and len(runs) == 5
+    pd.testing.assert_frame_equal(runs[RESULTS_COLUMNS], ref[RESULTS_COLUMNS])
+    assert (tmp_path / "killed/results/tiny/main.md").read_text() == (tmp_path / "straight/results/tiny/main.md").read_text()
