@@ -17,7 +17,7 @@ RESULTS = config.get("results_dir", f"results/{SUITE.name}")
 include: "workflow/rules/common.smk"
 
 # light jobs run where snakemake runs, never submitted to a cluster
-localrules: all, aggregate, seed_figures
+localrules: all, aggregate, seed_figures, paper  # and the rules that say `localrule: True`
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

@@ -26,30 +26,47 @@ SECONDS_PER_SAMPLE = {"small": 6e-4, "streaming": 1.7e-3}
 DEFAULT_DDP_PROCS = 4  # ImageNet: 4 GPUs × 64 images = the recipe's global batch of 256
 
 
+DEFAULT_MAX_RUNTIME = 24 * 60  # minutes: the time limit of many clusters' GPU partitions
+
+
+def max_runtime(config: dict | None) -> int:
+    """The partition's time limit in minutes (``--config max_runtime=MIN``, default 24 h)."""
+    value = (config or {}).get("max_runtime", DEFAULT_MAX_RUNTIME)
+    if not isinstance(value, int) or value < 30:
+        raise ValueError(f"max_runtime={value!r}: give the partition's time limit in whole minutes (>= 30), "
+                         f"e.g. --config max_runtime=1440 for 24 h")
+    return value
+
+
 def job_resources(run, suite_config: dict, config: dict | None = None) -> dict:
-    """What one run asks the scheduler for: ``gpus`` (= ``gpu``, the SLURM plugin's name),
-    ``nproc`` (processes torchrun starts), ``threads``, ``mem_mb`` and ``runtime`` (minutes).
+    """What one run asks the scheduler for, in the SLURM executor plugin's terms: ``gpu`` (sbatch
+    ``--gpus``), ``cpus_per_task``, ``mem_mb``, ``runtime`` (minutes, ``-t``) and ``nodes`` (always
+    1: torchrun's processes share the node's GPUs); ``threads`` (= ``cpus_per_task``, for local
+    scheduling); ``nproc`` (processes torchrun starts) and ``segments`` (submissions the run needs).
 
     Streamed datasets (ImageNet) train with DDP on ``config["ddp_procs"]`` processes (default 4;
     each gets 8 CPU threads for JPEG decoding); every other run is one process with one GPU (none
     when the suite's device is ``cpu``). The runtime is an upper estimate from the epochs and the
-    training-set size (a run killed at its time limit resumes from its checkpoint when resubmitted,
-    e.g. with Snakemake's ``--retries``). Needs no data: sizes are the official ones, or the
-    synthetic set's.
+    training-set size. Needs no data: sizes are the official ones, or the synthetic set's.
+
+    **Runtime cap.** An estimate above ``config["max_runtime"]`` (the partition's limit, default
+    24 h) is requested as the cap: the job is killed at its limit and resubmitted (rule ``fit``'s
+    ``retries`` allow ``segments`` submissions) and resumes from its checkpoint.
 
     ``run`` may be a list: a pack (``kdbench pack``, one process on one device). It asks for one
     run's GPU and threads, 500 MB more memory per further run (its student, optimiser state and
     teacher copy; the data is loaded once), and the sum of the runs' runtimes — packing's speed-up
-    is not measured on a GPU yet, so the sum is the upper estimate — capped at 24 h: a pack killed
-    at its limit is resubmitted and every run resumes from its checkpoint."""
+    is not measured on a GPU yet, so the sum is the upper estimate — capped as one run is."""
     from .data import DATASETS
 
+    cap = max_runtime(config)
     if isinstance(run, (list, tuple)):
         each = [job_resources(r, suite_config, config) for r in run]
         if any(e["nproc"] > 1 for e in each):
             raise ValueError("a pack trains in one process: runs that need DDP (streamed datasets) cannot be packed")
+        estimate = 15 + sum(e["estimate"] - 15 for e in each)
         return {**each[0], "mem_mb": max(e["mem_mb"] for e in each) + 500 * (len(each) - 1),
-                "runtime": min(15 + sum(e["runtime"] - 15 for e in each), 24 * 60)}
+                **_capped(estimate, cap)}
     config = config or {}
     spec = run.spec
     info = DATASETS.get(spec.dataset)
@@ -57,16 +74,21 @@ def job_resources(run, suite_config: dict, config: dict | None = None) -> dict:
     synthetic = (suite_config.get("datasets", {}).get(spec.dataset) or {}).get("synthetic")
     n_train = synthetic["classes"] * synthetic["train_per_class"] if synthetic else info.train_size
     nproc = int(config.get("ddp_procs", 1 if cpu else DEFAULT_DDP_PROCS)) if info.streaming else 1
-    gpus = 0 if cpu else nproc
+    gpu = 0 if cpu else nproc
     threads = 8 * nproc if info.streaming else int(suite_config.get("threads", 1))
     epochs = spec.recipe.epochs + 30  # + a two-stage method's initialisation stage
     cost = SECONDS_PER_SAMPLE["streaming" if info.streaming else "small"]
-    runtime = int(1.5 * epochs * n_train * cost / nproc / 60) + 15
+    estimate = int(1.5 * epochs * n_train * cost / nproc / 60) + 15
     if info.streaming:
         mem_mb = 12000 + 12000 * nproc  # decoding workers hold the file list
     else:  # the uint8 dataset (padded) plus PyTorch
         mem_mb = 6000 + int(n_train * info.image_size ** 2 * 3 * 2 / 1e6)
-    return {"gpus": gpus, "gpu": gpus, "nproc": nproc, "threads": threads, "mem_mb": mem_mb, "runtime": runtime}
+    return {"gpu": gpu, "nproc": nproc, "threads": threads, "cpus_per_task": threads, "mem_mb": mem_mb,
+            "nodes": 1, **_capped(estimate, cap)}
+
+
+def _capped(estimate: int, cap: int) -> dict:
+    return {"estimate": estimate, "runtime": min(estimate, cap), "segments": -(-estimate // cap)}
 
 
 # ---------------------------------------------------------------- launcher (rule fit)

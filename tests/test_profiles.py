@@ -55,18 +55,19 @@ def test_slurm_profile_dry_runs_the_paper_suite_without_data(paper_dry_run):
     datasets = {r.spec.dataset for r in suite.runs.values()}
     assert {"cifar100", "cifar10", "svhn", "stl10", "tinyimagenet", "imagenet"} <= datasets
     for run_id, res in jobs.items():
-        assert res["slurm_partition"] == "" and res["slurm_account"] == ""  # the profile's documented settings
+        assert "slurm_partition" not in res and "slurm_account" not in res  # left to the site's profile
         mem, minutes = int(res["mem_mb"]), int(res["runtime"])
+        assert res["nodes"] == "1" and minutes <= 24 * 60  # the default max_runtime
         if run_id.startswith("imagenet/"):  # torchvision ResNets, 100 epochs of 1.28M images, DDP
-            assert (res["gpus"], res["gpu"], res["nproc"]) == ("4", "4", "4")
-            assert 16 * 60 <= minutes <= 3 * 24 * 60 and mem >= 32000
+            assert (res["gpu"], res["cpus_per_task"]) == ("4", "32")
+            assert minutes == 24 * 60 and mem >= 32000  # estimated above the cap: two submissions
         else:
-            assert (res["gpus"], res["gpu"], res["nproc"]) == ("1", "1", "1")
-            assert 15 <= minutes <= 24 * 60 and 4000 <= mem <= 16000
+            assert (res["gpu"], res["cpus_per_task"]) == ("1", "1")
+            assert 15 <= minutes < 24 * 60 and 4000 <= mem <= 16000
     probe = next(r for r in jobs if "/probe/" in r and r.startswith("stl10/"))
     train = next(r for r in jobs if r.startswith("cifar100/scratch/"))
     assert int(jobs[probe]["runtime"]) < int(jobs[train]["runtime"])  # 40 epochs on 5k images vs 240 on 50k
-    assert "-m kdbench.launch --gpus 4 --nproc 4 -- distill" in paper_dry_run
+    assert "KDBENCH_REQUIRE_GPU=1 " + sys.executable + " -m kdbench.launch --gpus 4 --nproc 4 -- distill" in paper_dry_run
 
 
 def test_slurm_plugin_turns_the_requests_into_sbatch_flags(paper_dry_run):
@@ -87,7 +88,7 @@ def test_slurm_plugin_turns_the_requests_into_sbatch_flags(paper_dry_run):
     params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "fit", "account": " -A proj",
               "partition": " -p gpu", "workdir": "/w"}
     call = get_submit_command(job, params) + set_gres_string(job)  # as the plugin's run_job builds it
-    for flag in ("--gpus=4", "--cpus-per-task=32", "--mem 60000", f"-t {res['runtime']}", "-A proj", "-p gpu"):
+    for flag in ("--gpus=4", "--cpus-per-task=32", "--mem 60000", "-t 1440", "--nodes=1", "-A proj", "-p gpu"):
         assert flag in call, call
 
 
@@ -116,3 +117,19 @@ def test_launcher_gives_each_job_its_own_gpus(tmp_path, monkeypatch):
         claim_gpus(4, 3)
     assert launch_command(1, ["distill"])[1:] == ["-m", "kdbench.cli", "distill"]
     assert "--nproc_per_node=4" in launch_command(4, ["distill", "--run", "r"])
+
+
+def test_runtime_above_the_cap_is_requested_as_the_cap_with_more_submissions():
+    from kdbench.launch import job_resources
+    from kdbench.suite import load_suite
+
+    suite = load_suite(REPO / "workflow/suites/paper.yaml")
+    run = next(r for r in suite.runs.values() if r.spec.dataset == "imagenet" and r.kind == "train")
+    assert run.spec.recipe.epochs == 100
+    # 1.5 × (100 + 30) epochs × 1,281,167 images × 1.7 ms / 4 GPUs / 60, + 15 min
+    assert job_resources(run, suite.config)["estimate"] == int(1.5 * 130 * 1281167 * 1.7e-3 / 4 / 60) + 15 == 1784
+    assert {k: job_resources(run, suite.config)[k] for k in ("runtime", "segments")} == {"runtime": 1440, "segments": 2}
+    four_hours = job_resources(run, suite.config, {"max_runtime": 240})
+    assert (four_hours["runtime"], four_hours["segments"]) == (240, 8)  # ceil(1784 / 240)
+    with pytest.raises(ValueError, match="max_runtime=1440"):
+        job_resources(run, suite.config, {"max_runtime": "24h"})

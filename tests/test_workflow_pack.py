@@ -97,7 +97,7 @@ def test_pack_resources_are_one_runs_gpu_with_scaled_memory_and_time(tmp_path):
     suite = grid_suite(tmp_path, [MAIN, *OTHERS], device="auto")
     runs = [suite.runs[r] for r in next(iter(suite.packs(4).values()))]
     one, pack = job_resources(runs[0], suite.config), job_resources(runs, suite.config)
-    assert (pack["gpus"], pack["gpu"], pack["nproc"], pack["threads"]) == (1, 1, 1, one["threads"])
+    assert (pack["gpu"], pack["nproc"], pack["threads"], pack["cpus_per_task"]) == (1, 1, one["threads"], one["threads"])
     assert pack["mem_mb"] == one["mem_mb"] + 500 * (len(runs) - 1)
     assert pack["runtime"] == 15 + len(runs) * (one["runtime"] - 15)
     paper = load_suite(REPO / "workflow/suites/paper.yaml")
@@ -170,13 +170,14 @@ def test_slurm_profile_dry_runs_the_paper_suite_packed(tmp_path, subprocess_env)
     packed = {r for runs in suite.packs(12).values() for r in runs}
     assert len(packs) == len(suite.packs(12)) > 100 and len(packed) > 1500
     for res in packs.values():
-        assert (res["gpus"], res["gpu"], res["nproc"]) == ("1", "1", "1")
+        assert (res["gpu"], res["cpus_per_task"], res["nodes"]) == ("1", "1", "1")
         assert 15 <= int(res["runtime"]) <= 24 * 60 and 6000 <= int(res["mem_mb"]) <= 16000
-        assert res["slurm_partition"] == "" and res["slurm_account"] == ""
+        assert "slurm_partition" not in res and "slurm_account" not in res  # the site profile's
     for run_id, (rule, res) in made.items():
-        assert (rule != "fit") == (run_id in packed)
-        if run_id.startswith("imagenet/"):  # DDP runs are never packed
-            assert rule == "fit" and res["nproc"] == "4"
+        assert (rule == "fetch_teacher") == (suite.runs[run_id].kind == "import")
+        assert (rule.startswith("pack_")) == (run_id in packed)
+        if run_id.startswith("imagenet/") and rule == "fit":  # DDP runs are never packed
+            assert run_id not in packed and res["gpu"] == "4"
 
 
 def test_packed_pipeline_runs_and_switching_packing_retrains_nothing(tmp_path, subprocess_env):

@@ -5,6 +5,18 @@ wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
 
 
+#: GPUs a single-GPU job asks for (sbatch --gpus; locally --resources gpu=N): none for CPU suites
+GPU = 0 if SUITE.config.get("device", "auto") == "cpu" else 1
+LOGS = f"{RUNS_DIR}/logs/{SUITE.name}"  # the logs of the jobs that are not one run's (tables, data)
+
+
+def gpu_env(gpu: int) -> str:
+    """Shell prefix of a job that asked for a GPU: it must find one (KDBENCH_REQUIRE_GPU=1 makes
+    the run fail at once, with the fix, instead of training on the CPU). `--config
+    require_gpu=false` lets `device: auto` suites fall back to the CPU (a workstation without one)."""
+    return "KDBENCH_REQUIRE_GPU=1 " if gpu and config.get("require_gpu", True) else ""
+
+
 def run_inputs(wildcards):
     return inputs_of(wildcards.run)
 

@@ -7,12 +7,10 @@ for _name, _ds in SUITE.synthetic_datasets().items():
         name: f"synthetic_{_name}"
         output:
             f"{_ds['root']}/kdbench-synthetic.json",
+        log:
+            f"{LOGS}/synthetic_{_name}.log",
         params:
             dataset=_name,
-        resources:
-            gpus=0,
-            mem_mb=2000,
-            runtime=10,
         localrule: True
         shell:
-            "kdbench make-data --suite {SUITE_FILE:q} --dataset {params.dataset}"
+            "kdbench make-data --suite {SUITE_FILE:q} --dataset {params.dataset} > {log:q} 2>&1"

@@ -45,10 +45,17 @@ if DIAGNOSTICS:
             _diagnostic_inputs(),
         output:
             list(DIAGNOSTICS),
+        log:
+            f"{LOGS}/kernel_gap.log",
+        # a GPU job: teachers' and students' forward passes over the test sets
         resources:
-            gpus=lambda w: 0 if SUITE.config.get("device", "auto") == "cpu" else 1,
+            gpu=GPU,
+            cpus_per_task=4,
+            mem_mb=16000,
+            runtime=120,
+            nodes=1,
         shell:
-            "kdbench kernel-gap --suite {SUITE_FILE:q} --device {DEVICE_ARG}"
+            gpu_env(GPU) + "kdbench kernel-gap --suite {SUITE_FILE:q} --device {DEVICE_ARG} > {log:q} 2>&1"
 
 
 if PAPER_TABLES:
@@ -62,8 +69,11 @@ if PAPER_TABLES:
              for f in (f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv"))],
         params:
             spec=spec_param(_PAPER_SPECS),  # the tables' resolved specs: a changed one reruns them
+        log:
+            f"{LOGS}/paper_tables.log",
+        localrule: True
         shell:
-            "kdbench tables --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
+            "kdbench tables --suite {SUITE_FILE:q} --out {PAPER_DIR:q} > {log:q} 2>&1"
 
 
 if PAPER_FIGURES or PAPER_FORESTS:
@@ -76,8 +86,11 @@ if PAPER_FIGURES or PAPER_FORESTS:
             [_paper_reported(f) for f in _paper_pngs()],
         params:
             spec=spec_param([s for s in _PAPER_SPECS if s.figure or s.reference]),
+        log:
+            f"{LOGS}/paper_figures.log",
+        localrule: True
         shell:
-            "kdbench figures --suite {SUITE_FILE:q} --out {PAPER_DIR:q}"
+            "kdbench figures --suite {SUITE_FILE:q} --out {PAPER_DIR:q} > {log:q} 2>&1"
 
 
 rule paper:

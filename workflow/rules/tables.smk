@@ -17,14 +17,12 @@ rule aggregate:
         all_metrics(),
     output:
         [_seed_reported(f) if f.endswith(".md") else f for f in table_outputs()],
+    log:
+        f"{LOGS}/aggregate.log",
     params:
         spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric or caption reruns the tables
-    resources:
-        gpus=0,
-        mem_mb=2000,
-        runtime=10,
     shell:
-        "kdbench aggregate --suite {SUITE_FILE:q} --out {RESULTS:q}"
+        "kdbench aggregate --suite {SUITE_FILE:q} --out {RESULTS:q} > {log:q} 2>&1"
 
 
 rule seed_figures:
@@ -34,9 +32,7 @@ rule seed_figures:
         [_seed_reported(f) for f in SEED_FIGURES],
     params:
         spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric, margin or reference redraws them
-    resources:
-        gpus=0,
-        mem_mb=2000,
-        runtime=10,
+    log:
+        f"{LOGS}/seed_figures.log",
     shell:
-        "kdbench figures --seed-tables --suite {SUITE_FILE:q} --out {RESULTS:q}"
+        "kdbench figures --seed-tables --suite {SUITE_FILE:q} --out {RESULTS:q} > {log:q} 2>&1"

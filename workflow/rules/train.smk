@@ -20,18 +20,28 @@ def _fit_command(wildcards):
     return {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}[SUITE.runs[wildcards.run].kind]
 
 
+def _sizes(run_id):
+    """The run's job size (kdbench.launch.job_resources), computed without reading any data."""
+    return job_resources(SUITE.runs[run_id], SUITE.config, config)
+
+
 def _res(key):
-    """One of the run's resource requests (kdbench.launch.job_resources: GPUs, DDP
-    processes, threads, memory, runtime in minutes), computed without reading any data."""
-    return lambda wildcards, **_: job_resources(SUITE.runs[wildcards.run], SUITE.config, config)[key]
+    return lambda wildcards, **_: _sizes(wildcards.run)[key]
 
 
-def _launch(wildcards, resources):
-    """GPU runs go through the launcher (claims free GPUs locally, starts torchrun for DDP runs)."""
+def _launch(sizes):
+    """The command prefix that runs a kdbench subcommand on the job's GPUs: GPU jobs require a GPU
+    (KDBENCH_REQUIRE_GPU=1: no silent CPU fallback) and go through the launcher (claims free GPUs
+    when no scheduler assigned them, starts torchrun for DDP runs)."""
     import sys
-    if resources.gpus == 0 and resources.nproc == 1:
+    if sizes["gpu"] == 0 and sizes["nproc"] == 1:
         return "kdbench"
-    return f"{sys.executable} -m kdbench.launch --gpus {resources.gpus} --nproc {resources.nproc} --"
+    return f"{gpu_env(sizes['gpu'])}{sys.executable} -m kdbench.launch --gpus {sizes['gpu']} --nproc {sizes['nproc']} --"
+
+
+# a run whose estimate exceeds max_runtime needs several submissions (each resumes from the
+# checkpoint); one more for a failure, as the profiles' `retries: 1` gives every other rule
+FIT_RETRIES = max([_sizes(r)["segments"] for r in SUITE.runs if r not in PACKED] or [1])
 
 
 rule fit:
@@ -45,16 +55,17 @@ rule fit:
         run=FIT_RUNS,
     params:
         command=_fit_command,
-        launch=_launch,
+        launch=lambda wildcards: _launch(_sizes(wildcards.run)),
     threads: _res("threads")
+    retries: FIT_RETRIES
     resources:
-        gpus=_res("gpus"),  # local scheduling: at most --resources gpus=N at once
-        gpu=_res("gpu"),  # the SLURM executor plugin's name (sbatch --gpus)
-        nproc=_res("nproc"),  # DDP processes (torchrun) for this run
+        gpu=_res("gpu"),  # sbatch --gpus; locally at most --resources gpu=N at once
+        cpus_per_task=_res("cpus_per_task"),
         mem_mb=_res("mem_mb"),
-        runtime=_res("runtime"),  # minutes
+        runtime=_res("runtime"),  # minutes, at most max_runtime
+        nodes=_res("nodes"),  # DDP: torchrun's processes on one node
     shell:
-        "{params.launch} {params.command} --suite {SUITE_FILE:q} --run {wildcards.run:q} --quiet > {log:q} 2>&1"
+        "{params.launch} {params.command} --suite {SUITE_FILE:q} --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 # One job per pack: 1 GPU and one run's threads (never DDP: streamed datasets are not packed),
@@ -63,7 +74,7 @@ rule fit:
 # as it does for any failed job; their checkpoint.pt and model.pt stay, so the retry (or the next
 # snakemake) rewrites a finished run's metrics.json from its complete checkpoint without training.
 for _pack, _runs in PACKS.items():
-    _res_pack = job_resources([SUITE.runs[r] for r in _runs], SUITE.config, config)
+    _size = job_resources([SUITE.runs[r] for r in _runs], SUITE.config, config)
 
     rule:
         name: f"pack_{_pack}"
@@ -76,13 +87,14 @@ for _pack, _runs in PACKS.items():
         params:
             runs=" ".join(f"--run {shlex.quote(r)}" for r in _runs),
             fuse=" --fuse" if PACKING["fuse"] else "",
-            launch=_launch,
-        threads: _res_pack["threads"]
+            launch=_launch(_size),
+        threads: _size["threads"]
+        retries: _size["segments"]
         resources:
-            gpus=_res_pack["gpus"],
-            gpu=_res_pack["gpu"],
-            nproc=_res_pack["nproc"],
-            mem_mb=_res_pack["mem_mb"],
-            runtime=_res_pack["runtime"],
+            gpu=_size["gpu"],
+            cpus_per_task=_size["cpus_per_task"],
+            mem_mb=_size["mem_mb"],
+            runtime=_size["runtime"],
+            nodes=_size["nodes"],
         shell:
             "{params.launch} pack --suite {SUITE_FILE:q}{params.fuse} {params.runs} > {log:q} 2>&1"
