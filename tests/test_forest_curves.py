@@ -23,6 +23,9 @@ AT = {0: 70.5, 1: 70.0, 2: 73.0}  # differences 0.5, -1, 0.5
 
 def test_forest_status_decided_undecided_and_no_interval():
     assert status(ForestRow("a", "g", 3, 2.0, 0.5, 3.5, 0.6), 0.5) == "differs"
+    # the interval excludes 0, but not after the family's adjustment: not decided
+    assert status(ForestRow("a", "g", 3, 2.0, 0.5, 3.5, 0.6, p_adj=0.3, correction="Holm"), 0.5) == "undecided"
+    assert status(ForestRow("a", "g", 3, 2.0, 0.5, 3.5, 0.6, p_adj=0.01, correction="Holm"), 0.5) == "differs"
     # sd 0.2, n 5: 95% half-width 0.248 covers 0, 90% half-width 0.191 inside ±0.5
     h95 = T975_4 * 0.2 / math.sqrt(5)
     assert status(ForestRow("a", "g", 5, 0.05, 0.05 - h95, 0.05 + h95, 0.2), 0.5) == "equivalent (±0.5)"

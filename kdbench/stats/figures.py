@@ -284,7 +284,7 @@ def write_seed_figures(suite, out_dir: str | Path, band: str = "range") -> list[
                                    f"{title}: Δ vs `{t.get('reference', 'student')}`, paired by seed",
                                    f"Δ {METRICS[metric][0]} (pp)",
                                    "Δ = method − reference over the seeds both finished (paired t); p Holm-adjusted "
-                                   "over this table's comparisons; decided = the interval excludes 0, or its 90% "
+                                   "over this table's comparisons; decided = Holm p ≤ 0.05, or the 90% "
                                    "interval lies inside the margin." + _budget_note(suite, t)))
         if "stand_in" not in t:
             out.append(draw_curves(seed_curve_cells(suite, records, t), t.get("reference", "student"),

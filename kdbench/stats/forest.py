@@ -5,8 +5,9 @@ mean of the per-seed differences with its 95% paired t-interval (a bar), the tab
 shaded around 0, and, in paper tables, the published Δ (published method − published reference)
 as a red diamond. A row is drawn dark when its comparison is **decided** and orange when not:
 
-* decided: the interval excludes 0 (a difference; a test with the adjusted p in the label), or
-  the 90% t-interval lies inside ±δ (equivalent within the margin, TOST at 5%);
+* decided: a difference (the family's adjusted p ≤ 0.05, shown beside the row; without an
+  adjusted p, the interval excludes 0), or the 90% t-interval lies inside ±δ (equivalent within
+  the margin, TOST at 5%);
 * undecided: anything else — the interval covers 0 and reaches past the margin;
 * no interval (n < 2, or every difference equal): drawn as a hollow point, labelled why.
 
@@ -43,11 +44,12 @@ class ForestRow:
         return math.isfinite(self.lo) and math.isfinite(self.hi)
 
 
-def status(row: ForestRow, margin: float) -> str:
-    """``differs`` / ``equivalent (±δ)`` (decided), ``undecided``, or ``no interval``."""
+def status(row: ForestRow, margin: float, alpha: float = 0.05) -> str:
+    """``differs`` / ``equivalent (±δ)`` (decided), ``undecided``, or ``no interval``. A difference
+    needs the family's adjusted p ≤ ``alpha`` where the row has one (else the interval excluding 0)."""
     if not row.has_interval:
         return "no interval"
-    if row.lo > 0 or row.hi < 0:
+    if (row.p_adj <= alpha) if math.isfinite(row.p_adj) else (row.lo > 0 or row.hi < 0):
         return "differs"
     h90 = stats.t.ppf(0.95, row.n - 1) * row.sd / math.sqrt(row.n)
     if -margin < row.diff - h90 and row.diff + h90 < margin:
