@@ -63,7 +63,7 @@ def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path
 
     ncol = min(6, max(len(cells), 1))
     nrow = math.ceil(len(cells) / ncol) or 1
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol + 0.4, 1.9 * nrow + 0.9), dpi=100,
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol + 0.4, 1.9 * nrow + 0.8), dpi=100,
                              sharey=True, squeeze=False)
     refs = {c.pair: band(c.ok, kind)[0] for c in cells if c.column == reference and c.ok}
     for ax, c in zip(axes.flat, cells):
@@ -87,9 +87,9 @@ def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path
     what = {"range": "min–max over seeds", "sd": "±1 sd over seeds", "ci95": "95% t-interval of the mean"}[kind]
     ref_note = f"; dashed grey: `{reference}` (mean)" if reference else ""
     fig.suptitle(f"{title}: test accuracy (%) after each epoch\nline: mean over finished seeds; band: {what}{ref_note}",
-                 fontsize=8.5, x=0.01, ha="left")
+                 fontsize=8.5, x=0.01, y=1 - 0.05 / (1.9 * nrow + 0.8), ha="left", va="top")
     fig.supxlabel("epoch", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (1.9 * nrow + 0.9)))
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})

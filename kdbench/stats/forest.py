@@ -87,7 +87,7 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
         if multi:
             lines.append((g, None))
         lines += [(r.label, r) for r in rows if r.group == g]
-    top, bottom = 0.45, 1.25  # inches: title; x label, legend and note
+    top, bottom = 0.45, 1.05  # inches: title; x label, legend and note
     height = top + bottom + 0.3 * max(len(lines), 1)
     fig, ax = plt.subplots(figsize=(10, height), dpi=110)
     ax.axvspan(-margin, margin, color="0.85", zorder=0)
@@ -124,7 +124,7 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
                plt.Rectangle((0, 0), 1, 1, color="0.85", label=f"margin ±{margin:g}")]
     if any(r.published is not None for r in rows):
         handles.append(Line2D([], [], color="tab:red", marker="D", mfc="none", ls="", label="published Δ"))
-    fig.legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0.01, 0.3 / height),
+    fig.legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0.01, 0.22 / height),
                ncol=len(handles), frameon=False)
     if note:
         fig.text(0.01, 0.05 / height, note, fontsize=6.5, va="bottom")
