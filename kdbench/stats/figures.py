@@ -147,28 +147,32 @@ def _margin(table: dict | None, dataset: str, metric: str) -> float:
 
 
 def _forest_row(label: str, group: str, test, p_adj: float = math.nan, correction: str = "",
-                published: float | None = None) -> ForestRow:
+                published: tuple[float, ...] = ()) -> ForestRow:
     return ForestRow(label, group, test.n, test.mean_diff, test.ci_lo, test.ci_hi, test.sd_diff, published,
                      p_adj, correction)
 
 
 def paper_forest_rows(res: TableResult) -> list[ForestRow]:
     """The table's comparisons (its primary family first, then every other row − the reference),
-    each with the published Δ where the paper prints both values; a test repeated on the same
-    runs in several groups (a stand-in) is drawn once, labelled with all its groups."""
-    groups: dict[tuple, list[str]] = {}
+    each with the published Δ where the paper prints both values. A test repeated on the same
+    runs in several groups (a stand-in) is drawn once, labelled with all its groups and with each
+    group's published Δ."""
+    same: dict[tuple, list] = {}
     for c in res.comparisons:
-        groups.setdefault((c.family, c.key), []).append(c.group)
-    rows, seen = [], set()
-    for c in sorted(res.comparisons, key=lambda c: c.family != "primary"):
-        if (c.family, c.key) in seen or c.test.n == 0:
-            continue
-        seen.add((c.family, c.key))
-        a, b = res.cell(c.a, c.group), res.cell(c.b, c.group)
-        pub = a.published - b.published if a.published is not None and b.published is not None else None
-        where = groups[(c.family, c.key)]
-        group = where[0] if len(where) == 1 else f"{where[0]} (same runs as {len(where) - 1} more groups)"
-        rows.append(_forest_row(f"{c.a} − {c.b} [{c.family}]", group, c.test, c.p_adj, c.correction, pub))
+        same.setdefault((c.family, c.key), []).append(c)
+    rows = []
+    for family in ("primary", "exploratory"):
+        for (fam, _), comps in same.items():
+            c = comps[0]
+            if fam != family or c.test.n == 0:
+                continue
+            pub = []
+            for x in comps:
+                a, b = res.cell(x.a, x.group), res.cell(x.b, x.group)
+                if a.published is not None and b.published is not None:
+                    pub.append(a.published - b.published)
+            group = c.group if len(comps) == 1 else f"{c.group} (same runs as {len(comps) - 1} more groups)"
+            rows.append(_forest_row(f"{c.a} − {c.b} [{family}]", group, c.test, c.p_adj, c.correction, tuple(pub)))
     return rows
 
 

@@ -18,6 +18,7 @@ table's family stands beside it, so a reader sees both the size and the decision
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class ForestRow:
     lo: float  # 95% paired t-interval of the mean difference (NaN: none)
     hi: float
     sd: float = math.nan  # sd of the per-seed differences
-    published: float | None = None  # published Δ, where the paper prints both values
+    published: tuple[float, ...] = ()  # published Δ (one per group of a repeated test), where printed
     p_adj: float = math.nan  # the table family's adjusted p (NaN: not tested)
     correction: str = ""  # "Holm", "BH", ...
 
@@ -81,13 +82,13 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
     from matplotlib.lines import Line2D
 
     groups = list(dict.fromkeys(r.group for r in rows))
-    multi = len(groups) > 1
+    multi = len(groups) > 1 or any("same runs" in g for g in groups)
     lines: list[tuple[str, ForestRow | None]] = []  # y positions top to bottom: group headers, rows
     for g in groups:
         if multi:
             lines.append((g, None))
         lines += [(r.label, r) for r in rows if r.group == g]
-    top, bottom = 0.45, 1.05  # inches: title; x label, legend and note
+    top, bottom = 0.45, 1.05 + 0.1 * (len(note) // 200)  # inches: title; x label, legend and note
     height = top + bottom + 0.3 * max(len(lines), 1)
     fig, ax = plt.subplots(figsize=(10, height), dpi=110)
     ax.axvspan(-margin, margin, color="0.85", zorder=0)
@@ -107,9 +108,10 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
         if math.isfinite(row.diff):
             ax.plot(row.diff, y, "o", color=colour, mfc=colour if row.has_interval else "white", ms=6, zorder=4)
             xs.append(row.diff)
-        if row.published is not None and math.isfinite(row.published):
-            ax.plot(row.published, y, "D", color="tab:red", mfc="none", ms=6, mew=1.4, zorder=5)
-            xs.append(row.published)
+        pub = [p for p in row.published if math.isfinite(p)]
+        if pub:
+            ax.plot(pub, [y] * len(pub), "D", color="tab:red", mfc="none", ms=6, mew=1.4, ls="", zorder=5)
+            xs += pub
         ax.text(1.01, y, row_text(row, margin), transform=ax.get_yaxis_transform(), va="center", fontsize=7.5)
     lo, hi = min(xs), max(xs)
     pad = 0.06 * (hi - lo or 1.0)
@@ -122,12 +124,12 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
     handles = [Line2D([], [], color="black", marker="o", lw=2, label="decided: mean difference, 95% t-interval"),
                Line2D([], [], color="tab:orange", marker="o", lw=2, label="undecided"),
                plt.Rectangle((0, 0), 1, 1, color="0.85", label=f"margin ±{margin:g}")]
-    if any(r.published is not None for r in rows):
+    if any(r.published for r in rows):
         handles.append(Line2D([], [], color="tab:red", marker="D", mfc="none", ls="", label="published Δ"))
     fig.legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0.01, 0.22 / height),
                ncol=len(handles), frameon=False)
     if note:
-        fig.text(0.01, 0.05 / height, note, fontsize=6.5, va="bottom")
+        fig.text(0.01, 0.05 / height, "\n".join(textwrap.wrap(note, 200)), fontsize=6.5, va="bottom")
     fig.subplots_adjust(left=0.2, right=0.58, top=1 - top / height, bottom=bottom / height)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
