@@ -12,7 +12,7 @@ synthetic data (``make_synthetic``, 100 classes, 32×32 uint8 images):
     without replacement unless K exceeds the other-class samples), and its memory reads the
     normalising constants back with ``.item()`` each step (``ContrastMemory``). The loss maths is
     kdbench's (the same terms), so only the execution differs.
-(b) **engine** — kdbench's own training epoch (``train._epoch``: device-resident data, batched
+(b) **engine** — kdbench's own training steps (``EngineRun``, ``engine.step``: device-resident data, batched
     augmentation, no host sync per step) under one or more execution configurations:
     ``plain`` (eager fp32), ``fast`` (bf16 autocast + channels_last + whole-step CUDA graphs;
     on CPU: channels_last only), ``fast+cache`` (``fast`` with the exact teacher-output cache; its
@@ -218,26 +218,63 @@ def execution_for(config: str, dev: torch.device, compile_mode: str | None):
     return Execution(**ex)
 
 
-def take_steps(epoch_gen, n: int):
-    """Pass through at most ``n`` teacher requests of an ``_epoch`` generator, then stop it
-    (after its n-th step has run)."""
-    answer = None
-    try:
-        for _ in range(n):
-            answer = yield epoch_gen.send(answer)
-        epoch_gen.send(answer)
-    except StopIteration:
+class EngineRun:
+    """One bench member as the engine's packed driver sees a run (:mod:`kdbench.engine.pack`): an
+    epoch of kdbench's own steps (device-resident batches, ``runtime``'s step function) without
+    files, stages or evaluation."""
+
+    def __init__(self, setup: Setup, member, runtime, loader, seed: int, epoch: int):
+        from .engine.seeding import generator
+        from .engine.step import set_train_modes, step_names
+        self.student, self.objective, self.opt = member
+        self.model, self.teacher, self.execution, self.loader = self.student, setup.teacher, runtime, loader
+        self.term, self.epoch, self.gen = None, epoch, generator(setup.dev, seed * 1000 + epoch)
+        self.names = step_names(self.objective)
+        self.sums = torch.zeros(len(self.names) + 1, device=setup.dev, dtype=torch.float64)
+        set_train_modes(self.student, self.objective)
+        self._step = None
+
+    def batches(self):
+        from .methods import Batch
+        for x, y, idx, *view in self.loader.batches(self.gen, views=self.execution.needs_views):
+            yield Batch(self.execution.input(x), y, idx, self.epoch, self.gen), (view[0] if view else None)
+
+    def teacher_input(self, batch, view):
+        from .engine.step import TeacherInput
+        return TeacherInput(batch.x, batch.index, view)
+
+    def step(self, batch, t) -> None:
+        if self._step is None:
+            self._step = self.execution.stepper(self.student, self.objective, self.opt, self.names, self.sums,
+                                                self.epoch, self.gen)
+        self._step(batch, t)
+
+    def fusable(self) -> bool:
+        return True
+
+    def set_step_lr(self) -> None:
         pass
-    finally:
-        epoch_gen.close()
 
 
-def _epoch_gen(setup: Setup, member, runtime, loader, seed: int, epoch: int, fused: bool = False):
-    from .engine.seeding import generator
-    from .engine.train import _epoch
-    student, objective, optimizer = member
-    return _epoch(student, setup.teacher, objective, optimizer, loader, generator(setup.dev, seed * 1000 + epoch), epoch,
-                  runtime=runtime, fused=fused)
+def engine_steps(runs: list[EngineRun], n: int, fuse: bool = False, fusers: dict | None = None) -> None:
+    """At most ``n`` steps of each run in lockstep (fewer if the epoch ends): one teacher pass for
+    all their batches, then each run's step, or one fused step (``fuse``)."""
+    from .engine.pack import fused_steps, teacher_answers
+    its = [r.batches() for r in runs]
+    keys = [0] * len(runs)
+    for _ in range(n):
+        try:
+            pending = {k: next(it) for k, it in enumerate(its)}
+        except StopIteration:
+            return
+        answers = teacher_answers(runs, pending, keys)
+        taken, errors = fused_steps(runs, pending, answers, keys if fuse else [None] * len(runs),
+                                    {} if fusers is None else fusers)
+        if errors:
+            raise next(iter(errors.values()))
+        for k, (batch, _) in pending.items():
+            if k not in taken:
+                runs[k].step(batch, answers[k])
 
 
 def _runtime(setup: Setup, execution, loader, objective):
@@ -254,7 +291,6 @@ def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pa
     """Steps/s of kdbench's epoch loop for one run (or, with ``pack`` = methods of the K
     members, the packed grid's total steps/s; ``fuse``: with the students fused into one model),
     and the teacher-cache build time (or None)."""
-    from .engine.pack import drive_packed
     methods = pack or [method]
     setup.fresh_teacher()
     loader = setup.loader()
@@ -268,10 +304,10 @@ def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pa
     fusers: dict = {}  # the fused model stays across the warm-up and the timed call
 
     def run(n: int, epoch: int) -> float:
-        gens = [take_steps(_epoch_gen(setup, mem, runtime, loader, k, epoch, fuse), n) for k, mem in enumerate(members)]
+        runs = [EngineRun(setup, mem, runtime, loader, k, epoch) for k, mem in enumerate(members)]
         sync(setup.dev)
         t0 = time.perf_counter()
-        drive_packed(gens, setup.dev, [0] * len(gens), [0] * len(gens), fusers)
+        engine_steps(runs, n, fuse, fusers)
         sync(setup.dev)
         return time.perf_counter() - t0
 
@@ -283,7 +319,7 @@ def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
     """FLOPs of one plain step: (teacher forward, student forward/backward + the loss)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engine.fast import step_names, train_step
+    from .engine.step import step_names, train_step
     from .methods import Batch
     student, objective, params, make_opt = setup.member(method, 0)
     loader = setup.loader()
@@ -302,7 +338,6 @@ def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
 def agreement(setup: Setup, method: str, execution, steps: int) -> dict:
     """Train ``steps`` steps from the same state, data and draws with the plain and the given
     execution; the largest parameter difference relative to the parameter's scale."""
-    from .engine.train import drive
     loader = setup.loader()
     finals = []
     for ex in (execution_for("plain", setup.dev, None), execution):
@@ -310,7 +345,7 @@ def agreement(setup: Setup, method: str, execution, steps: int) -> dict:
         student, objective, params, make_opt = setup.member(method, 0)
         runtime, _ = _runtime(setup, ex, loader, objective)
         runtime.prepare(setup.teacher, student, objective)
-        drive(take_steps(_epoch_gen(setup, (student, objective, make_opt()), runtime, loader, 0, 1), steps))
+        engine_steps([EngineRun(setup, (student, objective, make_opt()), runtime, loader, 0, 1)], steps)
         finals.append([p.detach().float().clone() for p in params])
     rel = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(*finals))
     return {"steps": steps, "max_rel_param_diff": rel}
@@ -319,7 +354,7 @@ def agreement(setup: Setup, method: str, execution, steps: int) -> dict:
 # ---------------------------------------------------------------- the command
 
 def run_bench(args) -> dict:
-    from .engine.train import resolve_device
+    from .engine.device import resolve_device
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
     args.pair = args.pair or (("resnet32x4", "resnet8x4") if cuda else ("resnet20", "resnet8"))

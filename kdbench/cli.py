@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _suite(args):
@@ -100,17 +101,94 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-#: subcommands that live in their own module, each with ``main(argv) -> int`` and its own parser
+def pack_main(argv: list[str] | None = None) -> int:
+    """``kdbench pack``: train several runs of a suite together (:mod:`kdbench.engine.pack`)."""
+    from .engine.pack import fit_packed
+
+    parser = argparse.ArgumentParser(
+        prog="kdbench pack",
+        description="Train several runs of a suite that share a teacher together in one process on one device "
+                    "(each writes its own run folder exactly as `kdbench distill` would).")
+    parser.add_argument("--suite", required=True, help="suite YAML file")
+    parser.add_argument("--run", action="append", required=True, dest="runs", metavar="RUN_ID",
+                        help="a run id of the suite (repeat for each run of the pack)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the suite's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--fuse", action="store_true",
+                        help="fuse the students of runs that share an architecture (resnet, wrn, vgg) into one model "
+                             "with grouped convolutions (horizontal fusion): results equal to float rounding")
+    args = parser.parse_args(argv)
+    from .suite import load_suite
+    suite = load_suite(args.suite)
+    unknown = [r for r in args.runs if r not in suite.runs]
+    if unknown:
+        raise SystemExit(f"runs not in suite {suite.name!r}: {', '.join(unknown)}; `kdbench list-runs --suite "
+                         f"{args.suite}` lists them")
+    torch_threads(args.threads or suite.config.get("threads", 1))
+    runs = [suite.runs[r] for r in args.runs]
+    metrics = fit_packed([r.spec for r in runs], [suite.run_dir(r.id) for r in runs],
+                         device=args.device or suite.config.get("device", "auto"), run_ids=list(args.runs),
+                         fuse=args.fuse)
+    for m in metrics:
+        print(json.dumps({k: m.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
+    return 0
+
+
+def fetch_teachers_main(argv: list[str] | None = None) -> int:
+    """``kdbench fetch-teachers``: obtain, check and import a suite's released teachers."""
+    from .engine.released import TEACHERS_DIR, import_released, released_teacher
+
+    p = argparse.ArgumentParser(prog="kdbench fetch-teachers", description="Download (where the network allows), "
+                                "check and import the released teachers of a suite's `teacher: released` pairs, as "
+                                "runs the distillations read. Without network: put each file where the message says "
+                                "and rerun.")
+    p.add_argument("--suite", required=True, help="suite YAML file")
+    p.add_argument("--run", action="append", help="only this import run (repeatable; default: all of the suite's)")
+    p.add_argument("--dir", default=TEACHERS_DIR, help=f"folder of the raw released files (default {TEACHERS_DIR}/)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N for the accuracy check (default: the suite's)")
+    p.add_argument("--list", action="store_true", help="print each released teacher's file and URLs, fetch nothing")
+    a = p.parse_args(argv)
+    from .data import DatasetMissingError
+    from .engine.checkpoint import CheckpointError
+    from .suite import SuiteError, load_suite
+
+    try:
+        suite = load_suite(a.suite)
+        runs = {r: run for r, run in suite.runs.items() if run.kind == "import"}
+        unknown = [r for r in a.run or [] if r not in runs]
+        if unknown:
+            raise SuiteError(f"{', '.join(unknown)}: not import runs of {a.suite}; they are: {', '.join(runs) or 'none'}")
+        for rid in a.run or list(runs):
+            rt = released_teacher(runs[rid].spec.dataset, runs[rid].spec.student)
+            if a.list:
+                print(f"{rid}\n    file {Path(a.dir) / rt.file}\n    from {', '.join(rt.urls)}"
+                      f"{', ' + rt.archive[0] + '#' + rt.archive[1] if rt.archive else ''}")
+                continue
+            resume = f"`kdbench fetch-teachers --suite {a.suite}` (or snakemake) again"
+            m = import_released(rt, suite.run_dir(rid), a.dir, runs[rid].spec.data_root,
+                                a.device or suite.config.get("device", "auto"), rid, resume)
+            acc = f"top-1 {m['acc_last']:.2f}%" if m["acc_last"] is not None else "accuracy not measured"
+            print(f"{rid}: {m['imported']['source']} sha256 {m['imported']['sha256']}, {acc} "
+                  f"(published {rt.published_top1}); check: {m['imported']['accuracy_check']}")
+    except (SuiteError, CheckpointError, DatasetMissingError, KeyError) as e:
+        print(f"kdbench fetch-teachers: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+
+#: subcommands with their own parser, ``main(argv) -> int``: here (the commands that read a suite
+#: and drive the engine) or in the module they serve (each parser beside the code it configures)
 MODULE_COMMANDS = {
     "compare": ("kdbench.stats.compare", "compare two methods from results on disk (paired tests)"),
     "tables": ("kdbench.stats.paper_tables", "paper-layout tables with published values and verdicts"),
     "figures": ("kdbench.stats.figures", "paper figures (PNG) from run outputs"),
-    "kernel-gap": ("kdbench.stats.kernel_gap", "untransferred kernel fraction of a student vs its teacher"),
+    "kernel-gap": ("kdbench.diagnostics", "untransferred kernel fraction of a student vs its teacher"),
     "import-teacher": ("kdbench.engine.import_teacher", "import a published teacher checkpoint"),
-    "fetch-teachers": ("kdbench.engine.released", "download, check and import a suite's released teachers"),
+    "fetch-teachers": ("kdbench.cli:fetch_teachers_main", "download, check and import a suite's released teachers"),
     "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
     "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
-    "pack": ("kdbench.engine.pack", "train several runs that share a teacher together on one device"),
+    "pack": ("kdbench.cli:pack_main", "train several runs that share a teacher together on one device"),
     "looks": ("kdbench.stats.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),
     "resume": ("kdbench.resume", "continue a killed snakemake pipeline: unlock, then rerun incomplete jobs"),
 }
@@ -120,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in MODULE_COMMANDS:
         import importlib
-        return importlib.import_module(MODULE_COMMANDS[argv[0]][0]).main(argv[1:])
+        module, _, func = MODULE_COMMANDS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), func or "main")(argv[1:])
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -151,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     fe.add_argument("--root", required=True)
     import importlib.util
     for name, (module, help_text) in MODULE_COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
+        if importlib.util.find_spec(module.partition(":")[0]) is not None:
             sub.add_parser(name, help=help_text, add_help=False)
 
     args = p.parse_args(argv)
@@ -161,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                 "make-data": cmd_make_data, "list": cmd_list, "fetch": cmd_fetch}
     from .data import DatasetMissingError
     from .engine.checkpoint import CheckpointError
+    from .engine.device import NoGpuError
     from .registry import UnknownNameError
     from .suite import SuiteError
     try:
         return handlers[args.cmd](args)
-    except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError) as e:
+    except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError, NoGpuError) as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2
 

@@ -26,11 +26,12 @@ import jsonschema
 import yaml
 
 from .data import DATASETS
-from .engine.spec import Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
+from .engine.rules import pack_key, run_problems, unpackable
+from .engine.spec import PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
 from .methods import LOSSES, METHODS, resolve_method
 from .models import MODELS
-from .stats.looks import budget, cell_seeds
-from .stats.looks import read_state as read_looks
+from .stats.budget import budget, cell_seeds
+from .stats.budget import read_state as read_looks
 from .suite_checks import SuiteError, check_file, check_suite
 from .suite_checks import check_name as _check_name
 
@@ -106,11 +107,11 @@ class Suite:
     def packs(self, size: int) -> dict[str, list[str]]:
         """Pack id -> the runs one ``kdbench pack`` job trains together (one process, one device).
 
-        Only distillations are packed (kind "distill", protocol fit; teachers, plain students and
-        probes stay one job each), and not on streamed datasets (ImageNet trains with DDP, which a
-        pack cannot) nor with an unlabelled stream (``unlabeled``) or a validation holdout
-        (``validation``). Runs are grouped by what :func:`kdbench.engine.pack.check_packable` requires
-        to be shared (dataset and root, execution options, batch size, teacher); inside a group
+        Only distillations are packed (kind "distill"; teachers, plain students and probes stay one
+        job each), and only those :func:`kdbench.engine.rules.unpackable` allows (not on streamed
+        datasets, with an unlabelled stream or a validation holdout). Runs are grouped by what
+        :func:`kdbench.engine.rules.pack_key` says packed runs share (dataset and root, execution
+        options, batch size, teacher); inside a group
         they are ordered by student, method, seed, so same-student runs sit together (fusion fuses
         neighbours), and the group is cut into ceil(n/size) packs of near-equal size (a pack of
         one run is left to rule ``fit``). A pack's id names its dataset, teacher and students and
@@ -118,17 +119,12 @@ class Suite:
         packing, so switching it does not retrain finished runs."""
         if size < 2:
             return {}
-        groups: dict[tuple, list[Run]] = {}
+        groups: dict[str, list[Run]] = {}
         for run in self.runs.values():
-            s = run.spec
-            if (run.kind != "distill" or s.protocol != "fit" or s.unlabeled is not None or s.validation is not None
-                    or DATASETS.get(s.dataset).streaming):
-                continue
-            key = (s.dataset, s.data_root, repr(s.execution), s.recipe.batch_size, s.teacher, s.teacher_ckpts,
-                   s.teacher_dataset or "")
-            groups.setdefault(key, []).append(run)
+            if run.kind == "distill" and unpackable(run.spec) is None:
+                groups.setdefault(repr(pack_key(run.spec)), []).append(run)
         packs = {}
-        for key in sorted(groups, key=repr):
+        for key in sorted(groups):
             runs = sorted(groups[key], key=lambda r: (r.spec.student, r.spec.method, r.spec.seed, r.id))
             n = math.ceil(len(runs) / size)
             cuts = [len(runs) * i // n for i in range(n + 1)]
@@ -277,7 +273,8 @@ def build_suite(cfg: dict, path: Path) -> Suite:
 
 
 def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
-    """cross_dataset_distill refuses logit-based methods; every dataset must be declared."""
+    """Every dataset and teacher an experiment names must be declared (what each run can do is
+    :func:`_check_run`'s)."""
     if "teacher_dataset" in exp:
         _check_name("dataset", exp["teacher_dataset"], cfg["datasets"], where + " (teacher_dataset, datasets declared in this suite)")
     for pds in (exp.get("linear_probe") or {}).get("datasets", []):
@@ -285,35 +282,17 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
     for arch in exp.get("teacher_checkpoints", {}):
         if arch not in {t for t, _ in exp["pairs"]}:
             raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
-    n_teachers = max([len(exp.get("teacher_seeds", [0]))] + [len(v) for v in exp.get("teacher_checkpoints", {}).values()
-                                                              if isinstance(v, list)])
-    try:  # with overrides and every sweep value; a term refuses parameters it cannot read (e.g. OT layers)
-        needs = {m: frozenset().union(*(resolve_method(m, o).teacher_needs for _, o in _method_variants(exp, m)))
-                 for m in exp["methods"]}
-    except ValueError as e:
-        raise SuiteError(f"{where}: {e}") from None
-    if n_teachers > 1:
-        staged = [m for m in exp["methods"] if needs[m] & {"stages", "preact"}]
-        if staged:
-            raise SuiteError(f"{where}: a teacher ensemble has no single feature map, but {', '.join(staged)} read the "
-                             f"teacher's stage features; ensembles work with methods on logits or pooled features")
-    if exp.get("teacher_dataset", exp["dataset"]) == exp["dataset"]:
-        return
-    logit = [m for m in exp["methods"] if "logits" in needs[m]]
-    if logit:
-        ok = [m for m in METHODS.names() if "logits" not in METHODS.get(m).teacher_needs]
-        raise SuiteError(f"{where}: cross-dataset distillation ({exp['teacher_dataset']} teacher, {exp['dataset']} "
-                         f"student): {', '.join(logit)} read the teacher's logits, which cannot apply because the "
-                         f"label spaces differ. Methods that can: {', '.join(ok)}")
 
 
-def _check_unlabeled(spec: RunSpec, exp: dict) -> None:
-    """An experiment's ``unlabeled`` stream must suit each of its distillations (before any job runs)."""
-    from .engine.train import check_unlabeled
+def _check_run(spec: RunSpec, exp: dict) -> None:
+    """What a run cannot do (:func:`kdbench.engine.rules.run_problems`: cross-dataset with logit
+    methods, ensembles with stage features, an unusable unlabelled stream), before any job runs."""
     try:
-        check_unlabeled(spec)
-    except ValueError as e:
-        raise SuiteError(f"experiment {exp['name']!r}: {e}") from None
+        problems = run_problems(spec)
+    except ValueError as e:  # a term refuses parameters it cannot read (e.g. OT layers)
+        problems = [str(e)]
+    if problems:
+        raise SuiteError(f"experiment {exp['name']!r}: {problems[0]}")
 
 
 def _method_overrides(exp: dict, method: str) -> dict:
@@ -468,7 +447,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
                 spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, own, recipe,
                                teacher_dataset=None if tds == ds else tds, execution=execution,
                                unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds))
-                _check_unlabeled(spec, exp)
+                _check_run(spec, exp)
                 pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
                 rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
                 yield from cell(column, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
@@ -517,8 +496,3 @@ def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
     spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], t_arch, "student", 0, protocol="import",
                    init_id=rt.identity())
     return Run(f"{dataset}/released/{t_arch}/{rt.source}-{spec.config_hash()}", spec, exp["name"])
-
-
-#: linear_probe defaults. CRD never published its probe recipe (HobbitLong/RepDistiller#44);
-#: the DKD maintainers' guidance is wd 0 with a frozen backbone and BN (mdistiller#59).
-PROBE_RECIPE = {"epochs": 40, "milestones": [20, 30], "lr": 0.1, "weight_decay": 0.0, "batch_size": 64}

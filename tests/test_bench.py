@@ -72,8 +72,7 @@ def test_take_steps_runs_exactly_n_steps():
     ld = setup.loader()
     student, objective, params, make_opt = setup.member("kd", 0)
     from kdbench.engine.fast import Runtime
-    from kdbench.engine.train import drive
-    drive(bench.take_steps(bench._epoch_gen(setup, (student, objective, make_opt()), Runtime(), ld, 0, 1), 3))
+    bench.engine_steps([bench.EngineRun(setup, (student, objective, make_opt()), Runtime(), ld, 0, 1)], 3)
     assert int(student.bn1.num_batches_tracked) == 3  # 3 of the epoch's 4 steps ran, then it stopped
 
 

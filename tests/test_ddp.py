@@ -23,10 +23,11 @@ from kdbench.data.imagenet import write_imagenet
 from kdbench.data.cifar import ImageSet
 from kdbench.data.sharded import ShardedTensorLoader
 from kdbench.data.stream import StreamingLoader
-from kdbench.engine.checkpoint import load_teacher, read_file
+from kdbench.engine.checkpoint import read_file
+from kdbench.engine.teachers import load_teacher
 from kdbench.engine.optim import SGD
 from kdbench.engine.seeding import derive_seed, generator
-from kdbench.engine.train import evaluate
+from kdbench.engine.step import evaluate
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.models import build_model, feature_shapes
 from kdbench.suite import load_suite

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from kdbench.engine.checkpoint import CheckpointError, load_model, load_teacher, save_model
+from kdbench.engine.checkpoint import CheckpointError, load_model, save_model
+from kdbench.engine.teachers import load_teacher
 from kdbench.engine.spec import Recipe, RunSpec
 from kdbench.engine.train import fit
 from kdbench.data.synthetic_files import ensure_synthetic

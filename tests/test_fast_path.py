@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from kdbench.engine.fast import Runtime, split_features, step_names, train_step
+from kdbench.engine.fast import Runtime
+from kdbench.engine.step import TeacherInput, split_features, step_names, train_step
 from kdbench.engine.optim import SGD
 from kdbench.engine.spec import Execution, Recipe, RunSpec
 from kdbench.engine.train import fit
@@ -155,8 +156,7 @@ def test_bf16_autocast_is_applied_and_close_to_fp32(tiny, tmp_path):
     with runtime.autocast():
         s = build_model("resnet8", 5)(torch.randn(2, 3, 32, 32))
     assert s.logits.dtype == torch.bfloat16
-    from kdbench.engine.fast import TeacherRequest
-    (t,) = runtime.teacher_features(teacher, [TeacherRequest(torch.randn(2, 3, 32, 32), torch.arange(2), None, teacher, runtime)])
+    (t,) = runtime.teacher_features(teacher, [TeacherInput(torch.randn(2, 3, 32, 32), torch.arange(2))])
     assert t.logits.dtype == torch.bfloat16
     fp32 = fit(spec(tiny, "kd"), tmp_path / "a", "cpu", progress=False)
     bf16 = fit(spec(tiny, "kd", precision="bf16"), tmp_path / "b", "cpu", progress=False)
@@ -253,14 +253,18 @@ def test_no_host_sync_inside_training_steps_on_gpu(method, compile_mode):
     setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))
     student, objective, params, make_opt = setup.member(method, 0)
     runtime = Runtime(Execution(compile=compile_mode), "cuda")
-    epoch = bench._epoch_gen(setup, (student, objective, make_opt()), runtime, setup.loader(), 0, 1)
-    answer = lambda req: runtime.teacher_features(req.teacher, [req])[0]  # noqa: E731
-    req = epoch.send(answer(next(epoch)))  # step 1 done, batch 2 prepared
+    run = bench.EngineRun(setup, (student, objective, make_opt()), runtime, setup.loader(), 0, 1)
+    batches = run.batches()
+
+    def step():
+        batch, view = next(batches)
+        run.step(batch, runtime.teacher_features(setup.teacher, [run.teacher_input(batch, view)])[0])
+    step()  # step 1 done
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(5):  # steps 2..6 of 8
-            req = epoch.send(answer(req))
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        epoch.close()
+        batches.close()

@@ -17,7 +17,7 @@ from kdbench.engine.checkpoint import save_model
 from kdbench.engine.spec import RunSpec
 from kdbench.models import build_model
 from kdbench.stats import figures, paper_tables as pt
-from kdbench.stats.kernel_gap import diagnose
+from kdbench.diagnostics import diagnose
 from kdbench.suite import load_suite
 
 KD = {0: 71.0, 1: 72.0, 2: 71.5}

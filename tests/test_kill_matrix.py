@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kdbench.engine import optim
-from kdbench.engine import train as train_module
+from kdbench.engine import run as run_module
 from kdbench.engine.pack import fit_packed
 from kdbench.engine.spec import Recipe, RunSpec
 from kdbench.engine.train import fit
@@ -61,8 +61,8 @@ def _kill_at(point):
             os.kill(os.getpid(), signal.SIGKILL)
 
     if what == "teacher":
-        load = train_module.load_teacher
-        train_module.load_teacher = lambda *a, **k: (load(*a, **k), hit())[0]
+        load = run_module.load_teacher
+        run_module.load_teacher = lambda *a, **k: (load(*a, **k), hit())[0]
     elif what == "step":
         step = optim.SGD.step
         optim.SGD.step = lambda self, *a, **k: (hit(), step(self, *a, **k))[1]

@@ -15,7 +15,7 @@ from kdbench.engine.linear_probe import fit_probe, main
 from kdbench.engine.seeding import derive_seed, generator
 from kdbench.engine.spec import Recipe, RunSpec
 from kdbench.models import build_model
-from kdbench.suite import PROBE_RECIPE
+from kdbench.engine.spec import PROBE_RECIPE
 
 
 @pytest.fixture

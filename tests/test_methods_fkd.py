@@ -137,7 +137,7 @@ def test_kd_ensemble_target_tempered_mean_default_and_averaged_probs_option(T):
     """Through kdbench's real ensemble record (TeacherEnsemble of 3 resnet8): the default target is
     the mean of the members' tempered softmaxes; ``averaged_probs`` is the averaged probability
     raised to 1/T and renormalised (the ensemble's logits at temperature T)."""
-    from kdbench.engine.checkpoint import TeacherEnsemble
+    from kdbench.engine.teachers import TeacherEnsemble
     from kdbench.models import build_model
 
     torch.manual_seed(0)

@@ -318,11 +318,12 @@ def _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch):
     """Run one initialisation epoch of ``method`` through the engine (``fit``): the train/eval
     modes each student BN was called in with gradients on (the training steps), and the
     student's state when built and after the stage."""
+    import kdbench.engine.run as run
     import kdbench.engine.train as train
     from kdbench.engine.spec import Recipe, RunSpec
 
     built, modes = {}, {}
-    build_model = train.build_model
+    build_model = run.build_model
 
     def build(arch, n):
         built["student"] = model = build_model(arch, n)
@@ -334,7 +335,7 @@ def _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch):
         if torch.is_grad_enabled() and isinstance(module, nn.BatchNorm2d) and module in built.get("names", {}):
             modes.setdefault(built["names"][module], set()).add(module.training)
 
-    monkeypatch.setattr(train, "build_model", build)
+    monkeypatch.setattr(run, "build_model", build)
     spec = RunSpec("cifar100", str(tiny / "data"), student_arch, method, 0, "resnet8", (str(tiny / "t.pt"),),
                    method_overrides={"params": {method: {"init_epochs": 1}}},
                    recipe=Recipe.from_config({"epochs": 1, "batch_size": 16}))

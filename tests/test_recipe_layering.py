@@ -3,7 +3,8 @@
 never the milestones of the block below it."""
 
 from kdbench.engine.spec import Recipe
-from kdbench.suite import PROBE_RECIPE, load_suite
+from kdbench.engine.spec import PROBE_RECIPE
+from kdbench.suite import load_suite
 
 from conftest import write_suite
 

@@ -15,6 +15,7 @@ from conftest import REPO, write_suite
 from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, read_cifar
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine import import_teacher as it
+from kdbench.cli import fetch_teachers_main
 from kdbench.engine import released
 from kdbench.engine.checkpoint import CheckpointError, load_model
 from kdbench.engine.io import file_sha256, read_json
@@ -135,7 +136,7 @@ def test_fetch_from_the_archive_imports_checks_and_records(tmp_path, small_relea
     monkeypatch.setattr(released, "download", fake_download)
     path = suite_file(tmp_path)
     teachers = tmp_path / "teachers"
-    assert released.main(["--suite", str(path), "--dir", str(teachers), "--device", "cpu"]) == 0
+    assert fetch_teachers_main(["--suite", str(path), "--dir", str(teachers), "--device", "cpu"]) == 0
     assert calls == [small_release.urls[0], released.MDISTILLER_ARCHIVE]
     suite = load_suite(path)
     rid = next(r for r, run in suite.runs.items() if run.kind == "import")
@@ -163,7 +164,7 @@ def test_fetch_from_the_archive_imports_checks_and_records(tmp_path, small_relea
 
     # a second fetch finds the file and downloads nothing
     calls.clear()
-    assert released.main(["--suite", str(path), "--dir", str(teachers), "--device", "cpu"]) == 0
+    assert fetch_teachers_main(["--suite", str(path), "--dir", str(teachers), "--device", "cpu"]) == 0
     assert calls == []
 
 

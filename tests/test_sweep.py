@@ -91,7 +91,7 @@ def test_a_validation_run_trains_and_reports_the_holdout(tiny, tmp_path):
     assert abs(m["acc_last"] / 10 - round(m["acc_last"] / 10)) < 1e-6  # a multiple of 10 %: 1 of 10 images
     # the saved model, evaluated by hand on the holdout, gives the recorded accuracy
     from kdbench.engine.checkpoint import load_model
-    from kdbench.engine.train import evaluate
+    from kdbench.engine.step import evaluate
     split = holdout_split(load_dataset("cifar100", str(tiny / "data")), 10, 0)
     model = load_model(tmp_path / "run/model.pt", "resnet8", 5)
     assert evaluate(model, split.loaders(8, 16, "cpu")[1])["top1"] == pytest.approx(m["acc_last"])

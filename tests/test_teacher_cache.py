@@ -9,7 +9,8 @@ from torchvision import transforms
 from kdbench.data.loader import TensorLoader, view_id, view_params
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine import teacher_cache
-from kdbench.engine.checkpoint import TeacherEnsemble, save_model
+from kdbench.engine.checkpoint import save_model
+from kdbench.engine.teachers import TeacherEnsemble
 from kdbench.engine.fast import Runtime
 from kdbench.engine.spec import Execution, Recipe, RunSpec
 from kdbench.engine.teacher_cache import TeacherCache, cacheable, get_cache

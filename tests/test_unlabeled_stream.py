@@ -14,10 +14,11 @@ from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine import distributed, train
 from kdbench.engine.checkpoint import load_model, save_model
 from kdbench.engine.fast import Runtime
-from kdbench.engine.pack import check_packable
+from kdbench.engine.rules import check_packable
 from kdbench.engine.seeding import derive_seed, generator
 from kdbench.engine.spec import Execution, Recipe, RunSpec
-from kdbench.engine.train import check_unlabeled, fit
+from kdbench.engine.rules import check_run as check_unlabeled
+from kdbench.engine.train import fit
 from kdbench.methods.base import label_free_methods
 from kdbench.models import build_model
 

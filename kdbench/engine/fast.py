@@ -26,15 +26,17 @@ differ (like cuDNN's algorithm choice). What stays eager everywhere: data order 
 (a handful of kernels per batch on the device-resident dataset), the per-epoch evaluation (fp32,
 so bf16 runs are evaluated in fp32), checkpoints.
 
-The teacher's outputs for a step are asked for with a :class:`TeacherRequest` that the epoch
-loop yields; :meth:`Runtime.teacher_features` answers it with one forward pass (or a cache
-lookup) — for one run, or for the concatenated batches of several packed runs (``pack.py``).
+:class:`Runtime` is a :class:`~kdbench.engine.step.Eager` whose methods apply these options: the
+training loop (:mod:`kdbench.engine.run`) asks it for each epoch's step function
+(:meth:`Runtime.stepper`: eager, compiled or a CUDA graph around the same
+:func:`~kdbench.engine.step.train_step`) and for the teacher's outputs
+(:meth:`Runtime.teacher_features`: a forward pass, its graph, or cache lookups; for one run or the
+concatenated batches of several packed runs).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -42,128 +44,12 @@ from torch import Tensor, nn
 
 from ..methods import Batch, Objective
 from ..models.features import Features
-from . import distributed
+from .fusion import Member, fused_train_step
 from .spec import Execution
+from .step import Eager, TeacherInput, train_step
 
 
-@dataclass
-class TeacherRequest:
-    """One step's need for the teacher's Features, answered by the driver of the epoch loop."""
-
-    x: Tensor  # the step's input batch, as the student sees it
-    index: Tensor  # sample positions in the training set
-    view: Tensor | None  # augmentation view ids (for the cache), or None
-    teacher: nn.Module
-    runtime: "Runtime"
-
-
-@dataclass
-class StudentStep:
-    """One step of a run whose student is fused with other packed runs' (``pack.py``): the epoch
-    loop yields it, and the driver takes the step for all the fused runs at once
-    (:func:`fused_train_step`)."""
-
-    teacher: TeacherRequest | None  # the step's teacher request (None: no teacher)
-    batch: Batch
-    student: nn.Module
-    objective: Objective
-    optimizer: object
-    init_term: object  # the initialisation stage's term, or None in the main stage
-    names: list[str]
-    sums: Tensor
-    runtime: "Runtime"
-
-
-def set_train_modes(student: nn.Module, objective: Objective, train_modules: list[nn.Module] | None = None) -> None:
-    """Main stage (``train_modules`` None): the student and the objective train. Initialisation
-    stage: only ``train_modules`` train, the rest is in eval mode (see
-    :meth:`~kdbench.methods.DistillLoss.init_train_modules`)."""
-    student.train(train_modules is None)
-    objective.train(train_modules is None)
-    for module in train_modules or ():
-        module.train()
-
-
-def step_names(objective: Objective, init_term=None) -> list[str]:
-    """The names of the per-step sums: total loss, then each term (or ``init``)."""
-    return ["loss", *(["init"] if init_term else list(objective.terms) + (["ce"] if objective.spec.ce else []))]
-
-
-def step_loss(s: Features, objective: Objective, batch: Batch, t: Features | None, init_term) -> dict[str, Tensor]:
-    """A step's weighted loss terms by name (their sum is the loss): the initialisation stage's
-    one term, or the method's."""
-    return {"init": init_term.init_loss(s, t, batch)} if init_term is not None else objective(s, t, batch)
-
-
-def record_step(sums: Tensor, loss: Tensor, terms: dict[str, Tensor], names: list[str], logits: Tensor,
-                batch: Batch) -> None:
-    """Add [n·loss, n·term..., correct] to the run's device-resident ``sums`` (no host sync);
-    n and the accuracy count the labelled samples."""
-    n = batch.num_labeled
-    vals = [loss.detach(), *(terms[k].detach() for k in names[1:])]
-    correct = (logits.detach()[:n].argmax(1) == batch.y[:n]).sum()
-    sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
-
-
-def train_step(student: nn.Module, objective: Objective, optimizer, batch: Batch, t: Features | None,
-               init_term, names: list[str], sums: Tensor, autocast: Callable = nullcontext) -> None:
-    """One optimisation step — the maths of every training path."""
-    with autocast():
-        s = student_forward(student, objective, batch)
-        terms = step_loss(s, objective, batch, t, init_term)
-        loss = sum(terms.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    distributed.average_gradients(optimizer.params)  # the objective's (DDP: no-op otherwise)
-    optimizer.step()
-    record_step(sums, loss, terms, names, s.logits, batch)
-
-
-def student_forward(student: nn.Module, objective: Objective, batch: Batch) -> Features:
-    """The student's Features of ``batch.x``: one forward pass; with an unlabelled stream and
-    ``bn: separate``, one per part (labelled, unlabelled: BN normalises each with its own batch
-    statistics and updates its running statistics twice per step), concatenated."""
-    if batch.labeled is None or objective.unlabeled["bn"] == "joint":
-        return student(batch.x)
-    parts = [student(x) for x in batch.x.split([batch.labeled, batch.x.shape[0] - batch.labeled])]
-    return _rebuild(parts[0], [torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))])
-
-
-def fused_train_step(fused: nn.Module, steps: list["StudentStep"], batches: list[Batch], ts: list[Features | None],
-                     autocast: Callable = nullcontext, forward: Callable | None = None) -> None:
-    """:func:`train_step` for K packed runs whose students are fused into one model (a bound
-    :class:`~kdbench.engine.fusion.FusedModel`): one forward and one backward pass of the fused
-    model (``forward``: e.g. its compiled version); each run's own loss terms, optimizer step and
-    sums. The backward pass is of the sum of the runs' losses, whose gradient in member k's slice
-    of a fused tensor is member k's own."""
-    with autocast():
-        outs = (forward or fused)([b.x for b in batches])
-        terms = [step_loss(s, st.objective, b, t, st.init_term) for s, st, b, t in zip(outs, steps, batches, ts)]
-        losses = [sum(tm.values()) for tm in terms]
-    total = sum(losses)
-    for st in steps:
-        st.optimizer.zero_grad(set_to_none=True)
-    fused.zero_grad(set_to_none=True)
-    total.backward()
-    fused.sync_members([st.student for st in steps])
-    for st, s, loss, tm, b in zip(steps, outs, losses, terms, batches):
-        st.optimizer.step()
-        record_step(st.sums, loss, tm, st.names, s.logits, b)
-
-
-def split_features(f: Features, sizes: list[int]) -> list[Features]:
-    """Split a batch's Features into consecutive parts of ``sizes`` samples (views, no copies)."""
-    pieces = [t.split(sizes, dim=0) for t in f.tensors()]  # per tensor, one piece per part
-    return [_rebuild(f, [p[k] for p in pieces]) for k in range(len(sizes))]
-
-
-def _rebuild(like: Features, flat: list[Tensor]) -> Features:
-    """A record shaped like ``like`` from tensors in :meth:`Features.tensors` order."""
-    it = iter(flat)
-    return like.apply(lambda _: next(it))
-
-
-class Runtime:
+class Runtime(Eager):
     """The execution options of one run (or of a pack of runs sharing them)."""
 
     #: the CUDA-graph primitives (None: :class:`CudaGraphs`; tests substitute a CPU stand-in)
@@ -176,8 +62,6 @@ class Runtime:
             if self.device.type != "cuda" and type(self).graph_backend is None:
                 raise ValueError(f"execution.compile 'graph' (CUDA graphs) needs a CUDA device, not {self.device}; "
                                  f"use 'none' or 'compile' on {self.device.type}")
-            if distributed.current().enabled:
-                raise ValueError("execution.compile 'graph' is not supported under DDP (torchrun); use 'none' or 'compile'")
         self.graph_backend = type(self).graph_backend or CudaGraphs
         self.cache = None
         self._compiled: dict[int, nn.Module] = {}
@@ -223,18 +107,18 @@ class Runtime:
 
     # --- the teacher ---
     @torch.no_grad()
-    def teacher_features(self, teacher: nn.Module, requests: list[TeacherRequest]) -> list[Features]:
-        """The teacher's Features for each request: cache lookups, or one forward pass over the
-        requests' concatenated batches (eval mode: per-sample outputs do not depend on the batch)."""
+    def teacher_features(self, teacher: nn.Module, parts: list[TeacherInput]) -> list[Features]:
+        """The teacher's Features of each part: cache lookups, or one forward pass over the parts'
+        concatenated batches (:meth:`Eager.teacher_features`)."""
         if self.cache is not None:
-            return [self.cache.lookup(r.index, r.view) for r in requests]
-        x = requests[0].x if len(requests) == 1 else self.input(torch.cat([r.x for r in requests]))
+            return [self.cache.lookup(p.index, p.view) for p in parts]
+        return super().teacher_features(teacher, parts)
+
+    def teacher_forward(self, teacher: nn.Module, x: Tensor) -> Features:
         if self.execution.compile == "graph":
-            out = self._teacher_graph(teacher, x)
-        else:
-            with self.autocast():
-                out = self.compiled(teacher)(x)
-        return [out] if len(requests) == 1 else split_features(out, [r.x.shape[0] for r in requests])
+            return self._teacher_graph(teacher, x)
+        with self.autocast():
+            return self.compiled(teacher)(x)
 
     def _teacher_graph(self, teacher: nn.Module, x: Tensor) -> Features:
         """The eval-mode teacher's forward as a CUDA graph per input shape (it has no state to
@@ -262,8 +146,8 @@ class Runtime:
     # --- the student step ---
     def stepper(self, student: nn.Module, objective: Objective, optimizer, names: list[str], sums: Tensor,
                 epoch: int, gen: torch.Generator | None, init_term=None) -> Callable:
-        """A function ``step(x, y, index, t, labeled=None)`` running :func:`train_step` for this
-        epoch (``labeled``: see :attr:`Batch.labeled`)."""
+        """A function ``step(batch, t)`` running :func:`train_step` in ``epoch``: eagerly (the
+        model compiled under ``compile: compile``), or replaying the epoch's CUDA graph."""
         model = self.compiled(student)
 
         def eager(x, y, idx, t, labeled=None):
@@ -271,31 +155,32 @@ class Runtime:
                        self.autocast)
 
         if self.execution.compile != "graph":
-            return eager
+            return lambda batch, t: eager(batch.x, batch.y, batch.index, t, batch.labeled)
         state = [*student.parameters(), *_captured_state(student, objective, optimizer, sums)]
         key = (id(student), id(optimizer))
-        step = GraphStep(eager, state, [gen] if gen is not None else [], warm=key in self._warm,
-                         backend=self.graph_backend)
+        graph = GraphStep(eager, state, [gen] if gen is not None else [], warm=key in self._warm,
+                          backend=self.graph_backend)
         self._warm.add(key)
-        return step
+        return lambda batch, t: graph(batch.x, batch.y, batch.index, t, batch.labeled)
 
-    def fused_stepper(self, fused: nn.Module, steps: list[StudentStep], warm: bool) -> Callable:
-        """A function ``step(xs, ys, indices, ts)`` running :func:`fused_train_step` for the fused
-        runs ``steps`` at their current epochs and stages (``pack.py`` makes a new one whenever a
-        run's epoch, stage or membership changes). ``warm``: a graph of this fused model was
-        captured before, so no warm-up steps are needed."""
+    def fused_stepper(self, fused: nn.Module, members: list[Member], warm: bool) -> Callable:
+        """A function ``step(xs, ys, indices, ts)`` running
+        :func:`~kdbench.engine.fusion.fused_train_step` for the fused runs' ``members`` at their
+        current epochs and stages (``pack.py`` makes a new one whenever a run's epoch, stage or
+        membership changes). ``warm``: a graph of this fused model was captured before,
+        so no warm-up steps are needed."""
         forward = self.compiled(fused)
 
         def eager(xs, ys, idxs, ts):
-            batches = [Batch(x, y, i, st.batch.epoch, st.batch.generator) for x, y, i, st in zip(xs, ys, idxs, steps)]
-            fused_train_step(fused, steps, batches, ts, self.autocast, forward)
+            batches = [Batch(x, y, i, m.epoch, m.generator) for x, y, i, m in zip(xs, ys, idxs, members)]
+            fused_train_step(fused, members, batches, ts, self.autocast, forward)
 
         if self.execution.compile != "graph":
             return eager
         state = [*fused.parameters(), *fused.buffers()]  # the members' parameters are views of these
-        for st in steps:
-            state += _captured_state(st.student, st.objective, st.optimizer, st.sums)
-        gens = [st.batch.generator for st in steps if st.batch.generator is not None]
+        for m in members:
+            state += _captured_state(m.student, m.objective, m.optimizer, m.sums)
+        gens = [m.generator for m in members if m.generator is not None]
         return GraphStep(eager, state, gens, warm=warm, backend=self.graph_backend)
 
 

@@ -245,7 +245,8 @@ def import_teacher(src: str | Path, out: str | Path, arch: str | None = None, da
 def check_accuracy(model, dataset: str, root: str, published: float | None, tolerance: float, device: str,
                    batch_size: int) -> dict:
     from ..data import load_dataset
-    from .train import evaluate, resolve_device
+    from .device import resolve_device
+    from .step import evaluate
 
     data = load_dataset(dataset, root)
     if data.num_classes != model.classifier.out_features:

@@ -9,7 +9,7 @@ does (giakoumoglou/distillers ``transfer_student.py`` keeps wd 5e-4, updates BN 
 train mode and never decays its lr).
 
 CRD never published the probe's epochs, lr or schedule (HobbitLong/RepDistiller#44, open). The
-defaults are the suite's ``PROBE_RECIPE`` (:mod:`kdbench.suite`): **40 epochs, SGD momentum 0.9,
+defaults are ``PROBE_RECIPE`` (:mod:`kdbench.engine.spec`): **40 epochs, SGD momentum 0.9,
 lr 0.1, ×0.1 after epochs 20 and 30, batch 64, wd 0** — a schedule that converges a linear layer
 on 5k–100k frozen features and actually decays. The lr is the recipe's ``lr`` for every
 architecture (RepDistiller's lower lr for MobileNetV2/ShuffleNets is about training those
@@ -44,8 +44,10 @@ from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_model, read_fil
 from .io import atomic_torch_save, atomic_write_json, provenance
 from .optim import SGD
 from .seeding import derive_seed, generator
-from .spec import Recipe, RunSpec
-from .train import NonFiniteLoss, evaluate, resolve_device, run_record
+from .spec import PROBE_RECIPE, Recipe, RunSpec
+from .device import resolve_device
+from .run import run_record
+from .step import NonFiniteLoss, evaluate
 
 PROBE_LR_ARCH = "linear"  # Recipe.lr_at(…, arch): not a small-lr architecture, so recipe.lr applies
 
@@ -156,7 +158,6 @@ def fit_probe(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: 
 
 
 def default_probe_recipe() -> dict:
-    from ..suite import PROBE_RECIPE
     return dict(PROBE_RECIPE)
 
 

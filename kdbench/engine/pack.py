@@ -33,9 +33,8 @@ fused into one model (:mod:`kdbench.engine.fusion`: grouped convolutions, one BN
 channels, a batched classifier), so the K students run as one sequence of K-times-wider kernels
 instead of K sequences of small ones. Each run's parameters and BN statistics become views of
 the fused model's (``FusedModel.bind``): its optimizer, evaluation, checkpoints and ``model.pt``
-stay its own. The epoch loop then yields a :class:`~kdbench.engine.fast.StudentStep` per step
-and :class:`FusedStudents` takes the step of all the fused runs at once
-(:func:`~kdbench.engine.fast.fused_train_step`: one forward and backward pass of the sum of their
+stay its own. :class:`FusedStudents` takes the step of all the fused runs at once
+(:func:`~kdbench.engine.fusion.fused_train_step`: one forward and backward pass of the sum of their
 losses, then each run's own optimizer step), eagerly or as one CUDA graph per epoch. When a run
 leaves, the others are fused anew. Results equal the runs alone up to the rounding of grouped
 versus plain convolutions (``tests/test_pack.py``: 3 steps of KD, CRD, FitNet, DKD, AB's
@@ -44,68 +43,42 @@ apart chaotically like the same run at another CPU thread count). Two difference
 that its own loss does not reach gets a zero gradient instead of none (every method's main-stage
 loss reaches every student parameter through CE; initialisation stages train only their own
 parameters), and a step that raises an error fails every run of its fused group.
+
+**How.** Each run is a :class:`~kdbench.engine.run.Run` trained by the plain loop cut at each step
+(:func:`_steps`); :func:`drive_packed` advances the runs in lockstep: one teacher pass for all
+their batches (:func:`teacher_answers`), the fused groups' steps (:func:`fused_steps`), then each
+other run's own step. What packed runs must share is :func:`kdbench.engine.rules.check_packable`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from ..data import load_dataset
 from . import distributed
+from .device import resolve_device
+from .fusion import SUPPORTED_ARCHS, Member, fuse
+from .rules import check_packable, teacher_key
+from .run import Run
 from .spec import RunSpec
-from .fast import StudentStep
-from .train import fit_steps, resolve_device
+from .step import NonFiniteLoss
+from .train import prepared
+
+TAKEN = object()  # sent to a run's steps when its fused group took the step
 
 
 class PackError(RuntimeError):
     """Some runs of a pack failed; the others finished."""
 
 
-def teacher_key(spec: RunSpec) -> tuple:
-    """What identifies a run's teacher: packed runs share it, and one forward pass answers them all."""
-    return spec.teacher, spec.teacher_ckpts, spec.teacher_dataset
-
-
-def check_packable(specs: list[RunSpec]) -> None:
-    """Runs can be packed if they share the dataset, batch size and execution options, and every
-    run that has a teacher has the same one. Runs with an unlabelled stream or a validation
-    holdout cannot be packed."""
-    if not specs:
-        raise ValueError("nothing to pack: give at least one run")
-    if any(s.unlabeled is not None for s in specs):
-        raise ValueError("runs with an unlabelled stream (unlabeled) cannot be packed: their steps concatenate a "
-                         "second batch that the pack's shared teacher pass and fused students do not handle; "
-                         "run them alone")
-    if any(s.validation is not None for s in specs):
-        raise ValueError("runs with a validation holdout (validation) cannot be packed: the pack shares one "
-                         "training set and test loader between its runs; run them alone")
-    first = specs[0]
-    for s in specs[1:]:
-        for key in ("dataset", "data_root", "execution"):
-            if getattr(s, key) != getattr(first, key):
-                raise ValueError(f"runs with different {key} cannot be packed: {getattr(first, key)!r} vs "
-                                 f"{getattr(s, key)!r}; pack runs that share a dataset and execution options")
-        if s.recipe.batch_size != first.recipe.batch_size:
-            raise ValueError(f"runs with different batch sizes cannot be packed ({first.recipe.batch_size} vs "
-                             f"{s.recipe.batch_size})")
-    teachers = {teacher_key(s) for s in specs if s.teacher_ckpts}
-    if len(teachers) > 1:
-        raise ValueError("packed runs must share their teacher; found " + ", ".join(sorted(map(str, teachers))))
-    if any(s.protocol != "fit" for s in specs):
-        raise ValueError("only protocol 'fit' runs can be packed (not linear_probe)")
-
-
 def fusion_groups(specs: list[RunSpec]) -> list[str | None]:
     """Each run's fused group (its student architecture), or None where it trains unfused: an
     architecture :mod:`~kdbench.engine.fusion` does not support, or the only run of its
     architecture in the pack."""
-    from .fusion import SUPPORTED_ARCHS
     count = {a: sum(s.student == a for s in specs) for a in {s.student for s in specs}}
     return [s.student if s.student in SUPPORTED_ARCHS and count[s.student] > 1 else None for s in specs]
 
@@ -130,6 +103,11 @@ class _RngSlot:
             self.cuda_state = torch.cuda.get_rng_state(self.device)
 
 
+def member(run) -> Member:
+    """A run's part of a fused step, at its current epoch and stage."""
+    return Member(run.student, run.objective, run.opt, run.term, run.names, run.sums, run.epoch, run.gen)
+
+
 class FusedStudents:
     """The students of the packed runs that share an architecture, fused into one model
     (:mod:`kdbench.engine.fusion`) and bound: each run's parameters and BN statistics are views
@@ -141,37 +119,88 @@ class FusedStudents:
         self.fused = None
         self.step, self.step_key, self.warm = None, None, False
 
-    def __call__(self, ks: list[int], steps: list[StudentStep], ts: list) -> None:
-        from .fusion import fuse
-        runtime = steps[0].runtime
+    def __call__(self, ks: list[int], runs: list, batches: list, ts: list) -> None:
+        execution = runs[0].execution
         if tuple(ks) != self.members:
-            students = [st.student for st in steps]
+            students = [r.student for r in runs]
             self.fused = fuse(students)
-            runtime.prepare(self.fused)  # memory format first: bind makes the members views of these tensors
+            execution.prepare(self.fused)  # memory format first: bind makes the members views of these tensors
             self.fused.bind(students)
             self.members, self.step_key, self.warm = tuple(ks), None, False
         # a new step function whenever a run's epoch, stage or generator changes (CUDA graphs capture them)
-        key = tuple((st.batch.epoch, id(st.optimizer), id(st.init_term), id(st.batch.generator)) for st in steps)
+        key = tuple((r.epoch, id(r.opt), id(r.term), id(r.gen)) for r in runs)
         if key != self.step_key:
-            self.step, self.step_key = runtime.fused_stepper(self.fused, steps, self.warm), key
+            self.step, self.step_key = execution.fused_stepper(self.fused, [member(r) for r in runs], self.warm), key
             self.warm = True
-        self.step([st.batch.x for st in steps], [st.batch.y for st in steps], [st.batch.index for st in steps], ts)
+        self.step([b.x for b in batches], [b.y for b in batches], [b.index for b in batches], ts)
 
 
-def drive_packed(steps: list, device: torch.device, teacher_keys: list | None = None, fuse_keys: list | None = None,
-                 fusers: dict | None = None) -> list:
-    """Advance several ``fit_steps`` generators in lockstep: collect one request from each,
-    answer the teacher requests of runs with the same ``teacher_keys[k]`` (and runtime) with one
-    call, take the fused steps of runs with the same ``fuse_keys[k]`` (runs yielding
-    :class:`StudentStep`) as one, repeat. Returns each generator's result, or the exception it
-    raised (a fused step that raises fails every run of its fused group). ``fusers``: the
-    :class:`FusedStudents` by fuse key, to keep them (and their warm CUDA graphs) across calls."""
-    teacher_keys = teacher_keys or [k for k in range(len(steps))]
-    fuse_keys = fuse_keys or [k for k in range(len(steps))]
-    results: list = [None] * len(steps)
-    slots = [_RngSlot(device) for _ in steps]
+def _steps(run: Run):
+    """``run``'s plain loop (:func:`kdbench.engine.run.train`) cut at each step: yields the step's
+    ``(batch, view)`` and is sent the teacher's Features (it takes the step), or :data:`TAKEN`
+    (its fused group took it). Returns the run's metrics."""
+    try:
+        for stage in run.stages_left():
+            for epoch in run.epochs_left(stage):
+                run.start_epoch(stage, epoch)
+                for batch, view in run.batches():
+                    t = yield batch, view
+                    if t is not TAKEN:
+                        run.step(batch, t)
+                run.end_epoch()
+            run.end_stage(stage)
+    except NonFiniteLoss as e:
+        return run.finish("failed", str(e))
+    finally:
+        run.log.close()
+    return run.finish()
+
+
+def teacher_answers(runs: list, pending: dict, teacher_keys: list) -> dict:
+    """The teacher's Features for each pending run ``k`` (``pending[k]``: its step's batch and
+    view): runs with the same ``teacher_keys[k]`` and execution share one forward pass (their
+    teachers are identical copies: the first answers for all) or the teacher cache."""
+    groups: dict[tuple, list[int]] = {}
+    inputs = {k: runs[k].teacher_input(*pending[k]) for k in pending}
+    for k, part in inputs.items():
+        if part is not None:
+            ex = runs[k].execution
+            groups.setdefault((teacher_keys[k], id(ex.cache), getattr(ex, "execution", None)), []).append(k)
+    answers = {k: None for k in pending}
+    for ks in groups.values():
+        first = runs[ks[0]]
+        answers.update(zip(ks, first.execution.teacher_features(first.teacher, [inputs[k] for k in ks])))
+    return answers
+
+
+def fused_steps(runs: list, pending: dict, answers: dict, fuse_keys: list, fusers: dict) -> tuple[set, dict]:
+    """Take the step of the pending runs that fuse (same ``fuse_keys[k]``, a run whose whole student
+    trains this epoch) as one per group; returns the runs taken and the errors by run (a fused step
+    that raises fails every run of its group)."""
+    groups: dict = {}
+    for k in pending:
+        if fuse_keys[k] is not None and runs[k].fusable():
+            groups.setdefault(fuse_keys[k], []).append(k)
+    errors: dict[int, Exception] = {}
+    for key, ks in groups.items():
+        try:
+            for k in ks:
+                runs[k].set_step_lr()
+            fusers.setdefault(key, FusedStudents())(ks, [runs[k] for k in ks], [pending[k][0] for k in ks],
+                                                    [answers[k] for k in ks])
+        except Exception as e:
+            errors.update((k, e) for k in ks)
+    return {k for ks in groups.values() for k in ks}, errors
+
+
+def drive_packed(runs: list, slots: list, teacher_keys: list, fuse_keys: list, fusers: dict | None = None) -> list:
+    """Train ``runs`` (:class:`~kdbench.engine.run.Run`; an entry that is already a result, metrics
+    or an exception, is passed through) in lockstep, each step of each run inside its own global
+    RNG slot (``slots[k]``). Returns each run's metrics, or the exception it raised."""
+    results: list = list(runs)
+    steps = {k: _steps(r) for k, r in enumerate(runs) if isinstance(r, Run)}
     fusers = {} if fusers is None else fusers
-    pending: dict[int, object] = {}
+    pending: dict[int, tuple] = {}
 
     def advance(k: int, value=None, error: Exception | None = None) -> None:
         try:
@@ -185,33 +214,15 @@ def drive_packed(steps: list, device: torch.device, teacher_keys: list | None = 
         except Exception as e:  # one run's failure does not stop the others
             results[k] = e
 
-    for k in range(len(steps)):
+    for k in steps:
         advance(k)
     while pending:
-        teacher_reqs = {k: (r.teacher if isinstance(r, StudentStep) else r) for k, r in pending.items()}
-        groups: dict[tuple, list[int]] = {}
-        for k, req in teacher_reqs.items():
-            if req is not None:
-                groups.setdefault((teacher_keys[k], id(req.runtime.cache), req.runtime.execution), []).append(k)
-        answers = {k: None for k in pending}
-        for ks in groups.values():
-            reqs = [teacher_reqs[k] for k in ks]  # identical teachers: the first one answers for all
-            answers.update(zip(ks, reqs[0].runtime.teacher_features(reqs[0].teacher, reqs)))
-        fused_groups: dict = {}
-        for k, req in pending.items():
-            if isinstance(req, StudentStep):
-                fused_groups.setdefault(fuse_keys[k], []).append(k)
-        errors: dict[int, Exception] = {}
-        for key, ks in fused_groups.items():
-            try:
-                fusers.setdefault(key, FusedStudents())(ks, [pending[k] for k in ks], [answers[k] for k in ks])
-            except Exception as e:
-                errors.update((k, e) for k in ks)
-        fused_now = {k for ks in fused_groups.values() for k in ks}
+        answers = teacher_answers(runs, pending, teacher_keys)
+        taken, errors = fused_steps(runs, pending, answers, fuse_keys, fusers)
         pending_now = sorted(pending)
         pending.clear()
         for k in pending_now:
-            advance(k, None if k in fused_now else answers[k], errors.get(k))
+            advance(k, TAKEN if k in taken else answers[k], errors.get(k))
     return results
 
 
@@ -232,46 +243,20 @@ def fit_packed(specs: list[RunSpec], out_dirs: list[str | Path], device: str = "
     shared = {"data": data, "loaders": data.loaders(first.recipe.batch_size, first.recipe.test_batch_size, dev)}
     run_ids = run_ids or [None] * len(specs)
     fuse_keys = fusion_groups(specs) if fuse else [None] * len(specs)
-    steps = [fit_steps(s, o, str(dev), r, progress=False, shared={**shared, "fuse": f is not None})
-             for s, o, r, f in zip(specs, out_dirs, run_ids, fuse_keys)]
-    results = drive_packed(steps, dev, [teacher_key(s) for s in specs], fuse_keys)
+    slots = [_RngSlot(dev) for _ in specs]
+    with contextlib.ExitStack() as folders:
+        runs: list = []
+        for k, (s, out, rid) in enumerate(zip(specs, out_dirs, run_ids)):
+            try:
+                with slots[k]:
+                    runs.append(folders.enter_context(prepared(s, out, str(dev), rid, False, log_prefix=rid or "",
+                                                               **shared)))
+            except Exception as e:
+                runs.append(e)
+        results = drive_packed(runs, slots, [teacher_key(s) for s in specs], fuse_keys)
     distributed.close()
     failed = [(r or k, e) for k, (r, e) in enumerate(zip(run_ids, results)) if isinstance(e, Exception)]
     if failed:
         raise PackError(f"{len(failed)} of {len(specs)} packed runs failed: "
                         + "; ".join(f"{r}: {type(e).__name__}: {e}" for r, e in failed))
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kdbench pack",
-        description="Train several runs of a suite that share a teacher together in one process on one device "
-                    "(each writes its own run folder exactly as `kdbench distill` would).")
-    parser.add_argument("--suite", required=True, help="suite YAML file")
-    parser.add_argument("--run", action="append", required=True, dest="runs", metavar="RUN_ID",
-                        help="a run id of the suite (repeat for each run of the pack)")
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the suite's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--fuse", action="store_true",
-                        help="fuse the students of runs that share an architecture (resnet, wrn, vgg) into one model "
-                             "with grouped convolutions (horizontal fusion): results equal to float rounding")
-    args = parser.parse_args(argv)
-    from ..suite import load_suite
-    suite = load_suite(args.suite)
-    unknown = [r for r in args.runs if r not in suite.runs]
-    if unknown:
-        raise SystemExit(f"runs not in suite {suite.name!r}: {', '.join(unknown)}; `kdbench list-runs --suite "
-                         f"{args.suite}` lists them")
-    torch.set_num_threads(args.threads or suite.config.get("threads", 1))
-    runs = [suite.runs[r] for r in args.runs]
-    metrics = fit_packed([r.spec for r in runs], [suite.run_dir(r.id) for r in runs],
-                         device=args.device or suite.config.get("device", "auto"), run_ids=list(args.runs),
-                         fuse=args.fuse)
-    for m in metrics:
-        print(json.dumps({k: m.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

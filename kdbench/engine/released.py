@@ -29,9 +29,7 @@ distilled from it, as any change of teacher must).
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import tarfile
 import time
 import urllib.request
@@ -39,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .device import resolve_device
 from .import_teacher import PUBLISHED_TOP1, import_teacher
 from .io import atomic_file, atomic_write_json, file_sha256, provenance
 
@@ -180,7 +179,7 @@ def import_released(rt: ReleasedTeacher, run_dir: str | Path, teachers_dir: str 
     metrics = {"run": run_id, "kind": "import", "status": "ok" if top1 is not None else "unevaluated",
                "acc_last": top1, "acc_best": top1, "acc5_last": top5, "acc5_best": top5, "epoch_best": None,
                "imported": report, "wall_time_s": time.time() - start,
-               "provenance": provenance(_device(device))}
+               "provenance": provenance(resolve_device(device, say=False))}
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
@@ -213,50 +212,3 @@ def teacher_source(suite, run) -> str | None:
         else:
             out.append(f"file {path} ({tid})")
     return "; ".join(out)
-
-
-def _device(device: str):
-    from .train import resolve_device
-    return resolve_device(device)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kdbench fetch-teachers", description="Download (where the network allows), "
-                                "check and import the released teachers of a suite's `teacher: released` pairs, as "
-                                "runs the distillations read. Without network: put each file where the message says "
-                                "and rerun.")
-    p.add_argument("--suite", required=True, help="suite YAML file")
-    p.add_argument("--run", action="append", help="only this import run (repeatable; default: all of the suite's)")
-    p.add_argument("--dir", default=TEACHERS_DIR, help=f"folder of the raw released files (default {TEACHERS_DIR}/)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N for the accuracy check (default: the suite's)")
-    p.add_argument("--list", action="store_true", help="print each released teacher's file and URLs, fetch nothing")
-    a = p.parse_args(argv)
-    from ..data import DatasetMissingError
-    from ..suite import SuiteError, load_suite
-
-    try:
-        suite = load_suite(a.suite)
-        runs = {r: run for r, run in suite.runs.items() if run.kind == "import"}
-        unknown = [r for r in a.run or [] if r not in runs]
-        if unknown:
-            raise SuiteError(f"{', '.join(unknown)}: not import runs of {a.suite}; they are: {', '.join(runs) or 'none'}")
-        for rid in a.run or list(runs):
-            rt = released_teacher(runs[rid].spec.dataset, runs[rid].spec.student)
-            if a.list:
-                print(f"{rid}\n    file {Path(a.dir) / rt.file}\n    from {', '.join(rt.urls)}"
-                      f"{', ' + rt.archive[0] + '#' + rt.archive[1] if rt.archive else ''}")
-                continue
-            resume = f"`kdbench fetch-teachers --suite {a.suite}` (or snakemake) again"
-            m = import_released(rt, suite.run_dir(rid), a.dir, runs[rid].spec.data_root,
-                                a.device or suite.config.get("device", "auto"), rid, resume)
-            acc = f"top-1 {m['acc_last']:.2f}%" if m["acc_last"] is not None else "accuracy not measured"
-            print(f"{rid}: {m['imported']['source']} sha256 {m['imported']['sha256']}, {acc} "
-                  f"(published {rt.published_top1}); check: {m['imported']['accuracy_check']}")
-    except (SuiteError, CheckpointError, DatasetMissingError, KeyError) as e:
-        print(f"kdbench fetch-teachers: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

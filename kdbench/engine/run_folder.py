@@ -20,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .io import read_json
+
 #: the temporary files of kdbench's atomic writes (tempfile.mkstemp's 8-character suffix)
 TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.json|model\.pt|diagnostics-[^/]+\.json)\.[A-Za-z0-9_]{8}$")
 
@@ -59,3 +61,24 @@ def claim(folder: str | Path, poll_s: float = 2.0):
         yield removed
     finally:
         os.close(fd)  # releases the lock
+
+
+def finished_run(out_dir: str | Path, spec) -> dict | None:
+    """The metrics of a finished run of ``spec`` in ``out_dir`` (metrics.json of this run's hash, with
+    its model.pt when it succeeded), or None. Snakemake deletes a job's outputs before rerunning it,
+    so this is a run another process finished while this one waited for the folder."""
+    m = read_json(Path(out_dir) / "metrics.json")
+    if m is None or m.get("hash") != spec.config_hash() or m.get("status") not in ("ok", "failed"):
+        return None
+    return m if m["status"] == "failed" or (Path(out_dir) / "model.pt").is_file() else None
+
+
+def failed_source(models, role: str) -> str | None:
+    """Why the run that makes one of ``models`` failed (``<role> <run> failed: <reason>``), or None.
+    A run's ``model.pt`` sits beside its metrics.json; a failed run has no model.pt, so the runs
+    that read it are failed runs too, saying why, and the tables still count them."""
+    for path in models:
+        m = read_json(Path(path).parent / "metrics.json") if Path(path).name == "model.pt" else None
+        if m is not None and m.get("status") == "failed":
+            return f"{role} {m.get('run') or Path(path).parent} failed: {m.get('failure')}"
+    return None

@@ -81,6 +81,12 @@ class Recipe:
         return base * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+#: linear_probe defaults (:mod:`kdbench.engine.linear_probe`). CRD never published its probe recipe
+#: (HobbitLong/RepDistiller#44); the DKD maintainers' guidance is wd 0 with a frozen backbone and BN
+#: (mdistiller#59).
+PROBE_RECIPE = {"epochs": 40, "milestones": [20, 30], "lr": 0.1, "weight_decay": 0.0, "batch_size": 64}
+
+
 def scale_milestones(milestones, from_epochs: int, to_epochs: int) -> tuple[int, ...]:
     """Milestones at the same fractions of ``to_epochs`` as of ``from_epochs`` (at least 1)."""
     return tuple(max(1, round(m * to_epochs / from_epochs)) for m in milestones)
