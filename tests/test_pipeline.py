@@ -78,12 +78,13 @@ def test_failed_teacher_corrupt_metrics_and_table_spec_changes(tmp_path):
     repaired = json.loads(path.read_text())
     assert repaired["status"] == "ok" and repaired["curve"] == good["curve"]
 
-    # the table's spec changes (metric, caption): the tables are rewritten, no run is redone
+    # the table's spec changes (metric, caption): the tables and the seed figures (the forest plot
+    # reads the metric) are rewritten, no run is redone
     write_suite(tmp_path / "tiny.yaml", tmp_path / "data", experiments=[exp],
                 tables=[{"name": "main", "experiments": ["main"], "metric": "acc_best", "caption": "Best epoch"}])
     dry = snakemake(tmp_path, suite, "-n", "--quiet", "rules")
     assert dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout + dry.stderr, flags=re.M)) == {
-        "aggregate": "1", "all": "1", "total": "2"}
+        "aggregate": "1", "seed_figures": "1", "all": "1", "total": "3"}
     proc = snakemake(tmp_path, suite)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Best epoch" in (tmp_path / "results/tiny/main.md").read_text()
