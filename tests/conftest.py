@@ -23,6 +23,26 @@ REPO = Path(__file__).resolve().parents[1]
 #: bounded by the same run at another thread count (test_pack.py).
 FLOAT32_PASS_RTOL = 1e-5
 
+#: The numerically sensitive tests: each compares two computations of the same maths closely
+#: (fused or packed vs alone, fast path vs plain, cached vs online teacher, DDP vs one process,
+#: kdbench's SGD vs torch.optim.SGD, a killed and resumed run vs an uninterrupted one), so the
+#: CPU's kernel paths can move them. They get the ``numerics`` marker, which .ci/run runs under
+#: each ATEN_CPU_CAPABILITY (default, avx2, avx512). File name: "*" (all its tests) or the names
+#: of its tests.
+NUMERICS = {
+    "test_fusion.py": "*", "test_pack.py": "*", "test_fast_path.py": "*", "test_teacher_cache.py": "*",
+    "test_ddp.py": "*",
+    "test_engine.py": ("test_killed_run_resumes_to_identical_metrics", "test_sgd_matches_torch_optim_bit_for_bit",
+                       "test_same_seed_same_result_different_seed_differs"),
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        chosen = NUMERICS.get(item.path.name, ())
+        if chosen == "*" or item.originalname in chosen:
+            item.add_marker(pytest.mark.numerics)
+
 
 def relative_difference(got: dict, want: dict) -> float:
     """‖got − want‖ / ‖want‖ (Frobenius) over the floating tensors of two dicts of tensors together;

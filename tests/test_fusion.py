@@ -105,7 +105,6 @@ def test_gradients_of_summed_losses(arch):
         assert max_diff({n: g[n] for n in ref_grads}, ref_grads) < 1e-12
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_forward_and_gradients(arch):
     """The fused float32 path: features and gradients of one pass within FLOAT32_PASS_RTOL (conftest)
@@ -132,7 +131,6 @@ def _train_separately(refs, data, lr=0.05):
     return opts
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ARCHS)
 def test_three_sgd_steps_one_fused_optimizer(arch):
     """The same maths as the members trained separately: within 1e-12 after 3 steps, in float64
