@@ -88,7 +88,8 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
         if multi:
             lines.append((g, None))
         lines += [(r.label, r) for r in rows if r.group == g]
-    top, bottom = 0.45, 1.05 + 0.1 * (len(note) // 200)  # inches: title; x label, legend and note
+    note_lines = textwrap.wrap(note, 200)
+    top, bottom = 0.45, 0.95 + 0.11 * len(note_lines)  # inches: title; x label, legend and note
     height = top + bottom + 0.3 * max(len(lines), 1)
     fig, ax = plt.subplots(figsize=(10, height), dpi=110)
     ax.axvspan(-margin, margin, color="0.85", zorder=0)
@@ -126,10 +127,10 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
                plt.Rectangle((0, 0), 1, 1, color="0.85", label=f"margin ±{margin:g}")]
     if any(r.published for r in rows):
         handles.append(Line2D([], [], color="tab:red", marker="D", mfc="none", ls="", label="published Δ"))
-    fig.legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0.01, 0.22 / height),
+    fig.legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0.01, (0.12 + 0.11 * len(note_lines)) / height),
                ncol=len(handles), frameon=False)
-    if note:
-        fig.text(0.01, 0.05 / height, "\n".join(textwrap.wrap(note, 200)), fontsize=6.5, va="bottom")
+    if note_lines:
+        fig.text(0.01, 0.05 / height, "\n".join(note_lines), fontsize=6.5, va="bottom")
     fig.subplots_adjust(left=0.2, right=0.58, top=1 - top / height, bottom=bottom / height)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
