@@ -108,3 +108,12 @@ def test_seed_figures_are_drawn(seed_suite, tmp_path):
         assert img.shape[0] > 150 and img.shape[1] > 500 and img[..., :3].std() > 0.05
     assert figures.main(["--suite", str(seed_suite.path), "--seed-tables", "--out", str(tmp_path / "cli")]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["main_curves.png", "main_forest.png"]
+
+
+def test_smoke_draws_seed_figures_for_its_seed_tables_only():
+    """The default job's seed tables get a forest plot and learning curves; its stand-ins (paper
+    tables in miniature, forest plots under paper/) get neither."""
+    from conftest import REPO
+    smoke = load_suite(REPO / "workflow/suites/smoke.yaml")
+    assert figures.seed_figure_names(smoke) == ["main_forest.png", "main_curves.png",
+                                                "methods_forest.png", "methods_curves.png"]
