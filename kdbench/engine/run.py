@@ -53,7 +53,6 @@ from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_file, save_model
 from .io import atomic_torch_save, atomic_write_json, data_fingerprint, file_sha256, provenance, read_json
 from .optim import SGD
-from .rules import check_run
 from .seeding import derive_seed, generator
 from .spec import RunSpec
 from .teachers import load_teacher
@@ -89,13 +88,13 @@ class Stage:
 
 class Run:
     """A run of ``spec`` in ``out_dir`` on ``dctx.device`` (:func:`kdbench.engine.distributed.init`),
-    resumed from its checkpoint if there is one. ``execution``: how steps execute (default
+    resumed from its checkpoint if there is one (:func:`kdbench.engine.train.prepared` makes it,
+    once :func:`kdbench.engine.rules.check_run` has passed). ``execution``: how steps execute (default
     :class:`~kdbench.engine.step.Eager`). ``data`` and ``loaders``: a dataset and loaders shared
     with other runs (``pack.py``)."""
 
     def __init__(self, spec: RunSpec, out_dir: str | Path, dctx, run_id: str | None = None, execution=None,
                  data=None, loaders=None, progress: bool = True, log_prefix: str = ""):
-        check_run(spec, ddp=dctx.enabled)
         self.spec, self.out, self.dctx, self.run_id = spec, Path(out_dir), dctx, run_id
         self.execution = execution or Eager()
         dev = self.device = dctx.device
