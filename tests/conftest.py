@@ -42,6 +42,9 @@ def pytest_collection_modifyitems(items):
         chosen = NUMERICS.get(item.path.name, ())
         if chosen == "*" or item.originalname in chosen:
             item.add_marker(pytest.mark.numerics)
+        reasons = " ".join(m.kwargs.get("reason", "") for m in item.iter_markers("skipif")).lower()
+        if "gpu" in reasons or "cuda" in reasons:  # skipped without a GPU: benchmarks/gpu_check.sh runs them there
+            item.add_marker(pytest.mark.cuda)
 
 
 def relative_difference(got: dict, want: dict) -> float:

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 16): see benchmarks/gpu_check.py. Run from anywhere:
+#   OUT=/some/dir benchmarks/gpu_check.sh          # on the GPU machine (~8 minutes)
+#   benchmarks/gpu_check.sh --dry --out /tmp/gc    # tiny sizes on the CPU (also KDBENCH_GPU_CHECK_DRY=1)
+# kdbench runs from this checkout (PYTHONPATH), with whatever torch the machine has.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec python3 benchmarks/gpu_check.py "$@"
