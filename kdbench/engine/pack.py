@@ -3,7 +3,7 @@
 A grid of small CIFAR runs leaves a GPU mostly idle, one run at a time (``performance.md`` §5).
 :func:`fit_packed` trains K runs (different seeds and/or methods, even different students) in
 lockstep. Each run is exactly :func:`~kdbench.engine.train.fit`'s code (its
-:func:`~kdbench.engine.train.fit_steps` generator): its own initialisation, data order,
+:class:`~kdbench.engine.run.Run`): its own initialisation, data order,
 augmentation, BN statistics, optimizer state, checkpoint, ``metrics.json`` and ``model.pt``.
 What is shared:
 

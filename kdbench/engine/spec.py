@@ -203,7 +203,7 @@ class RunSpec:
 
     ``unlabeled`` (None: off) adds a second training stream for the distillation terms, FKD's
     STL-10 protocol: ``{"split": "unlabeled", "batch_size": 512, "terms_on": "unlabeled", "bn":
-    "joint"}`` (these are the defaults; see ``kdbench/engine/train.py``). It is hashed only when set,
+    "joint"}`` (these are the defaults; see ``kdbench/engine/run.py``). It is hashed only when set,
     so the ids of runs without it are those from before it existed.
 
     ``validation`` (None: off) trains on the labelled training set minus a held-out, stratified
