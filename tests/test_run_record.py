@@ -11,6 +11,8 @@ from kdbench.engine.train import fit
 from kdbench.methods import LOSSES
 from kdbench.methods.crd import CRD
 
+from test_unlabeled_stream import spec as stl_spec, stl  # noqa: F401  (stl: a fixture, synthetic STL-10)
+
 
 def spec(tiny, method, epochs=1, **overrides):
     return RunSpec("cifar100", str(tiny / "data"), "resnet8", method, 0, "resnet8", (str(tiny / "t.pt"),),
@@ -71,3 +73,13 @@ def test_init_stage_epochs_are_timed_apart(tiny, tmp_path):
     m = fit(spec(tiny, "ab", params={"ab": {"init_epochs": 1}}), tmp_path / "ab", "cpu", progress=False)
     assert set(m["epoch_seconds"]) == {"init:ab", "main"}
     assert len(m["epoch_seconds"]["init:ab"]) == 1 and len(m["epoch_seconds"]["main"]) == 1
+
+
+def test_an_execution_option_skipped_at_run_time_is_recorded(stl, tmp_path):
+    """The exact teacher cache covers the labelled training set: a run whose terms read an
+    unlabelled stream skips it (a warning in the log) and its record says so."""
+    with pytest.warns(UserWarning, match="teacher_cache skipped"):
+        m = fit(stl_spec(stl, recipe=Recipe.from_config({"epochs": 1, "batch_size": 16}),
+                         teacher_cache="fp32"), tmp_path / "run", "cpu", progress=False)
+    assert m["spec"]["execution"]["teacher_cache"] == "fp32" and m["used"]["execution"]["teacher_cache"] == "none"
+    assert m["changed_at_run_time"] == {"execution.teacher_cache": {"requested": "fp32", "used": "none"}}
