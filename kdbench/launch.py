@@ -32,8 +32,8 @@ DEFAULT_MAX_RUNTIME = 24 * 60  # minutes: the time limit of many clusters' GPU p
 def max_runtime(config: dict | None) -> int:
     """The partition's time limit in minutes (``--config max_runtime=MIN``, default 24 h)."""
     value = (config or {}).get("max_runtime", DEFAULT_MAX_RUNTIME)
-    if not isinstance(value, int) or value < 30:
-        raise ValueError(f"max_runtime={value!r}: give the partition's time limit in whole minutes (>= 30), "
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"max_runtime={value!r}: give the partition's time limit in whole minutes, "
                          f"e.g. --config max_runtime=1440 for 24 h")
     return value
 
