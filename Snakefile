@@ -6,9 +6,27 @@
 #   snakemake --cores 2 --config pack_size=12     # distillations 12 per job (kdbench pack), see train.smk
 #
 # The suite is validated (schema + registry names) when this file is parsed, before any job.
+from snakemake.utils import validate
+
 from kdbench.suite import SuiteError, load_suite
 from kdbench.suite_checks import check_files_exist
 
+
+def check_config(config, schema=f"{workflow.basedir}/workflow/schemas/config.schema.yaml"):
+    """--config/--configfile hold pipeline settings only: a typo or a suite file is refused with the fix."""
+    import yaml
+
+    valid = sorted(yaml.safe_load(open(schema))["properties"])
+    if "experiments" in config:
+        raise SystemExit("kdbench: --configfile takes pipeline settings, not a suite: run a suite with "
+                         "--config suite_file=PATH (or suite=NAME for workflow/suites/NAME.yaml)")
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise SystemExit(f"kdbench: unknown --config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    validate(config, schema)
+
+
+check_config(config)
 SUITE_FILE = config.get("suite_file") or f"{workflow.basedir}/workflow/suites/{config.get('suite', 'smoke')}.yaml"
 SUITE = load_suite(SUITE_FILE)
 RUNS_DIR = SUITE.runs_dir

@@ -138,3 +138,16 @@ def test_job_killed_at_its_time_limit_resumes_to_the_uninterrupted_metrics(clust
         resumed = json.loads((tmp / "cluster/runs" / path.relative_to(tmp / "straight/runs")).read_text())
         for key in ("status", "acc_last", "acc5_last", "acc_best", "epochs_done", "teacher_sha256", "curve"):
             assert resumed.get(key) == reference.get(key), key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "suit=paper"], "unknown --config key(s) suit; valid keys: ddp_procs, max_runtime"),
+    (["--configfile", str(REPO / "workflow/suites/crd.yaml")], "run a suite with --config suite_file=PATH"),
+    (["--config", "suite=paper"], "dataset 'cifar100': its root data/cifar100 does not exist"),  # no data here
+])
+def test_a_config_typo_a_suite_as_configfile_and_a_missing_dataset_fail_before_any_job(cluster, args, message):
+    tmp, site, env = cluster
+    done = subprocess.run(snakemake_cmd(tmp / "work", site, *args), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert submissions(tmp / "slurm") == []

@@ -14,7 +14,7 @@ def gpu_env(gpu: int) -> str:
     """Shell prefix of a job that asked for a GPU: it must find one (KDBENCH_REQUIRE_GPU=1 makes
     the run fail at once, with the fix, instead of training on the CPU). `--config
     require_gpu=false` lets `device: auto` suites fall back to the CPU (a workstation without one)."""
-    return "KDBENCH_REQUIRE_GPU=1 " if gpu and config.get("require_gpu", True) else ""
+    return "KDBENCH_REQUIRE_GPU=1 " if gpu and str(config.get("require_gpu", True)).lower() != "false" else ""
 
 
 def run_inputs(wildcards):
