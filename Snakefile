@@ -6,6 +6,13 @@
 #   snakemake --cores 2 --config pack_size=12     # distillations 12 per job (kdbench pack), see train.smk
 #
 # The suite is validated (schema + registry names) when this file is parsed, before any job.
+#
+# `snakemake --lint` reports two kinds of findings, kept on purpose:
+# - "Specify a conda environment or container for each rule": every rule runs the kdbench package,
+#   the one Snakemake itself runs in; that environment is pinned once (environment.yml, README
+#   "Install"), so jobs on a cluster run in it too (the SLURM plugin exports the environment).
+# - "Mixed rules and functions in same snakefile": the functions are the target lists of the rules
+#   beside them; all other logic lives in the kdbench package.
 from snakemake.utils import validate
 
 from kdbench.suite import SuiteError, load_suite

@@ -133,3 +133,14 @@ def test_runtime_above_the_cap_is_requested_as_the_cap_with_more_submissions():
     assert (four_hours["runtime"], four_hours["segments"]) == (240, 8)  # ceil(1784 / 240)
     with pytest.raises(ValueError, match="max_runtime=1440"):
         job_resources(run, suite.config, {"max_runtime": "24h"})
+
+
+@pytest.mark.parametrize("config", [[], ["suite=paper", "pack_size=12"]])
+def test_lint_reports_only_the_findings_the_snakefile_justifies(tmp_path, config):
+    done = snakemake(tmp_path, "--lint", *(["--config", *config] if config else []))
+    findings = set(re.findall(r"^    \* (.+?):?$", done.stdout + done.stderr, re.M))
+    justified = {"Specify a conda environment or container for each rule.",
+                 "Mixed rules and functions in same snakefile."}
+    assert findings and findings <= justified, findings - justified  # e.g. no "No log directive defined"
+    assert all(f.rstrip(".").split(" for each")[0].split(" in same")[0] in (REPO / "Snakefile").read_text()
+               for f in findings)  # each is explained at the top of the Snakefile

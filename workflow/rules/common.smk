@@ -17,6 +17,12 @@ def gpu_env(gpu: int) -> str:
     return "KDBENCH_REQUIRE_GPU=1 " if gpu and str(config.get("require_gpu", True)).lower() != "false" else ""
 
 
+def _output_dir(wildcards, output):
+    """The folder of a rule's outputs (a table or figure job's --out)."""
+    import os
+    return os.path.dirname(output[0])
+
+
 def run_inputs(wildcards):
     return inputs_of(wildcards.run)
 

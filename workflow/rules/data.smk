@@ -10,7 +10,8 @@ for _name, _ds in SUITE.synthetic_datasets().items():
         log:
             f"{LOGS}/synthetic_{_name}.log",
         params:
+            suite=SUITE_FILE,
             dataset=_name,
         localrule: True
         shell:
-            "kdbench make-data --suite {SUITE_FILE:q} --dataset {params.dataset} > {log:q} 2>&1"
+            "kdbench make-data --suite {params.suite:q} --dataset {params.dataset} > {log:q} 2>&1"

@@ -47,6 +47,9 @@ if DIAGNOSTICS:
             list(DIAGNOSTICS),
         log:
             f"{LOGS}/kernel_gap.log",
+        params:
+            suite=SUITE_FILE,
+            device=DEVICE_ARG,
         # a GPU job: teachers' and students' forward passes over the test sets
         resources:
             gpu=GPU,
@@ -55,7 +58,7 @@ if DIAGNOSTICS:
             runtime=120,
             nodes=1,
         shell:
-            gpu_env(GPU) + "kdbench kernel-gap --suite {SUITE_FILE:q} --device {DEVICE_ARG} > {log:q} 2>&1"
+            gpu_env(GPU) + "kdbench kernel-gap --suite {params.suite:q} --device {params.device} > {log:q} 2>&1"
 
 
 if PAPER_TABLES:
@@ -69,11 +72,13 @@ if PAPER_TABLES:
              for f in (f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv"))],
         params:
             spec=spec_param(_PAPER_SPECS),  # the tables' resolved specs: a changed one reruns them
+            suite=SUITE_FILE,
+            out=_output_dir,
         log:
             f"{LOGS}/paper_tables.log",
         localrule: True
         shell:
-            "kdbench tables --suite {SUITE_FILE:q} --out {PAPER_DIR:q} > {log:q} 2>&1"
+            "kdbench tables --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 if PAPER_FIGURES or PAPER_FORESTS:
@@ -86,11 +91,13 @@ if PAPER_FIGURES or PAPER_FORESTS:
             [_paper_reported(f) for f in _paper_pngs()],
         params:
             spec=spec_param([s for s in _PAPER_SPECS if s.figure or s.reference]),
+            suite=SUITE_FILE,
+            out=_output_dir,
         log:
             f"{LOGS}/paper_figures.log",
         localrule: True
         shell:
-            "kdbench figures --suite {SUITE_FILE:q} --out {PAPER_DIR:q} > {log:q} 2>&1"
+            "kdbench figures --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule paper:

@@ -21,8 +21,10 @@ rule aggregate:
         f"{LOGS}/aggregate.log",
     params:
         spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric or caption reruns the tables
+        suite=SUITE_FILE,
+        out=_output_dir,
     shell:
-        "kdbench aggregate --suite {SUITE_FILE:q} --out {RESULTS:q} > {log:q} 2>&1"
+        "kdbench aggregate --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule seed_figures:
@@ -32,7 +34,9 @@ rule seed_figures:
         [_seed_reported(f) for f in SEED_FIGURES],
     params:
         spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric, margin or reference redraws them
+        suite=SUITE_FILE,
+        out=_output_dir,
     log:
         f"{LOGS}/seed_figures.log",
     shell:
-        "kdbench figures --seed-tables --suite {SUITE_FILE:q} --out {RESULTS:q} > {log:q} 2>&1"
+        "kdbench figures --seed-tables --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"

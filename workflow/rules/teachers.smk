@@ -22,8 +22,11 @@ if IMPORT_RUNS:
             f"{RUNS_DIR}/{{run}}/log.txt",
         wildcard_constraints:
             run="|".join(re.escape(r) for r in IMPORT_RUNS),
+        params:
+            suite=SUITE_FILE,
+            dir=TEACHERS_DIR,
         # on the login node, where clusters allow downloads (compute nodes often have no network);
         # the accuracy check of one test set runs on its CPU if it has no GPU
         localrule: True
         shell:
-            "kdbench fetch-teachers --suite {SUITE_FILE:q} --run {wildcards.run:q} --dir {TEACHERS_DIR:q} > {log:q} 2>&1"
+            "kdbench fetch-teachers --suite {params.suite:q} --run {wildcards.run:q} --dir {params.dir:q} > {log:q} 2>&1"
