@@ -187,6 +187,7 @@ MODULE_COMMANDS = {
     "import-teacher": ("kdbench.engine.import_teacher", "import a published teacher checkpoint"),
     "fetch-teachers": ("kdbench.cli:fetch_teachers_main", "download, check and import a suite's released teachers"),
     "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
+    "export": ("kdbench.export", "write a trained run's model as a RepDistiller-style checkpoint"),
     "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
     "pack": ("kdbench.cli:pack_main", "train several runs that share a teacher together on one device"),
     "looks": ("kdbench.stats.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),

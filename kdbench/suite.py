@@ -30,6 +30,7 @@ from .engine.rules import pack_key, run_problems, unpackable
 from .engine.spec import PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
 from .methods import LOSSES, METHODS, resolve_method
 from .models import MODELS
+from .plugins import import_modules
 from .stats.budget import budget, cell_seeds
 from .stats.budget import read_state as read_looks
 from .suite_checks import SuiteError, check_file, check_suite
@@ -233,6 +234,10 @@ def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
 
 
 def build_suite(cfg: dict, path: Path) -> Suite:
+    try:  # external models and methods register their names before any is checked
+        import_modules(cfg.get("imports") or [], str(path))
+    except ImportError as e:
+        raise SuiteError(str(e)) from e
     suite = Suite(cfg["name"], path, cfg)
     for name in cfg["datasets"]:
         _check_name("dataset", name, DATASETS.names(), f"{path}: datasets")

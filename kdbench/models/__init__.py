@@ -17,6 +17,7 @@ from torch import nn
 from . import kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2  # noqa: F401 (registers)
 from . import shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 (registers)
 from .features import Features, FeatureShapes, feature_shapes
+from ..plugins import load_entry_points
 from .zoo import MODELS, register_model
 
 
@@ -32,7 +33,11 @@ def _imagenet_resnet34(num_classes: int = 1000) -> nn.Module:
     from .imagenet_resnet import imagenet_resnet34
     return imagenet_resnet34(num_classes)
 
-__all__ = ["MODELS", "build_model", "model_names", "Features", "FeatureShapes", "feature_shapes"]
+__all__ = ["MODELS", "register_model", "build_model", "model_names", "Features", "FeatureShapes", "feature_shapes"]
+
+
+# external models: installed packages' entry points, group "kdbench.models" (kdbench/plugins.py)
+load_entry_points("kdbench.models")
 
 
 def build_model(name: str, num_classes: int = 100) -> nn.Module:
