@@ -22,6 +22,12 @@ recorded, and the next still runs):
 
 ``--dry`` (or ``KDBENCH_GPU_CHECK_DRY=1``): the same steps on the CPU at tiny sizes (resnet8
 models, a few steps), so that the script is exercised by the tests (tests/test_gpu_check.py).
+
+The device image (Python 3.12, torch 2.11) has no jsonschema, which kdbench.suite imports: the
+engine, ``kdbench bench`` and most tests run without it, but test modules that load suites
+(test_pack.py's GPU tests among them) are not collected. gpu_check.sh installs any wheels found in
+``.whl/`` first (the device README says how to download them: jsonschema, jsonschema-specifications,
+referencing, rpds-py).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: (step, time limit in seconds on the GPU, in dry mode); 8 minutes in all on the GPU
-STEPS = (("environment", 30, 30), ("cuda_tests", 120, 60), ("fast_path", 120, 60), ("bench", 200, 90),
+#: (step, time limit in seconds on the GPU, in dry mode): 8 minutes in all on the GPU. The dry run
+#: takes ~30 s on 2 idle cores; its limits only guard against a hang on a loaded CI machine.
+STEPS = (("environment", 30, 120), ("cuda_tests", 120, 240), ("fast_path", 120, 240), ("bench", 200, 240),
          ("projection", 10, 10))
 
 #: CRD Tables 1+2 (workflow/suites/crd.yaml) at RepDistiller's recipe
@@ -96,8 +103,12 @@ def cuda_tests(dry: bool) -> dict:
         if word in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"):
             outcomes.setdefault(word.lower(), []).append(line.split(" ", 1)[1][:300])
     print(r.stdout[-20000:], r.stderr[-5000:])
+    # a module that could not be imported (e.g. jsonschema missing: carry its wheels in .whl/) hides
+    # its GPU tests: listed, and the step fails
+    not_collected = [e for e in outcomes.get("error", []) if "::" not in e]
     return {"returncode": r.returncode, "summary": lines[-1] if lines else "", "outcomes": outcomes,
-            "ok": not outcomes.get("failed") and r.returncode in (0, 1, 5)}  # 1 with collection errors only
+            "not_collected": not_collected,
+            "ok": not outcomes.get("failed") and not outcomes.get("error") and r.returncode in (0, 5)}
 
 
 def fast_path(dry: bool) -> dict:

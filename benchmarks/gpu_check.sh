@@ -6,4 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then  # packages the machine lacks, carried as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/*.whl &&
+        export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+fi
 exec python3 benchmarks/gpu_check.py "$@"

@@ -14,7 +14,7 @@ EXPECTED_STEPS = ["environment", "cuda_tests", "fast_path", "bench", "projection
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     r = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--dry", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "gpu_check.log").stat().st_size > 0
     return json.loads((out / "gpu_check.json").read_text())
@@ -38,6 +38,7 @@ def test_cuda_tests_are_selected_and_skipped_on_cpu(report):
     tests = report["steps"]["cuda_tests"]
     assert "skipped" in tests["summary"] and "passed" not in tests["summary"] and "failed" not in tests["summary"]
     assert any("CUDA graphs need a GPU" in s for s in tests["outcomes"]["skipped"])
+    assert tests["not_collected"] == []
 
 
 def test_fast_path_compares_with_seed_noise_and_records_what_ran(report):
