@@ -8,12 +8,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdbench"
 
 #: layers, lowest first: a module may import its own layer and those below it, never above
 LAYERS = [
-    ("foundations", ["kdbench", "kdbench.registry", "kdbench.engine.io", "kdbench.engine.seeding",
+    ("foundations", ["kdbench", "kdbench.registry", "kdbench.plugins", "kdbench.engine.io", "kdbench.engine.seeding",
                      "kdbench.engine.spec", "kdbench.engine.distributed", "kdbench.models", "kdbench.data"]),
     ("methods", ["kdbench.methods"]),
     ("engine", ["kdbench.engine"]),
     ("suite and statistics", ["kdbench.suite", "kdbench.suite_checks", "kdbench.stats", "kdbench.reference"]),
-    ("commands", ["kdbench.cli", "kdbench.bench", "kdbench.launch", "kdbench.resume", "kdbench.diagnostics"]),
+    ("commands", ["kdbench.cli", "kdbench.bench", "kdbench.launch", "kdbench.resume", "kdbench.diagnostics",
+                  "kdbench.export"]),
 ]
 #: the plain training path, and what it must not import (the fast paths wrap it, never the reverse)
 PLAIN = ["kdbench.engine.run", "kdbench.engine.step"]
@@ -93,7 +94,8 @@ def layer(name: str) -> int:
     best, level = -1, None
     for k, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (name == p or name.startswith(p + ".")) and len(p) > best:
+            below = name.startswith(p + ".") and p != "kdbench"  # the package's __init__ is its own entry
+            if (name == p or below) and len(p) > best:
                 best, level = len(p), k
     assert level is not None, f"{name} is in no layer of {__file__}: add it"
     return level
