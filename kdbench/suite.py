@@ -172,6 +172,14 @@ def read_suite_file(path: Path) -> dict:
             if e.validator == "additionalProperties":
                 allowed = list((e.schema.get("properties") or {}).keys())
                 msg += f" — allowed keys here: {', '.join(allowed)}"
+            elif e.context:  # oneOf/anyOf: say what the alternative of the value's own type wants
+                kind = {list: "array", dict: "object", str: "string"}.get(type(e.instance))
+                same = [c for c in e.context if (e.validator_value[c.relative_schema_path[0]] or {}).get("type") == kind]
+                best = jsonschema.exceptions.best_match(same or e.context)
+                inner = "/".join(map(str, best.absolute_path))
+                msg += f" — closest form: {inner + ': ' if inner else ''}{best.message}"
+                if e.schema.get("description"):
+                    msg += f" ({e.schema['description']})"
             lines.append(f"  {where}: {msg}")
         raise SuiteError(f"{path} is not a valid suite:\n" + "\n".join(lines))
     check_file(cfg, path)
