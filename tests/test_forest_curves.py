@@ -117,3 +117,14 @@ def test_smoke_draws_seed_figures_for_its_seed_tables_only():
     smoke = load_suite(REPO / "workflow/suites/smoke.yaml")
     assert figures.seed_figure_names(smoke) == ["main_forest.png", "main_curves.png",
                                                 "methods_forest.png", "methods_curves.png"]
+
+
+def test_seed_table_markdown_lists_its_paired_comparisons(seed_suite, tmp_path):
+    """main.md shows what its forest plot draws: each method − student, its interval and status."""
+    from kdbench.stats.aggregate import aggregate
+
+    text = aggregate(seed_suite, tmp_path / "out")["main"].read_text()
+    h = T975_2 * 0.5 / math.sqrt(3)  # kd − student: differences 4, 3.5, 4.5 (sd 0.5)
+    assert f"kd − student | +4.00 [+{4 - h:.2f}, +{4 + h:.2f}]  n=3" in text
+    assert "at − student | " in text and "n=2" in text and "main_forest.png" in text
+    assert "· differs" in text

@@ -20,7 +20,9 @@ from tabulate import tabulate
 from ..engine.io import atomic_write_bytes, read_json_state
 from ..suite import Suite
 from .ci import mean_ci
+from .forest import row_text, seed_forest_rows
 from .records import run_status
+from .verdict import default_margin
 
 METRICS = ("acc_last", "acc_best")
 
@@ -128,8 +130,26 @@ def aggregate(suite: Suite, out_dir: str | Path) -> dict[str, Path]:
         paper = any(k in t for k in ("published", "like", "rows"))  # its paper layout: kdbench tables
         caption = "" if paper else t.get("caption", "")
         text = markdown_table(summary, t["experiments"], t.get("metric", "acc_last"), caption)
+        if not paper:
+            text += comparisons_text(records, summary, t)
         if paper:
             text += f"\nPlain seed aggregate in kdbench's names; the paper's layout with published values: paper/{t['name']}.md\n"
         atomic_write_bytes(path, text.encode())
         written[t["name"]] = path
     return written
+
+
+def comparisons_text(records: pd.DataFrame, summary: pd.DataFrame, table: dict) -> str:
+    """The table's paired comparisons with its reference method, as its forest plot draws them."""
+    rows = seed_forest_rows(records, table)
+    if not rows:
+        return ""
+    datasets = summary[summary.experiment.isin(table["experiments"])].dataset
+    margin = float(table.get("margin") or default_margin(datasets.iloc[0] if len(datasets) else "",
+                                                         table.get("metric", "acc_last")))
+    ref = table.get("reference", "student")
+    body = [[r.group, r.label, row_text(r, margin)] for r in rows]
+    return (f"\nPaired with `{ref}` (same seeds): mean difference [95% t-interval], n, p Holm-adjusted over "
+            f"this table's comparisons; decided = differs (adjusted p ≤ 0.05) or equivalent (90% interval "
+            f"inside ±{margin:g}), else undecided. Forest plot: {table['name']}_forest.png\n\n"
+            + tabulate(body, ["pair", "comparison", "difference"], tablefmt="github") + "\n")

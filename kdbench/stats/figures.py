@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from .curves import BANDS, CellCurves, draw_curves, epoch_accuracies
-from .forest import ForestRow, draw_forest
+from .forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
 from .paper_tables import METRICS, CellStat, Records, TableResult, compute, table_specs
 
 
@@ -188,11 +188,6 @@ def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
                        f"Δ {METRICS[metric][0]}" + ("" if metric.startswith("kernel_gap") else " (pp)"), note)
 
 
-def seed_metric(table: dict) -> str:
-    """The accuracy a seed table aggregates (as ``kdbench aggregate``: errors are shown as accuracies)."""
-    return "acc_best" if table.get("metric", "acc_last").endswith("_best") else "acc_last"
-
-
 def is_paper_table(table: dict) -> bool:
     return any(k in table for k in ("published", "like", "rows"))
 
@@ -208,36 +203,6 @@ def seed_figure_names(suite) -> list[str]:
         if "stand_in" not in t:
             out.append(f"{t['name']}_curves.png")
     return out
-
-
-def _seed_cells(records, table: dict) -> dict[tuple, dict[str, list]]:
-    """(experiment, dataset, teacher, student) -> column -> its rows of ``runs.csv``."""
-    out: dict[tuple, dict[str, list]] = {}
-    for r in records[records.experiment.isin(table["experiments"])].itertuples():
-        out.setdefault((r.experiment, r.dataset, r.teacher, r.student), {}).setdefault(r.method, []).append(r)
-    return out
-
-
-def seed_forest_rows(records, table: dict) -> list[ForestRow]:
-    """Each method − the table's ``reference`` (default ``student``) per pair, paired by seed;
-    Holm over the table's tests (each distinct pair of run sets counted once)."""
-    from .paired import holm, paired_test
-    metric, ref = seed_metric(table), table.get("reference", "student")
-    cells = _seed_cells(records, table)
-    multi = len({k[:2] for k in cells}) > 1
-    tests = []  # (group, label, test, key: the two sides' runs — the same test counts once)
-    for (exp, ds, t, s), cols in cells.items():
-        if ref not in cols:
-            continue
-        group = f"{exp}/{ds}: {t} → {s}" if multi else f"{t} → {s}"
-        base = {r.seed: getattr(r, metric) for r in cols[ref] if r.status == "ok"}
-        for method, runs in cols.items():
-            if method not in (ref, "teacher"):
-                test = paired_test({r.seed: getattr(r, metric) for r in runs if r.status == "ok"}, base)
-                tests.append((group, f"{method} − {ref}", test, (tuple(r.run for r in runs), tuple(r.run for r in cols[ref]))))
-    distinct = {key: test.p for _, _, test, key in tests}
-    adjusted = dict(zip(distinct, holm(list(distinct.values()))))
-    return [_forest_row(label, group, test, float(adjusted[key]), "Holm") for group, label, test, key in tests]
 
 
 def _budget_note(suite, table: dict) -> str:

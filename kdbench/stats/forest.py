@@ -24,6 +24,8 @@ from pathlib import Path
 
 from scipy import stats
 
+from .paired import holm, paired_test
+
 
 @dataclass(frozen=True)
 class ForestRow:
@@ -137,3 +139,40 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+# ---- seed tables (kdbench aggregate's tables): each method against the table's reference ----------
+
+def seed_metric(table: dict) -> str:
+    """The accuracy a seed table aggregates (as ``kdbench aggregate``: errors are shown as accuracies)."""
+    return "acc_best" if table.get("metric", "acc_last").endswith("_best") else "acc_last"
+
+
+def _seed_cells(records, table: dict) -> dict[tuple, dict[str, list]]:
+    """(experiment, dataset, teacher, student) -> column -> its rows of ``runs.csv``."""
+    out: dict[tuple, dict[str, list]] = {}
+    for r in records[records.experiment.isin(table["experiments"])].itertuples():
+        out.setdefault((r.experiment, r.dataset, r.teacher, r.student), {}).setdefault(r.method, []).append(r)
+    return out
+
+
+def seed_forest_rows(records, table: dict) -> list[ForestRow]:
+    """Each method − the table's ``reference`` (default ``student``) per pair, paired by seed;
+    Holm over the table's tests (each distinct pair of run sets counted once)."""
+    metric, ref = seed_metric(table), table.get("reference", "student")
+    cells = _seed_cells(records, table)
+    multi = len({k[:2] for k in cells}) > 1
+    tests = []  # (group, label, test, key: the two sides' runs — the same test counts once)
+    for (exp, ds, t, s), cols in cells.items():
+        if ref not in cols:
+            continue
+        group = f"{exp}/{ds}: {t} → {s}" if multi else f"{t} → {s}"
+        base = {r.seed: getattr(r, metric) for r in cols[ref] if r.status == "ok"}
+        for method, runs in cols.items():
+            if method not in (ref, "teacher"):
+                test = paired_test({r.seed: getattr(r, metric) for r in runs if r.status == "ok"}, base)
+                tests.append((group, f"{method} − {ref}", test, (tuple(r.run for r in runs), tuple(r.run for r in cols[ref]))))
+    distinct = {key: test.p for _, _, test, key in tests}
+    adjusted = dict(zip(distinct, holm(list(distinct.values()))))
+    return [ForestRow(label, group, test.n, test.mean_diff, test.ci_lo, test.ci_hi, test.sd_diff, p_adj=float(adjusted[key]),
+                      correction="Holm") for group, label, test, key in tests]
