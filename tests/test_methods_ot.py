@@ -354,3 +354,20 @@ def test_loss_is_float32_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             auto = term(feats(x, stage), feats(y, stage), BATCH)
         assert auto.dtype == torch.float32 and auto.item() == plain.item()
+
+
+def test_each_ot_table_weighs_its_kd_term_one_way():
+    """Issue 11.3: every column of an OT table that has a KD term weighs CE and KD the same way
+    (the ImageNet table had KD at CE 0.5 + KD 0.9 beside IPOT+KD and CRD+KD at CE 1 + KD 1)."""
+    from kdbench.methods import resolve_method
+    from kdbench.suite import load_suite
+
+    from conftest import REPO
+
+    suite = load_suite(REPO / "workflow/suites/ot.yaml")
+    for exp, ids in suite.experiment_runs.items():
+        weights = {(m.ce, m.terms["kd"]) for m in (resolve_method(r.spec.method, r.spec.method_overrides)
+                                                    for r in (suite.runs[i] for i in ids)) if "kd" in m.terms}
+        if exp.startswith("ot_imagenet"):
+            assert weights == {(0.5, 0.9)}, (exp, weights)
+        assert len(weights) <= 2, (exp, weights)  # CIFAR/SVHN: RepDistiller's KD (0.1/0.9) and its +KD (1/1)
