@@ -53,7 +53,6 @@ class SGD:
         self._lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
         self.lr_tensor: torch.Tensor | None = None  # set by make_capturable()
-        self.kernels: set[str] = set()  # the paths step() took: "fused", "foreach"
 
     @property
     def kernel(self) -> str | None:
@@ -106,10 +105,8 @@ class SGD:
             if device.type in self.fused_kernel_devices:
                 torch._fused_sgd_(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
                                   lr=lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
-                self.kernels.add("fused")
             else:
                 self._foreach_step(params, grads, buffers, lr)
-                self.kernels.add("foreach")
 
     def _foreach_step(self, params, grads, buffers, lr) -> None:
         """The step as per-tensor-exact ``torch._foreach_*`` operations (on CPU: loops)."""
