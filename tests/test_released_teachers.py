@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, write_suite
 from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, read_cifar
@@ -199,7 +200,7 @@ def test_pinned_sha256_is_verified(tmp_path, monkeypatch):
     assert not (tmp_path / "run/model.pt").exists()
 
 
-def test_imported_teacher_file_fills_the_seed_tables_teacher_row(tmp_path):
+def test_imported_teacher_file_fills_the_teacher_row_of_seed_and_paper_tables(tmp_path):
     root = tmp_path / "data"
     ensure_synthetic("cifar100", str(root), SYNTH)
     torch.manual_seed(8)
@@ -212,6 +213,18 @@ def test_imported_teacher_file_fills_the_seed_tables_teacher_row(tmp_path):
     aggregate(load_suite(path), tmp_path / "results")
     row = next(ln for ln in (tmp_path / "results/main.md").read_text().splitlines() if ln.startswith("| teacher"))
     assert f"{expected:.2f} (n=1)" in row
+    # and the paper-layout table's Teacher row, on top-1 and on an error metric
+    from kdbench.stats import paper_tables as pt
+    cfg = yaml.safe_load(path.read_text())
+    for metric, want in (("acc_last", expected), ("err_best", 100 - expected)):
+        cfg["tables"] = [{"name": "t", "experiments": ["main"], "metric": metric,
+                          "rows": {"Teacher": "teacher", "Student": "student", "KD": "kd"}}]
+        path.write_text(yaml.safe_dump(cfg))
+        suite = load_suite(path)
+        spec, = pt.table_specs(suite)
+        cell = pt.compute(spec, suite).cell("Teacher", spec.groups[0].label)
+        assert cell.values == {0: pytest.approx(want)}
+        assert cell.n_expected == 1 and cell.run_ids == (str(tmp_path / "t.pt"),)
 
 
 def test_pipeline_plans_the_teacher_import_before_distillations(tmp_path):

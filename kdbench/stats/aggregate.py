@@ -10,7 +10,6 @@ Failed runs (non-finite loss) and missing runs are counted and shown, never aver
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ..engine.io import atomic_write_bytes, read_json_state
 from ..suite import Suite
 from .ci import mean_ci
 from .forest import row_text, seed_forest_rows
-from .records import run_status
+from .records import imported_accuracy, imported_teachers, run_status
 from .verdict import default_margin
 
 METRICS = ("acc_last", "acc_best")
@@ -49,30 +48,19 @@ def imported_teacher_rows(suite: Suite) -> list[dict]:
     ``unevaluated`` when it was imported without the data."""
     pairs = {}
     for c in suite.cells:
-        run = suite.runs[c.run]
-        if run.kind == "distill" and not run.needs:
-            pairs.setdefault((c.experiment, c.dataset, c.teacher, c.student), run.spec.teacher_ckpts)
+        paths = imported_teachers(suite, c)
+        if paths:
+            pairs.setdefault((c.experiment, c.dataset, c.teacher, c.student), paths)
     rows = []
     for (exp, ds, t, s), paths in pairs.items():
         for i, path in enumerate(paths):
-            got = _imported_accuracy(path)
+            got = imported_accuracy(path)
             status = "missing" if got is None else "ok" if got[0] is not None else "unevaluated"
             top1, top5 = got or (None, None)
             rows.append({"experiment": exp, "dataset": ds, "teacher": t, "student": s, "method": "teacher", "seed": i,
                          "status": status, "run": path, "acc_last": top1, "acc_best": top1, "acc5_last": top5,
                          "acc5_best": top5, "epoch_best": None, "wall_time_s": None, "git_sha": None, "device": None})
     return rows
-
-
-@functools.cache
-def _imported_accuracy(path: str) -> tuple[float | None, float | None] | None:
-    """(top-1, top-5) recorded in an imported model file, or None if the file cannot be read."""
-    from ..engine.checkpoint import MODEL_FORMAT, CheckpointError, read_file
-    try:
-        imported = read_file(path, MODEL_FORMAT)["meta"].get("imported") or {}
-    except CheckpointError:
-        return None
-    return imported.get("measured_top1"), imported.get("measured_top5")
 
 
 def summarise(records: pd.DataFrame) -> pd.DataFrame:

@@ -33,7 +33,8 @@ from .format import caption, cell_text, cells_frame, layout_frame, markdown  # n
 from .paired import PairedTest, paired_test
 from .paper_layout import (METRICS, TRAINED_TEACHER_NOTE, UNPAIRED, Group, TableSpec, resolve,  # noqa: F401
                            table_specs)
-from .records import Records, diagnostics_path, ensemble_source, group_cells, teachers_of  # noqa: F401
+from .records import (Records, diagnostics_path, ensemble_source, group_cells, imported_accuracy,  # noqa: F401
+                      imported_teachers, teachers_of)
 from .verdict import Verdict, published_sd, reproduction_verdict
 
 REFERENCE = Path(__file__).resolve().parent.parent / "reference"
@@ -148,6 +149,8 @@ def _seed_values(suite: Suite, records: Records, g: Group, column: str):
             values[0] = top1 if g.metric.startswith("acc") else 100 - top1
         return values, (src[0],), 1, 0, 0 if values else 1
     cells = group_cells(records, g, column)
+    if column == "teacher" and not cells:
+        return _imported_teacher_values(records, g)
     for c in cells:
         status, v = records.value(c, g.metric)
         if status == "ok":
@@ -157,6 +160,24 @@ def _seed_values(suite: Suite, records: Records, g: Group, column: str):
         else:
             failed += 1
     return values, tuple(sorted(c.run for c in cells)), len(cells), failed, missing
+
+
+def _imported_teacher_values(records: Records, g: Group):
+    """The teacher row of a group whose teachers are files (``teacher_checkpoints``): the accuracy
+    measured when each file was imported (``kdbench import-teacher --check-data``), one value per
+    file like a trained teacher's seeds; a file imported without the data counts as missing. A
+    kernel-gap metric has no teacher value."""
+    paths = next((p for c in records.index.get((g.dataset, *g.pair), []) if c.experiment in g.experiments
+                  for p in [imported_teachers(records.suite, c)] if p), ())
+    values, missing = {}, 0
+    for i, path in enumerate(paths):
+        top1, top5 = imported_accuracy(path) or (None, None)
+        acc = top5 if g.metric.split("_")[0].endswith("5") else top1
+        if acc is None or g.metric.startswith("kernel_gap"):
+            missing += 1
+        else:
+            values[i] = 100 - acc if g.metric.startswith("err") else acc
+    return values, tuple(paths), len(paths), 0, missing
 
 
 def _cell(spec: TableSpec, suite: Suite, records: Records, g: Group, label: str, column: str) -> CellStat:

@@ -29,6 +29,24 @@ def run_status(m: dict | None) -> str:
     return "ok"
 
 
+def imported_teachers(suite: Suite, cell: Cell) -> tuple[str, ...]:
+    """The teacher files a distilled cell was given (``teacher_checkpoints``: no teacher runs), else ()."""
+    run = suite.runs[cell.run]
+    return tuple(run.spec.teacher_ckpts) if run.kind == "distill" and not run.needs else ()
+
+
+@functools.cache
+def imported_accuracy(path: str) -> tuple[float | None, float | None] | None:
+    """(top-1, top-5) measured when a teacher file was imported (``kdbench import-teacher
+    --check-data``; (None, None) if imported without the data), or None if the file cannot be read."""
+    from ..engine.checkpoint import MODEL_FORMAT, CheckpointError, read_file
+    try:
+        imported = read_file(path, MODEL_FORMAT)["meta"].get("imported") or {}
+    except CheckpointError:
+        return None
+    return imported.get("measured_top1"), imported.get("measured_top5")
+
+
 def teachers_of(rec: "Records", cell: Cell) -> list[str]:
     """What a cell's model is compared with: its own teachers (distilled runs), else the teachers
     of its experiment's pair (plain students); run folders, or model files for imported teachers."""
