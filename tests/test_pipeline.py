@@ -93,19 +93,32 @@ def test_failed_teacher_corrupt_metrics_and_table_spec_changes(tmp_path):
 RESULTS_COLUMNS = ["experiment", "method", "seed", "status", "run", "acc_last", "acc_best", "acc5_last", "epoch_best"]
 
 
+def kill_test_pipeline(folder):
+    """The suite of the kill tests (4 epochs, so that snakemake can be killed mid-run) in ``folder``."""
+    folder.mkdir()
+    suite = write_suite(folder / "tiny.yaml", folder / "data", recipe={"epochs": 4})
+    return suite, ["-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", "2", "--config", f"suite_file={suite}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The kill tests' pipeline run once without interruption (their reference)."""
+    folder = tmp_path_factory.mktemp("straight") / "straight"
+    _, args = kill_test_pipeline(folder)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "snakemake", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
 @pytest.mark.parametrize("kill", ["group", "snakemake"])
-def test_one_command_recovers_a_killed_snakemake(tmp_path, subprocess_env, kill):
+def test_one_command_recovers_a_killed_snakemake(tmp_path, subprocess_env, uninterrupted, kill):
     """Issues 13 and 18: snakemake is SIGKILLed mid-pipeline — with its jobs (a crash of the
     machine), or alone while its jobs run on (their run folders stay locked until they end). A
-    plain rerun refuses (on the lock, or on outputs it did not see finish); `kdbench resume` with the same arguments finishes the pipeline,
-    and its tables equal an uninterrupted pipeline's."""
-    def pipeline(folder):
-        folder.mkdir()
-        suite = write_suite(folder / "tiny.yaml", folder / "data", recipe={"epochs": 4})
-        return suite, ["-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", "2", "--config",
-                       f"suite_file={suite}"]
-
-    suite, args = pipeline(tmp_path / "killed")
+    plain rerun refuses (on the lock, or on outputs it did not see finish); `kdbench resume` with
+    the same arguments finishes the pipeline, and its tables equal an uninterrupted pipeline's."""
+    suite, args = kill_test_pipeline(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], env=subprocess_env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -123,11 +136,7 @@ def test_one_command_recovers_a_killed_snakemake(tmp_path, subprocess_env, kill)
     resumed = subprocess.run(kdbench_cmd("resume", *args), env=subprocess_env, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight_suite, straight_args = pipeline(tmp_path / "straight")
-    done = subprocess.run([sys.executable, "-m", "snakemake", *straight_args], env=subprocess_env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs, ref = (pd.read_csv(tmp_path / d / "results/tiny/runs.csv") for d in ("killed", "straight"))
+    runs, ref = (pd.read_csv(d / "results/tiny/runs.csv") for d in (tmp_path / "killed", uninterrupted))
     assert set(runs.status) == {"ok"} and len(runs) == 5
     pd.testing.assert_frame_equal(runs[RESULTS_COLUMNS], ref[RESULTS_COLUMNS])
-    assert (tmp_path / "killed/results/tiny/main.md").read_text() == (tmp_path / "straight/results/tiny/main.md").read_text()
+    assert (tmp_path / "killed/results/tiny/main.md").read_text() == (uninterrupted / "results/tiny/main.md").read_text()
