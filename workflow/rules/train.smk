@@ -74,6 +74,8 @@ rule fit:
 # others finish, `kdbench pack` exits non-zero and Snakemake removes the pack's metrics.json files
 # as it does for any failed job; their checkpoint.pt and model.pt stay, so the retry (or the next
 # snakemake) rewrites a finished run's metrics.json from its complete checkpoint without training.
+# A rule per pack, not one rule with a {pack} wildcard: Snakemake requires every output of a rule to
+# carry all its wildcards, and a pack's outputs are its runs' folders, named by run id alone.
 for _pack, _runs in PACKS.items():
     _size = job_resources([SUITE.runs[r] for r in _runs], SUITE.config, config)
 
