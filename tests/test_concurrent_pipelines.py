@@ -166,6 +166,11 @@ def test_one_working_directory_without_nolock_refuses_the_second(tmp_path, probe
     assert_same_tables(tmp_path, uninterrupted / "a", "a")
     rc, out = finish(start(tmp_path, tmp_path / "b.yaml", probe, record))
     assert rc == 0, out[-3000:]
+    # b's own data job makes its Snakemake rerun the two shared runs: it removes their metrics.json
+    # and log.txt, and each job writes them again from the complete checkpoint, saying so
+    for log in (tmp_path / "runs/cifar100/scratch/resnet8").glob("*/log.txt"):
+        text = log.read_text()
+        assert "is complete in" in text and "without training" in text and " main 1/" not in text, text
     assert_trained_once(tmp_path, uninterrupted)
     assert_same_runs(tmp_path / "runs", uninterrupted / "runs")
     assert_same_tables(tmp_path, uninterrupted / "b", "b")

@@ -124,6 +124,9 @@ class Run:
         done = sum(s.epochs for s in self.stages[:self.state["stage"]]) + self.state["epoch"]
         self.log = EpochLog(sum(s.epochs for s in self.stages), done, dctx.is_main, progress and dctx.is_main,
                             log_prefix or run_id or f"{spec.method} {spec.student} s{spec.seed}")
+        if done == self.log.total and dctx.is_main:  # e.g. Snakemake removed the metrics.json of a finished run
+            self.log.write(f"kdbench: {run_id or self.out} is complete in {self.out / 'checkpoint.pt'}; writing its "
+                           f"model.pt and metrics.json from it, without training")
 
     def _build_models(self) -> None:
         spec, dev = self.spec, self.device
