@@ -36,16 +36,19 @@ def _hook(event, args):
     if event == "open" and isinstance(args[0], str) and "/.checkpoint.pt." in args[0]:
         with open(_record, "a") as f:
             f.write(f"{os.getpid()} {os.path.dirname(args[0])}\\n")
+    if event == "open" and isinstance(args[0], str) and "/cifar-100-python/" in args[0] and "w" in str(args[1]):
+        with open(_record + ".data", "a") as f:
+            f.write(f"{os.getpid()} {args[0]}\\n")
 if _record:
     sys.addaudithook(_hook)
 """
 
 
-def suite_file(folder: Path, name: str, runs_dir: Path) -> Path:
+def suite_file(folder: Path, name: str, runs_dir: Path, data: Path | None = None) -> Path:
     exp = [{"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]], "methods": SUITES[name],
             "seeds": [0, 1]}]
     folder.mkdir(parents=True, exist_ok=True)
-    return write_suite(folder / f"{name}.yaml", folder / f"data_{name}", name=name, runs_dir=str(runs_dir),
+    return write_suite(folder / f"{name}.yaml", data or folder / f"data_{name}", name=name, runs_dir=str(runs_dir),
                        recipe={"epochs": EPOCHS}, experiments=exp)
 
 
@@ -137,13 +140,16 @@ def test_two_working_directories_share_a_teacher(tmp_path, probe, uninterrupted)
 
 
 def test_one_working_directory_with_nolock(tmp_path, probe, uninterrupted):
-    """Case 2: both suites from one directory with --nolock (their synthetic data roots apart, see
-    README "Not protected"); the results of each suite land in results/<suite>."""
-    procs = {n: start(tmp_path, suite_file(tmp_path, n, tmp_path / "runs"), probe, tmp_path / "writes.txt",
-                      "--nolock") for n in SUITES}
+    """Case 2: both suites from one directory with --nolock, sharing their synthetic data root too
+    (the second's data job, if Snakemake runs it, restores the marker and rewrites no data file);
+    the results of each suite land in results/<suite>."""
+    procs = {n: start(tmp_path, suite_file(tmp_path, n, tmp_path / "runs", tmp_path / "data"), probe,
+                      tmp_path / "writes.txt", "--nolock") for n in SUITES}
     for name, proc in procs.items():
         rc, out = finish(proc)
         assert rc == 0, out[-3000:]
+    data_writes = Counter((tmp_path / "writes.txt.data").read_text().splitlines())
+    assert len(data_writes) == 3 and set(data_writes.values()) == {1}, data_writes  # train, test, meta: once
     assert_trained_once(tmp_path, uninterrupted)
     assert_same_runs(tmp_path / "runs", uninterrupted / "runs")
     for name in SUITES:

@@ -59,6 +59,30 @@ def test_synthetic_files_read_back_through_real_reader(tmp_path):
     assert ds.num_classes == 3 and ds.train.images.shape == (12, 32, 32, 3) and ds.test.images.shape == (6, 32, 32, 3)
 
 
+def test_synthetic_marker_removed_by_snakemake_restores_it_without_rewriting_the_data(tmp_path):
+    """Snakemake deletes the marker (its output) before it reruns make-data, e.g. in a second
+    invocation sharing the root while the first one's runs read the files: the same parameters
+    with every file in place restore the marker only; a missing file or other parameters regenerate."""
+    params = {"classes": 3, "train_per_class": 4, "test_per_class": 2, "seed": 0}
+    marker = ensure_synthetic("cifar100", str(tmp_path), params)
+
+    def stamps():
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(tmp_path.rglob("*"))
+                if p.is_file() and p.name.startswith(("train", "test", "meta"))}
+    before = stamps()
+    assert len(before) == 3
+    marker.unlink()
+    assert ensure_synthetic("cifar100", str(tmp_path), params) == marker and marker.is_file()
+    assert stamps() == before  # not one byte rewritten
+    victim = next(iter(before))
+    victim.unlink()
+    marker.unlink()
+    ensure_synthetic("cifar100", str(tmp_path), params)
+    assert victim.is_file() and read_cifar(tmp_path, "cifar100", "train").images.shape == (12, 32, 32, 3)
+    ensure_synthetic("cifar100", str(tmp_path), {**params, "train_per_class": 5})  # other parameters: regenerated
+    assert read_cifar(tmp_path, "cifar100", "train").images.shape == (15, 32, 32, 3)
+
+
 def test_crop_equals_torchvision_crop_of_zero_padded_image():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)
