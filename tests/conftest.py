@@ -112,12 +112,17 @@ def kdbench_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "kdbench.cli", *args]
 
 
-@pytest.fixture
-def subprocess_env():
+def child_env() -> dict:
+    """The environment of a kdbench/snakemake child process: this checkout first on PYTHONPATH, one thread."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture
+def subprocess_env():
+    return child_env()
 
 
 class FakeGraphs:

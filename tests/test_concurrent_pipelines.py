@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_suite
+from conftest import REPO, child_env, write_suite
 from test_pipeline import RESULTS_COLUMNS
 
 EPOCHS = 3
@@ -60,8 +60,8 @@ def probe(tmp_path_factory):
 
 
 def start(workdir: Path, suite: Path, probe: Path, record: Path, *extra) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDBENCH_TEST_CHECKPOINT_WRITES": str(record),
-           "PYTHONPATH": os.pathsep.join([str(probe), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
+    env.update(KDBENCH_TEST_CHECKPOINT_WRITES=str(record), PYTHONPATH=f"{probe}{os.pathsep}{env['PYTHONPATH']}")
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                              "--cores", "2", "--config", f"suite_file={suite}", *extra],

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import REPO, kdbench_cmd, write_suite
+from conftest import REPO, child_env, kdbench_cmd, write_suite
 
 
 def snakemake(workdir, suite, *extra):
@@ -105,8 +105,7 @@ def uninterrupted(tmp_path_factory):
     """The kill tests' pipeline run once without interruption (their reference)."""
     folder = tmp_path_factory.mktemp("straight") / "straight"
     _, args = kill_test_pipeline(folder)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "snakemake", *args], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "snakemake", *args], env=child_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder

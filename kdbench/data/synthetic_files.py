@@ -13,7 +13,6 @@ in place the files that another pipeline's runs are reading. One writer at a tim
 from __future__ import annotations
 
 import fcntl
-import json
 from pathlib import Path
 
 from ..engine.io import atomic_write_json, read_json

@@ -33,8 +33,8 @@ from .format import caption, cell_text, cells_frame, layout_frame, markdown  # n
 from .paired import PairedTest, paired_test
 from .paper_layout import (METRICS, TRAINED_TEACHER_NOTE, UNPAIRED, Group, TableSpec, resolve,  # noqa: F401
                            table_specs)
-from .records import (Records, diagnostics_path, ensemble_source, group_cells, imported_accuracy,  # noqa: F401
-                      imported_teachers, teachers_of)
+from .records import (Records, diagnostics_path, ensemble_source, from_accuracy, group_cells,  # noqa: F401
+                      imported_accuracy, imported_teachers, teachers_of)
 from .verdict import Verdict, published_sd, reproduction_verdict
 
 REFERENCE = Path(__file__).resolve().parent.parent / "reference"
@@ -167,16 +167,15 @@ def _imported_teacher_values(records: Records, g: Group):
     measured when each file was imported (``kdbench import-teacher --check-data``), one value per
     file like a trained teacher's seeds; a file imported without the data counts as missing. A
     kernel-gap metric has no teacher value."""
-    paths = next((p for c in records.index.get((g.dataset, *g.pair), []) if c.experiment in g.experiments
-                  for p in [imported_teachers(records.suite, c)] if p), ())
+    cells = [c for c in records.index.get((g.dataset, *g.pair), []) if c.experiment in g.experiments]
+    paths = next(filter(None, (imported_teachers(records.suite, c) for c in cells)), ())
     values, missing = {}, 0
     for i, path in enumerate(paths):
-        top1, top5 = imported_accuracy(path) or (None, None)
-        acc = top5 if g.metric.split("_")[0].endswith("5") else top1
-        if acc is None or g.metric.startswith("kernel_gap"):
+        v = from_accuracy(g.metric, *(imported_accuracy(path) or (None, None)))
+        if v is None:
             missing += 1
         else:
-            values[i] = 100 - acc if g.metric.startswith("err") else acc
+            values[i] = v
     return values, tuple(paths), len(paths), 0, missing
 
 

@@ -29,6 +29,14 @@ def run_status(m: dict | None) -> str:
     return "ok"
 
 
+def from_accuracy(metric: str, top1: float | None, top5: float | None) -> float | None:
+    """A table metric's value (acc | acc5 | err | err5, _last | _best) from the top-1 and top-5
+    accuracies; None where the accuracy it needs is None, and for kernel-gap metrics."""
+    kind = metric.split("_")[0]
+    acc = None if kind == "kernel" else top5 if kind.endswith("5") else top1
+    return None if acc is None else 100 - acc if kind.startswith("err") else acc
+
+
 def imported_teachers(suite: Suite, cell: Cell) -> tuple[str, ...]:
     """The teacher files a distilled cell was given (``teacher_checkpoints``: no teacher runs), else ()."""
     run = suite.runs[cell.run]
@@ -101,9 +109,8 @@ class Records:
                 return "missing", None
             v = d["kernel_gap"][metric.removeprefix("kernel_gap_")]
         else:
-            kind, stat = metric.split("_")  # acc | acc5 | err | err5, last | best
-            acc = m.get(f"acc5_{stat}" if kind.endswith("5") else f"acc_{stat}")
-            v = None if acc is None else (100 - acc if metric.startswith("err") else acc)
+            stat = metric.split("_")[1]  # last | best
+            v = from_accuracy(metric, m.get(f"acc_{stat}"), m.get(f"acc5_{stat}"))
         if v is None:
             return "missing", None
         return ("ok", float(v)) if _finite(v) else ("failed", None)
