@@ -15,8 +15,8 @@
 #   beside them; all other logic lives in the kdbench package.
 from snakemake.utils import validate
 
-from kdbench.suite import SuiteError, load_suite
-from kdbench.suite_checks import check_files_exist
+from kdbench.planning.suite import SuiteError, load_suite
+from kdbench.planning.checks import check_files_exist
 
 
 def check_config(config, schema=f"{workflow.basedir}/workflow/schemas/config.schema.yaml"):

@@ -23,7 +23,7 @@ recorded, and the next still runs):
 ``--dry`` (or ``KDBENCH_GPU_CHECK_DRY=1``): the same steps on the CPU at tiny sizes (resnet8
 models, a few steps), so that the script is exercised by the tests (tests/test_gpu_check.py).
 
-The device image (Python 3.12, torch 2.11) has no jsonschema, which kdbench.suite imports: the
+The device image (Python 3.12, torch 2.11) has no jsonschema, which kdbench.planning.suite imports: the
 engine, ``kdbench bench`` and most tests run without it, but test modules that load suites
 (test_pack.py's GPU tests among them) are not collected. gpu_check.sh installs any wheels found in
 ``.whl/`` first (the device README says how to download them: jsonschema, jsonschema-specifications,
@@ -115,8 +115,8 @@ def fast_path(dry: bool) -> dict:
     import torch
     from kdbench.data.synthetic_files import ensure_synthetic
     from kdbench.engine.checkpoint import save_model
-    from kdbench.engine.spec import Execution, Recipe, RunSpec
-    from kdbench.engine.train import fit
+    from kdbench.core.spec import Execution, Recipe, RunSpec
+    from kdbench.engine.fit import fit
     from kdbench.models import build_model
 
     z = sizes(dry)
@@ -173,7 +173,7 @@ def bench(dry: bool) -> dict:
     out = {}
     for name, extra in jobs.items():
         path = Path(tempfile.mkdtemp()) / f"{name}.json"
-        cmd = [sys.executable, "-m", "kdbench.bench", "--device", z["device"], "--pair", ",".join(z["pair"]),
+        cmd = [sys.executable, "-m", "kdbench.commands.bench", "--device", z["device"], "--pair", ",".join(z["pair"]),
                "--json", str(path), *extra, *z["bench"]]
         t0 = time.time()
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())

@@ -109,7 +109,7 @@ def tiny_suite(tmp_path):
 
 
 def kdbench_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "kdbench.cli", *args]
+    return [sys.executable, "-m", "kdbench.commands.cli", *args]
 
 
 def child_env() -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdbench import bench
+from kdbench.commands import bench
 from kdbench.models import build_model
 
 
@@ -77,7 +77,7 @@ def test_take_steps_runs_exactly_n_steps():
 
 
 def test_bad_arguments_name_the_valid_choices(capsys):
-    from kdbench.registry import UnknownNameError
+    from kdbench.core.registry import UnknownNameError
     with pytest.raises(UnknownNameError, match="kd"):
         bench.main(["--device", "cpu", "--method", "nope"])
     with pytest.raises(SystemExit):

@@ -256,8 +256,8 @@ def test_a_kda_pair_trains_on_synthetic_tinyimagenet64(tmp_path):
     trains (ResNet18-0.5 → ShuffleNet, KDA before + after the FC; two epochs of one step, the
     warm-up cut to one epoch, as KDA's targets are the previous epoch's class means)."""
     from kdbench.engine.checkpoint import save_model
-    from kdbench.engine.spec import Recipe, RunSpec
-    from kdbench.engine.train import fit
+    from kdbench.core.spec import Recipe, RunSpec
+    from kdbench.engine.fit import fit
     from kdbench.models import build_model
 
     root = tmp_path / "data"
@@ -277,7 +277,7 @@ def test_a_kda_pair_trains_on_synthetic_tinyimagenet64(tmp_path):
 
 def test_teacher_cache_has_every_view_of_the_8px_padding():
     from kdbench.engine.teacher_cache import TeacherCache
-    from kdbench.models.features import Features
+    from kdbench.core.features import Features
 
     class Tiny(torch.nn.Module):  # a linear read-out of the mean colour and one corner pixel
         def __init__(self):

@@ -1,5 +1,5 @@
 """DDP: two CPU processes (gloo, started by torchrun through kdbench's launcher) train exactly
-what the documented single-process semantics computes (kdbench/engine/distributed.py):
+what the documented single-process semantics computes (kdbench/core/distributed.py):
 
     each global batch is split into the two rank slices; each slice goes through the model
     separately in train mode; the slice losses' gradients are averaged; one SGD step; BN running
@@ -26,11 +26,11 @@ from kdbench.data.stream import StreamingLoader
 from kdbench.engine.checkpoint import read_file
 from kdbench.engine.teachers import load_teacher
 from kdbench.engine.optim import SGD
-from kdbench.engine.seeding import derive_seed, generator
+from kdbench.core.seeding import derive_seed, generator
 from kdbench.engine.step import evaluate
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.models import build_model, feature_shapes
-from kdbench.suite import load_suite
+from kdbench.planning.suite import load_suite
 
 WORLD = 2
 
@@ -99,7 +99,7 @@ def ddp_suite(tmp_path_factory):
 
 
 def run_ddp(suite, run_id, command, subprocess_env):
-    cmd = [sys.executable, "-m", "kdbench.launch", "--gpus", "0", "--nproc", str(WORLD), "--",
+    cmd = [sys.executable, "-m", "kdbench.planning.launch", "--gpus", "0", "--nproc", str(WORLD), "--",
            command, "--suite", str(suite.path), "--run", run_id, "--quiet"]
     done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -183,9 +183,9 @@ def test_streaming_loader_shards_are_the_single_process_batches(tmp_path):
 def _state_worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank: CRD's memory update and KDA's centroids from this rank's slice of a global batch."""
     import os
-    from kdbench.engine import distributed
+    from kdbench.core import distributed
     from kdbench.methods import LOSSES
-    from kdbench.models.features import Features, FeatureShapes
+    from kdbench.core.features import Features, FeatureShapes
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -225,7 +225,7 @@ def test_crd_and_kda_under_ddp_equal_one_process(tmp_path):
 
     import torch.multiprocessing as mp
     from kdbench.methods import LOSSES
-    from kdbench.models.features import Features, FeatureShapes
+    from kdbench.core.features import Features, FeatureShapes
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

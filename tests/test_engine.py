@@ -8,11 +8,11 @@ import torch
 
 from kdbench.engine.checkpoint import CheckpointError, load_model, save_model
 from kdbench.engine.teachers import load_teacher
-from kdbench.engine.spec import Recipe, RunSpec
-from kdbench.engine.train import fit
+from kdbench.core.spec import Recipe, RunSpec
+from kdbench.engine.fit import fit
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.models import build_model
-from kdbench.suite import load_suite
+from kdbench.planning.suite import load_suite
 
 from conftest import kdbench_cmd, write_suite
 

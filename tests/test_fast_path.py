@@ -13,8 +13,8 @@ import torch
 from kdbench.engine.fast import Runtime
 from kdbench.engine.step import TeacherInput, split_features, step_names, train_step
 from kdbench.engine.optim import SGD
-from kdbench.engine.spec import Execution, Recipe, RunSpec
-from kdbench.engine.train import fit
+from kdbench.core.spec import Execution, Recipe, RunSpec
+from kdbench.engine.fit import fit
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.models import build_model, feature_shapes
 
@@ -249,7 +249,7 @@ def test_no_host_sync_inside_training_steps_on_gpu(method, compile_mode):
     the epoch's first step: its data order and, in graph mode, the capture may synchronise)."""
     import argparse
 
-    from kdbench import bench
+    from kdbench.commands import bench
     setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))
     student, objective, params, make_opt = setup.member(method, 0)
     runtime = Runtime(Execution(compile=compile_mode), "cuda")

@@ -14,11 +14,12 @@ from kdbench.data import load_dataset
 from kdbench.data.cifar import write_cifar
 from kdbench.data.synthetic import make_synthetic
 from kdbench.engine.checkpoint import save_model
-from kdbench.engine.spec import RunSpec
+from kdbench.core.spec import RunSpec
 from kdbench.models import build_model
-from kdbench.stats import figures, paper_tables as pt
-from kdbench.diagnostics import diagnose
-from kdbench.suite import load_suite
+from kdbench.report import figures
+from kdbench.report import paper_tables as pt
+from kdbench.commands.diagnostics import diagnose
+from kdbench.planning.suite import load_suite
 
 KD = {0: 71.0, 1: 72.0, 2: 71.5}
 FKD = {0: 72.0, 1: 73.5, 2: 72.8}

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from kdbench.stats import figures
-from kdbench.stats.aggregate import run_records
-from kdbench.stats.curves import band
-from kdbench.stats.forest import ForestRow, status
-from kdbench.suite import load_suite
+from kdbench.report import figures
+from kdbench.report.aggregate import run_records
+from kdbench.report.curves import band
+from kdbench.report.forest import ForestRow, status
+from kdbench.planning.suite import load_suite
 
 T95_4, T975_4, T975_2, T975_1 = 2.131847, 2.776445, 4.302653, 12.706205  # t quantiles (tables)
 STUDENT = {0: 70.0, 1: 71.0, 2: 72.5}
@@ -121,7 +121,7 @@ def test_smoke_draws_seed_figures_for_its_seed_tables_only():
 
 def test_seed_table_markdown_lists_its_paired_comparisons(seed_suite, tmp_path):
     """main.md shows what its forest plot draws: each method − student, its interval and status."""
-    from kdbench.stats.aggregate import aggregate
+    from kdbench.report.aggregate import aggregate
 
     text = aggregate(seed_suite, tmp_path / "out")["main"].read_text()
     h = T975_2 * 0.5 / math.sqrt(3)  # kd − student: differences 4, 3.5, 4.5 (sd 0.5)

@@ -11,7 +11,7 @@ import torch
 from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, read_cifar
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import CheckpointError, load_model, read_file
-from kdbench.engine.import_teacher import import_teacher, main
+from kdbench.teachers.imported import import_teacher, main
 from kdbench.models import build_model
 
 

@@ -6,20 +6,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kdbench"
 
-#: layers, lowest first: a module may import its own layer and those below it, never above
+#: the layers, lowest first, each a set of folders of kdbench/: a module may import its own layer
+#: and those below it, never above. Every module lives in one of these folders (``kdbench`` itself
+#: is the package's ``__init__``, which holds only the version).
 LAYERS = [
-    ("foundations", ["kdbench", "kdbench.registry", "kdbench.plugins", "kdbench.engine.io", "kdbench.engine.seeding",
-                     "kdbench.engine.spec", "kdbench.engine.distributed", "kdbench.models", "kdbench.data"]),
-    ("methods", ["kdbench.methods"]),
-    ("engine", ["kdbench.engine"]),
-    ("suite and statistics", ["kdbench.suite", "kdbench.suite_checks", "kdbench.stats", "kdbench.reference"]),
-    ("commands", ["kdbench.cli", "kdbench.bench", "kdbench.launch", "kdbench.resume", "kdbench.diagnostics",
-                  "kdbench.export"]),
+    ("foundations", ["core"]),
+    ("data and models", ["data", "models"]),
+    ("methods", ["methods"]),
+    ("engine", ["engine"]),
+    ("teacher sources", ["teachers"]),
+    ("planning", ["planning"]),
+    ("statistics", ["stats"]),
+    ("report", ["report"]),
+    ("commands", ["commands"]),
 ]
 #: the plain training path, and what it must not import (the fast paths wrap it, never the reverse)
 PLAIN = ["kdbench.engine.run", "kdbench.engine.step"]
 FAST = ["kdbench.engine.fast", "kdbench.engine.pack", "kdbench.engine.fusion", "kdbench.engine.teacher_cache",
-        "kdbench.engine.train"]
+        "kdbench.engine.fit"]
 
 
 def module_name(path: Path) -> str:
@@ -90,15 +94,22 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer(name: str) -> int:
-    """The layer of a module: the longest matching prefix decides (engine.io is a foundation)."""
-    best, level = -1, None
-    for k, (_, prefixes) in enumerate(LAYERS):
-        for p in prefixes:
-            below = name.startswith(p + ".") and p != "kdbench"  # the package's __init__ is its own entry
-            if (name == p or below) and len(p) > best:
-                best, level = len(p), k
-    assert level is not None, f"{name} is in no layer of {__file__}: add it"
-    return level
+    """The layer of a module: the one holding its folder (``kdbench.engine.run`` -> engine)."""
+    parts = name.split(".")
+    if parts == ["kdbench"]:
+        return 0
+    folder = parts[1]
+    for k, (_, folders) in enumerate(LAYERS):
+        if folder in folders:
+            return k
+    raise AssertionError(f"{name} is in no layer folder of {__file__}: put it in one of "
+                         f"{', '.join(f for _, fs in LAYERS for f in fs)}")
+
+
+def test_every_module_is_in_a_layer_folder():
+    for name in modules():
+        layer(name)
+    assert [p.name for p in PACKAGE.glob("*.py")] == ["__init__.py"]
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -108,7 +119,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_sees_imports_inside_functions():
     g = graph()
-    assert "kdbench.engine.linear_probe" in g["kdbench.engine.train"]  # imported inside fit()
+    assert "kdbench.engine.linear_probe" in g["kdbench.engine.fit"]  # imported inside fit()
 
 
 def test_no_import_circle():
@@ -118,7 +129,7 @@ def test_no_import_circle():
 def test_no_import_from_a_lower_layer_to_a_higher_one():
     g = graph()
     up = sorted(f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})"
-                for a, bs in g.items() for b in bs if layer(b) > layer(a) and a != "kdbench")
+                for a, bs in g.items() for b in bs if layer(b) > layer(a))
     assert up == []
 
 

@@ -11,10 +11,10 @@ import torch
 
 from conftest import write_suite
 from kdbench.engine.checkpoint import save_model
-from kdbench.engine.import_teacher import normalise_keys
-from kdbench.export import export_run
+from kdbench.teachers.imported import normalise_keys
+from kdbench.commands.export import export_run
 from kdbench.models import build_model
-from kdbench.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite
 
 PLUGIN = textwrap.dedent('''
     from kdbench.models import MODELS, register_model
@@ -61,7 +61,7 @@ def test_suite_imports_register_names_before_they_are_checked(tmp_path, subproce
     plain = write_suite(tmp_path / "plain.yaml", tmp_path / "data", experiments=[exp])
     missing = write_suite(tmp_path / "missing.yaml", tmp_path / "data", imports=["kdb_nope"], experiments=[exp])
     env = {**subprocess_env, "PYTHONPATH": f"{tmp_path}:{subprocess_env['PYTHONPATH']}"}
-    code = "import sys\nfrom kdbench.suite import load_suite\ns = load_suite(sys.argv[1])\nprint(len(s.runs))"
+    code = "import sys\nfrom kdbench.planning.suite import load_suite\ns = load_suite(sys.argv[1])\nprint(len(s.runs))"
     done = subprocess.run([sys.executable, "-c", code, str(good)], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "2", done.stderr[-2000:]  # the teacher and the distillation
     done = subprocess.run([sys.executable, "-c", code, str(plain)], env=env, capture_output=True, text=True)

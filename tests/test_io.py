@@ -1,5 +1,5 @@
 """Every file kdbench writes gets the mode a plain open() gives under the process's umask
-(kdbench/engine/io.py): atomic writes go through tempfile.mkstemp, which creates mode 0600."""
+(kdbench/core/io.py): atomic writes go through tempfile.mkstemp, which creates mode 0600."""
 
 import io
 import os
@@ -8,8 +8,8 @@ import stat
 import pytest
 import torch
 
-from kdbench.engine import released
-from kdbench.engine.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from kdbench.teachers import released
+from kdbench.core.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from kdbench.engine import device as device_module
 from kdbench.engine.device import NoGpuError, resolve_device
 from kdbench.engine.pack import fit_packed
 from kdbench.engine.run import epoch_line
-from kdbench.engine.spec import Recipe, RunSpec
-from kdbench.engine.train import fit
+from kdbench.core.spec import Recipe, RunSpec
+from kdbench.engine.fit import fit
 
 RECIPE = Recipe.from_config({"epochs": 2, "batch_size": 16})
 LINE = re.compile(r"^(?P<prefix>\S+) main (?P<epoch>\d)/2 lr \S+ loss \S+ kd \S+ ce \S+ train \d+\.\d\d test \d+\.\d\d "
@@ -59,8 +59,8 @@ def test_fit_stops_before_reading_anything(no_gpu, tiny, tmp_path, monkeypatch):
 
 
 def test_the_cli_reports_no_gpu_as_an_error(no_gpu, tiny_suite, capsys):
-    from kdbench.cli import main
-    from kdbench.suite import load_suite
+    from kdbench.commands.cli import main
+    from kdbench.planning.suite import load_suite
     run = next(r for r in load_suite(tiny_suite).runs.values() if r.kind == "train")
     assert main(["train-teacher", "--suite", str(tiny_suite), "--run", run.id, "--device", "cuda"]) == 2
     assert "kdbench: error: this run asked for a GPU (device 'cuda')" in capsys.readouterr().err

@@ -20,8 +20,8 @@ import torch
 from kdbench.engine import optim
 from kdbench.engine import run as run_module
 from kdbench.engine.pack import fit_packed
-from kdbench.engine.spec import Recipe, RunSpec
-from kdbench.engine.train import fit
+from kdbench.core.spec import Recipe, RunSpec
+from kdbench.engine.fit import fit
 
 RECIPE = Recipe.from_config({"epochs": 3, "batch_size": 16})
 METHODS = {
@@ -158,7 +158,7 @@ def test_killed_ddp_run_resumes_bit_for_bit(tmp_path, subprocess_env):
     import yaml
 
     from kdbench.data.synthetic_files import ensure_synthetic
-    from kdbench.suite import load_suite
+    from kdbench.planning.suite import load_suite
 
     synthetic = {"classes": 4, "train_per_class": 9, "test_per_class": 5, "seed": 0}
     ensure_synthetic("cifar100", str(tmp_path / "data"), synthetic)
@@ -174,7 +174,7 @@ def test_killed_ddp_run_resumes_bit_for_bit(tmp_path, subprocess_env):
 
     def command(s):
         (run_id,) = s.runs
-        return run_id, [sys.executable, "-m", "kdbench.launch", "--gpus", "0", "--nproc", "2", "--",
+        return run_id, [sys.executable, "-m", "kdbench.planning.launch", "--gpus", "0", "--nproc", "2", "--",
                         "train-teacher", "--suite", str(s.path), "--run", run_id, "--quiet"]
 
     killed = suite("killed")

@@ -12,10 +12,10 @@ from kdbench.data import load_dataset
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import read_file, save_model
 from kdbench.engine.linear_probe import fit_probe, main
-from kdbench.engine.seeding import derive_seed, generator
-from kdbench.engine.spec import Recipe, RunSpec
+from kdbench.core.seeding import derive_seed, generator
+from kdbench.core.spec import Recipe, RunSpec
 from kdbench.models import build_model
-from kdbench.engine.spec import PROBE_RECIPE
+from kdbench.core.spec import PROBE_RECIPE
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from kdbench.stats import looks
-from kdbench.suite import SuiteError, load_suite
+from kdbench.commands import looks
+from kdbench.planning.suite import SuiteError, load_suite
 
 from conftest import REPO, write_suite
 
@@ -140,7 +140,7 @@ def test_looks_loop_end_to_end_through_snakemake(tmp_path):
     cfg = yaml.safe_load(suite.read_text())
     cfg["experiments"][0]["seeds"] = {"looks": [2, 3], "margin": 0.001}
     suite.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "kdbench.cli", "looks", "--suite", str(suite), "--cores", "2",
+    proc = subprocess.run([sys.executable, "-m", "kdbench.commands.cli", "looks", "--suite", str(suite), "--cores", "2",
                            "--", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     state = json.loads((tmp_path / "runs/looks/tiny.json").read_text())["main"]

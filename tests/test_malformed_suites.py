@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench import cli
+from kdbench.commands import cli
 
 CASES = sorted((Path(__file__).parent / "malformed_suites").glob("*.yaml"))
 
@@ -37,7 +37,7 @@ def test_unused_term_params_only_warn_when_suites_include_each_other(tmp_path):
     """A suite that includes others may set term_params for terms only the others use: a
     warning, not a refusal (the same entry without the include is refused, case
     term_params_for_unused_term)."""
-    from kdbench.suite import load_suite
+    from kdbench.planning.suite import load_suite
 
     data = "datasets:\n  cifar100: {root: data/x, synthetic: {classes: 4, train_per_class: 10, test_per_class: 5}}\n"
     (tmp_path / "other.yaml").write_text(

@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 
 from kdbench.methods import Batch, MethodContext, build_objective
 from kdbench.methods.crd import CRD, OtherClassSampler, momentum_update, nce_loss, nce_scores
-from kdbench.models.features import Features, FeatureShapes
+from kdbench.core.features import Features, FeatureShapes
 
 
 def shapes(d_pooled, n_cls=3):

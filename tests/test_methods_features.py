@@ -17,7 +17,7 @@ from torch import nn
 
 from kdbench.methods import LOSSES, METHODS, Batch, MethodContext, build_objective
 from kdbench.methods.adapters import ConvReg, Embed, LinearEmbed, pool_to_smaller
-from kdbench.models.features import Features, FeatureShapes
+from kdbench.core.features import Features, FeatureShapes
 
 TERMS = ["fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst"]
 B = 5

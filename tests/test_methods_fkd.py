@@ -8,7 +8,7 @@ import torch
 
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.methods.fkd import FKD, FeatureRegularisation
-from kdbench.models.features import Features, FeatureShapes
+from kdbench.core.features import Features, FeatureShapes
 
 B = 5
 

@@ -9,7 +9,7 @@ import torch
 
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.methods.kda import KDA
-from kdbench.models.features import Features, FeatureShapes
+from kdbench.core.features import Features, FeatureShapes
 from kdbench.stats.kernels import KernelGap, untransferred_kernel_fraction
 
 L, D_S, D_T = 3, 4, 6  # classes, student and teacher feature dims (deliberately different)

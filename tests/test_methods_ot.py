@@ -8,8 +8,8 @@ from scipy.optimize import linear_sum_assignment
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
 from kdbench.methods.ot import IPOT, REMD, cosine_cost, ipot_plan, remd_cost
 from kdbench.models import build_model, feature_shapes
-from kdbench.models.features import Features, FeatureShapes
-from kdbench.suite import SuiteError, load_suite
+from kdbench.core.features import Features, FeatureShapes
+from kdbench.planning.suite import SuiteError, load_suite
 
 from conftest import write_suite
 
@@ -360,7 +360,7 @@ def test_each_ot_table_weighs_its_kd_term_one_way():
     """Issue 11.3: every column of an OT table that has a KD term weighs CE and KD the same way
     (the ImageNet table had KD at CE 0.5 + KD 0.9 beside IPOT+KD and CRD+KD at CE 1 + KD 1)."""
     from kdbench.methods import resolve_method
-    from kdbench.suite import load_suite
+    from kdbench.planning.suite import load_suite
 
     from conftest import REPO
 

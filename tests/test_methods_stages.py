@@ -13,7 +13,7 @@ from kdbench.methods.ab import AB
 from kdbench.methods.dkd import DKD
 from kdbench.methods.fsp import FSP
 from kdbench.methods.ft import FT
-from kdbench.models.features import Features, FeatureShapes
+from kdbench.core.features import Features, FeatureShapes
 
 N_CLS = 5
 
@@ -319,8 +319,8 @@ def _bn_modes_in_init_stage(tiny, tmp_path, monkeypatch, method, student_arch):
     modes each student BN was called in with gradients on (the training steps), and the
     student's state when built and after the stage."""
     import kdbench.engine.run as run
-    import kdbench.engine.train as train
-    from kdbench.engine.spec import Recipe, RunSpec
+    import kdbench.engine.fit as train
+    from kdbench.core.spec import Recipe, RunSpec
 
     built, modes = {}, {}
     build_model = run.build_model
@@ -372,8 +372,8 @@ def test_init_stage_with_its_own_modes_runs_unfused_in_a_fused_pack(tiny, tmp_pa
     eval mode) runs unfused beside a fused KD run of the same WRN student, then rejoins the fused
     model: its final BN statistics equal those of the run alone."""
     from kdbench.engine.pack import fit_packed
-    from kdbench.engine.spec import Recipe, RunSpec
-    from kdbench.engine.train import fit
+    from kdbench.core.spec import Recipe, RunSpec
+    from kdbench.engine.fit import fit
 
     recipe = Recipe.from_config({"epochs": 1, "batch_size": 16})
 

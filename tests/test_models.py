@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from kdbench.models import MODELS, Features, build_model, feature_shapes, model_names
-from kdbench.registry import UnknownNameError
+from kdbench.core.registry import UnknownNameError
 
 # ---------------------------------------------------------------------------------------------
 # Independent parameter arithmetic from the reference layer specs (RepDistiller models/*.py,

@@ -9,12 +9,12 @@ import torch
 
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import save_model
-from kdbench.cli import pack_main as main
+from kdbench.commands.cli import pack_main as main
 from kdbench.engine.pack import PackError, check_packable, fit_packed
-from kdbench.engine.spec import Execution, Recipe, RunSpec
-from kdbench.engine.train import fit
+from kdbench.core.spec import Execution, Recipe, RunSpec
+from kdbench.engine.fit import fit
 from kdbench.models import build_model
-from kdbench.suite import load_suite
+from kdbench.planning.suite import load_suite
 
 from conftest import FLOAT32_PASS_RTOL, assert_states_close, relative_difference, write_suite
 
@@ -279,7 +279,7 @@ def test_fused_pack_steps_do_not_synchronise_on_gpu(compile_mode):
     (step 1 fuses the students and, in graph mode, captures the step: those may synchronise)."""
     import argparse
 
-    from kdbench import bench
+    from kdbench.commands import bench
     from kdbench.engine.fast import Runtime
     from kdbench.engine.pack import drive_packed
     setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from scipy import stats
 
-from kdbench.stats import paper_tables as pt
+from kdbench.report import paper_tables as pt
 from kdbench.stats.paired import paired_test, pooled_sd, seeds_needed
 from kdbench.stats.verdict import classify
-from kdbench.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite
 
 from conftest import REPO
 
@@ -163,7 +163,7 @@ def test_primary_family_names_must_be_rows(tmp_path):
 
 
 def test_non_finite_accuracy_counts_as_failed_never_averaged(tmp_path):
-    from kdbench.stats.aggregate import run_records, summarise
+    from kdbench.report.aggregate import run_records, summarise
     suite = load_suite(write_suite(tmp_path / "t.yaml"))
     fake_runs(suite, {**ACC, "student": {**ACC["student"], 3: "nan"}})
     cell = pt.compute(pt.table_specs(suite)[0], suite).cell("Student", "resnet32x4 → resnet8x4")
@@ -274,7 +274,7 @@ def test_typos_in_columns_and_pairs_are_refused(tmp_path):
 
 
 def test_compare_two_methods_from_disk(table, capsys):
-    from kdbench.stats import compare
+    from kdbench.report import compare
     suite, _ = table
     row, = compare.compare(suite, "crd", "kd")
     assert (row["pairs"], row["seeds"], row["kd_failed"], row["kd_missing"]) == (2, [0, 2], 1, 1)

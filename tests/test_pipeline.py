@@ -47,8 +47,8 @@ def test_failed_teacher_corrupt_metrics_and_table_spec_changes(tmp_path):
     """Issue 18: a diverged teacher's students are failed runs and the tables are still written; a
     corrupt metrics.json is reported as corrupt and a rerun repairs it; a changed table spec reruns
     the tables."""
-    from kdbench.stats.aggregate import run_records
-    from kdbench.suite import load_suite
+    from kdbench.report.aggregate import run_records
+    from kdbench.planning.suite import load_suite
 
     exp = {"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]], "methods": ["student", "kd"],
            "seeds": [0, 1], "teacher_recipe": {"epochs": 2, "lr": 1.0e12}}

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kdbench.launch import claim_gpus, launch_command
+from kdbench.planning.launch import claim_gpus, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "workflow/profiles/slurm"
@@ -47,7 +47,7 @@ def paper_dry_run(tmp_path_factory):
 
 
 def test_slurm_profile_dry_runs_the_paper_suite_without_data(paper_dry_run):
-    from kdbench.suite import load_suite
+    from kdbench.planning.suite import load_suite
     suite = load_suite(REPO / "workflow/suites/paper.yaml")
     jobs = fit_jobs(paper_dry_run)
     imports = {r for r, run in suite.runs.items() if run.kind == "import"}  # released teachers: rule fetch_teacher
@@ -67,15 +67,15 @@ def test_slurm_profile_dry_runs_the_paper_suite_without_data(paper_dry_run):
     probe = next(r for r in jobs if "/probe/" in r and r.startswith("stl10/"))
     train = next(r for r in jobs if r.startswith("cifar100/scratch/"))
     assert int(jobs[probe]["runtime"]) < int(jobs[train]["runtime"])  # 40 epochs on 5k images vs 240 on 50k
-    assert "KDBENCH_REQUIRE_GPU=1 " + sys.executable + " -m kdbench.launch --gpus 4 --nproc 4 -- distill" in paper_dry_run
+    assert "KDBENCH_REQUIRE_GPU=1 " + sys.executable + " -m kdbench.planning.launch --gpus 4 --nproc 4 -- distill" in paper_dry_run
 
 
 def test_slurm_plugin_turns_the_requests_into_sbatch_flags(paper_dry_run):
     """What sbatch receives for an ImageNet job, rendered by the installed plugin itself."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
-    from kdbench.launch import job_resources
-    from kdbench.suite import load_suite
+    from kdbench.planning.launch import job_resources
+    from kdbench.planning.suite import load_suite
 
     suite = load_suite(REPO / "workflow/suites/paper.yaml")
     run_id = next(r for r in suite.runs if r.startswith("imagenet/") and "/kd/" in r)
@@ -98,7 +98,7 @@ def test_imagenet_trains_with_torchrun_from_the_fit_rule(tmp_path, subprocess_en
                      "suite=imagenet_smoke", "ddp_procs=2", env=subprocess_env, timeout=400)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    assert log.count("kdbench.launch --gpus 0 --nproc 2 --") == 2  # teacher and KD student
+    assert log.count("kdbench.planning.launch --gpus 0 --nproc 2 --") == 2  # teacher and KD student
     runs = sorted((tmp_path / "runs/imagenet").rglob("metrics.json"))
     assert len(runs) == 2
     for m in map(lambda p: json.loads(p.read_text()), runs):
@@ -115,13 +115,13 @@ def test_launcher_gives_each_job_its_own_gpus(tmp_path, monkeypatch):
         claim_gpus(1, 3, poll_s=0.01, timeout_s=0.05)
     with pytest.raises(SystemExit, match="needs 4 GPUs"):
         claim_gpus(4, 3)
-    assert launch_command(1, ["distill"])[1:] == ["-m", "kdbench.cli", "distill"]
+    assert launch_command(1, ["distill"])[1:] == ["-m", "kdbench.commands.cli", "distill"]
     assert "--nproc_per_node=4" in launch_command(4, ["distill", "--run", "r"])
 
 
 def test_runtime_above_the_cap_is_requested_as_the_cap_with_more_submissions():
-    from kdbench.launch import job_resources
-    from kdbench.suite import load_suite
+    from kdbench.planning.launch import job_resources
+    from kdbench.planning.suite import load_suite
 
     suite = load_suite(REPO / "workflow/suites/paper.yaml")
     run = next(r for r in suite.runs.values() if r.spec.dataset == "imagenet" and r.kind == "train")

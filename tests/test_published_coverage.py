@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdbench.stats import paper_tables as pt
-from kdbench.suite import load_suite
+from kdbench.report import paper_tables as pt
+from kdbench.planning.suite import load_suite
 
 from conftest import REPO
 

@@ -2,7 +2,7 @@
 
 import re
 
-from kdbench.suite import load_suite
+from kdbench.planning.suite import load_suite
 
 from conftest import REPO
 

@@ -2,9 +2,9 @@
 ``milestones`` gets RepDistiller's default milestones (150/180/210 of 240) scaled to its epochs,
 never the milestones of the block below it."""
 
-from kdbench.engine.spec import Recipe
-from kdbench.engine.spec import PROBE_RECIPE
-from kdbench.suite import load_suite
+from kdbench.core.spec import Recipe
+from kdbench.core.spec import PROBE_RECIPE
+from kdbench.planning.suite import load_suite
 
 from conftest import write_suite
 

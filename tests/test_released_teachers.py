@@ -15,13 +15,13 @@ import yaml
 from conftest import REPO, write_suite
 from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, read_cifar
 from kdbench.data.synthetic_files import ensure_synthetic
-from kdbench.engine import import_teacher as it
-from kdbench.cli import fetch_teachers_main
-from kdbench.engine import released
+from kdbench.teachers import imported as it
+from kdbench.commands.cli import fetch_teachers_main
+from kdbench.teachers import released
 from kdbench.engine.checkpoint import CheckpointError, load_model
-from kdbench.engine.io import file_sha256, read_json
+from kdbench.core.io import file_sha256, read_json
 from kdbench.models import build_model
-from kdbench.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite
 from test_import_teacher import repdistiller_ckpt
 
 SYNTH = {"classes": 5, "train_per_class": 4, "test_per_class": 6, "seed": 0}
@@ -150,7 +150,7 @@ def test_fetch_from_the_archive_imports_checks_and_records(tmp_path, small_relea
     assert m["imported"]["released"] == small_release.identity() and "provenance" in m
     assert torch.equal(load_model(f"{suite.run_dir(rid)}/model.pt").state_dict()["fc.weight"], model.state_dict()["fc.weight"])
 
-    from kdbench.cli import main as cli
+    from kdbench.commands.cli import main as cli
     capsys.readouterr()
     assert cli(["list-runs", "--suite", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -158,7 +158,7 @@ def test_fetch_from_the_archive_imports_checks_and_records(tmp_path, small_relea
     assert kd and all(f"teacher: released teachers/repdistiller/resnet8_vanilla/ckpt_epoch_240.pth sha256 "
                       f"{file_sha256(raw)}" in ln for ln in kd)
 
-    from kdbench.stats.aggregate import aggregate
+    from kdbench.report.aggregate import aggregate
     aggregate(suite, tmp_path / "results")
     row = next(ln for ln in (tmp_path / "results/main.md").read_text().splitlines() if ln.startswith("| teacher"))
     assert f"{expected:.2f} (n=1)" in row
@@ -209,12 +209,12 @@ def test_imported_teacher_file_fills_the_teacher_row_of_seed_and_paper_tables(tm
     expected = accuracy(model, root)
     it.import_teacher(raw, tmp_path / "t.pt", check_data=str(root), published=expected, device="cpu")
     path = suite_file(tmp_path, teacher=None, teacher_checkpoints={"resnet8": str(tmp_path / "t.pt")})
-    from kdbench.stats.aggregate import aggregate
+    from kdbench.report.aggregate import aggregate
     aggregate(load_suite(path), tmp_path / "results")
     row = next(ln for ln in (tmp_path / "results/main.md").read_text().splitlines() if ln.startswith("| teacher"))
     assert f"{expected:.2f} (n=1)" in row
     # and the paper-layout table's Teacher row, on top-1 and on an error metric
-    from kdbench.stats import paper_tables as pt
+    from kdbench.report import paper_tables as pt
     cfg = yaml.safe_load(path.read_text())
     for metric, want in (("acc_last", expected), ("err_best", 100 - expected)):
         cfg["tables"] = [{"name": "t", "experiments": ["main"], "metric": metric,
@@ -244,7 +244,7 @@ def test_pipeline_plans_the_teacher_import_before_distillations(tmp_path):
 
 
 def test_captions_say_when_the_suite_trains_its_teachers(tmp_path, small_release):
-    from kdbench.stats.paper_tables import TRAINED_TEACHER_NOTE, table_specs
+    from kdbench.report.paper_tables import TRAINED_TEACHER_NOTE, table_specs
 
     def caption(teacher):
         path = suite_file(tmp_path, teacher=teacher)
@@ -270,7 +270,7 @@ def test_download_writes_the_whole_file_or_nothing(tmp_path):
 
 
 def test_list_runs_shows_every_paper_distillations_teacher_source(capsys, tmp_path, monkeypatch):
-    from kdbench.cli import main as cli
+    from kdbench.commands.cli import main as cli
 
     monkeypatch.chdir(tmp_path)  # runs/ here holds no fetched teacher
     assert cli(["list-runs", "--suite", str(REPO / "workflow/suites/paper.yaml")]) == 0

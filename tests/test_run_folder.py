@@ -10,8 +10,8 @@ import pytest
 
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine import run_folder
-from kdbench.engine.train import fit
-from kdbench.suite import load_suite
+from kdbench.engine.fit import fit
+from kdbench.planning.suite import load_suite
 
 from conftest import write_suite
 from test_engine import strip_times
@@ -28,7 +28,7 @@ def replace(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 os.replace = replace
-from kdbench.cli import main
+from kdbench.commands.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -57,7 +57,7 @@ def test_run_killed_during_a_write_restarts_clean_and_identical(one_run, tmp_pat
     sibling = tmp_path / "runs" / "other-run"  # another run's folder: never touched
     sibling.mkdir()
     (sibling / left[0].name).write_bytes(b"another run's temporary file")
-    restarted = subprocess.run([sys.executable, "-m", "kdbench.cli", *args], env=subprocess_env, capture_output=True,
+    restarted = subprocess.run([sys.executable, "-m", "kdbench.commands.cli", *args], env=subprocess_env, capture_output=True,
                                text=True)
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "removed 1 temporary file" in restarted.stderr
@@ -100,7 +100,7 @@ def test_two_processes_starting_one_run_train_it_once(one_run, tmp_path, subproc
                                            "methods": ["student"], "seeds": [0]}])
     suite = load_suite(suite_file)
     (run_id,) = suite.runs
-    args = [sys.executable, "-m", "kdbench.cli", "train-teacher", "--suite", str(suite_file), "--run", run_id, "--quiet"]
+    args = [sys.executable, "-m", "kdbench.commands.cli", "train-teacher", "--suite", str(suite_file), "--run", run_id, "--quiet"]
     first = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
     second = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
     err1, err2 = first.communicate(timeout=300)[1], second.communicate(timeout=300)[1]

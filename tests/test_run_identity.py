@@ -11,11 +11,11 @@ import torch
 
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import CheckpointError, load_model, save_model
-from kdbench.engine.io import read_json_state
-from kdbench.engine.spec import Recipe, RunSpec, dataset_identity
-from kdbench.engine.train import fit
+from kdbench.core.io import read_json_state
+from kdbench.core.spec import Recipe, RunSpec, dataset_identity
+from kdbench.engine.fit import fit
 from kdbench.models import build_model
-from kdbench.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite
 
 from conftest import write_suite
 

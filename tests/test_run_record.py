@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-from kdbench.engine.spec import Recipe, RunSpec
-from kdbench.engine.train import fit
+from kdbench.core.spec import Recipe, RunSpec
+from kdbench.engine.fit import fit
 from kdbench.methods import LOSSES
 from kdbench.methods.crd import CRD
 

@@ -66,7 +66,7 @@ def test_paper_suite_submission_requests_what_the_site_and_the_runs_need(cluster
     fake_kdbench = tmp / "bin" / "kdbench"  # local jobs (released-teacher downloads) are recorded, not run
     fake_kdbench.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'local.txt'}\nexit 1\n")
     fake_kdbench.chmod(0o755)
-    from kdbench.suite import load_suite
+    from kdbench.planning.suite import load_suite
     suite = load_suite(REPO / "workflow/suites/paper.yaml")
     ready = [r for r, run in suite.runs.items() if not run.needs and run.kind != "import"]  # need nothing
     out = open(tmp / "snakemake.log", "w")  # a file, not a pipe: nobody reads a pipe while it runs

@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from kdbench.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite
 
 from conftest import REPO, write_suite
 

@@ -13,8 +13,8 @@ import torch
 
 from conftest import REPO, write_suite
 from kdbench.data import holdout_indices, holdout_split, load_dataset
-from kdbench.engine.spec import Execution, Recipe, RunSpec
-from kdbench.suite import SuiteError, load_suite
+from kdbench.core.spec import Execution, Recipe, RunSpec
+from kdbench.planning.suite import SuiteError, load_suite
 
 
 # --- the split -----------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_smoke_suite_ids_are_unchanged():
 
 
 def test_a_validation_run_trains_and_reports_the_holdout(tiny, tmp_path):
-    from kdbench.engine.train import fit
+    from kdbench.engine.fit import fit
     spec = RunSpec("cifar100", str(tiny / "data"), "resnet8", "kd", 0, "resnet8", (str(tiny / "t.pt"),), ("t",),
                    recipe=Recipe(epochs=1, batch_size=8), validation={"size": 10, "seed": 0})
     m = fit(spec, tmp_path / "run", device="cpu", progress=False)

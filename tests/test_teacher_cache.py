@@ -12,9 +12,9 @@ from kdbench.engine import teacher_cache
 from kdbench.engine.checkpoint import save_model
 from kdbench.engine.teachers import TeacherEnsemble
 from kdbench.engine.fast import Runtime
-from kdbench.engine.spec import Execution, Recipe, RunSpec
+from kdbench.core.spec import Execution, Recipe, RunSpec
 from kdbench.engine.teacher_cache import TeacherCache, cacheable, get_cache
-from kdbench.engine.train import fit
+from kdbench.engine.fit import fit
 from kdbench.methods import METHODS, MethodContext, build_objective
 from kdbench.models import build_model, feature_shapes
 

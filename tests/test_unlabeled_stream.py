@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from kdbench.data import ImageSet, load_dataset, load_stream
 from kdbench.data.stl10 import write_stl10
 from kdbench.data.synthetic_files import ensure_synthetic
-from kdbench.engine import distributed, train
+from kdbench.core import distributed
+from kdbench.engine import fit as train
 from kdbench.engine.checkpoint import load_model, save_model
 from kdbench.engine.fast import Runtime
 from kdbench.engine.rules import check_packable
-from kdbench.engine.seeding import derive_seed, generator
-from kdbench.engine.spec import Execution, Recipe, RunSpec
+from kdbench.core.seeding import derive_seed, generator
+from kdbench.core.spec import Execution, Recipe, RunSpec
 from kdbench.engine.rules import check_run as check_unlabeled
-from kdbench.engine.train import fit
+from kdbench.engine.fit import fit
 from kdbench.methods.base import label_free_methods
 from kdbench.models import build_model
 

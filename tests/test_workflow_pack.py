@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdbench.launch import job_resources
+from kdbench.planning.launch import job_resources
 from kdbench.engine.pack import check_packable
-from kdbench.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite
 
 from conftest import REPO, write_suite
 

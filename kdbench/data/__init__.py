@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .base import DATASETS, DatasetInfo, register_dataset
-from .cifar import DatasetMissingError, ImageSet
-from .imagenet import FileImageSet
-from .loader import TensorLoader
+from kdbench.data.base import DATASETS, DatasetInfo, register_dataset
+from kdbench.data.cifar import DatasetMissingError, ImageSet
+from kdbench.data.imagenet import FileImageSet
+from kdbench.data.loader import TensorLoader
 
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_"):
@@ -50,7 +50,7 @@ class LoadedDataset:
         ``workers``: decoding processes per rank for streamed datasets (default: the CPUs / ranks)."""
         i = self.info
         if i.streaming:
-            from .stream import StreamingLoader
+            from kdbench.data.stream import StreamingLoader
             kw = dict(mean=i.mean, std=i.std, device=device, crop=i.image_size, resize=i.resize, rank=rank,
                       world_size=world_size, workers=workers)
             return (StreamingLoader(self.train, batch_size=batch_size, train=True, **kw),
@@ -58,7 +58,7 @@ class LoadedDataset:
         if world_size == 1 and i.flip:  # the reference path
             return (TensorLoader(self.train.images, self.train.labels, i.mean, i.std, batch_size, True, device, i.pad),
                     TensorLoader(self.test.images, self.test.labels, i.mean, i.std, test_batch_size, False, device))
-        from .sharded import ShardedTensorLoader
+        from kdbench.data.sharded import ShardedTensorLoader
         return (ShardedTensorLoader(self.train.images, self.train.labels, i.mean, i.std, batch_size, True, device, i.pad,
                                     flip=i.flip, rank=rank, world_size=world_size),
                 ShardedTensorLoader(self.test.images, self.test.labels, i.mean, i.std, test_batch_size, False, device,
@@ -119,7 +119,7 @@ def check_stream_split(name: str, split: str) -> DatasetInfo:
 def load_stream(name: str, root: str, split: str, batch_size: int, device) -> TensorLoader:
     """A named split of ``name`` as a second training stream (``RunSpec.unlabeled``): a training
     loader with the dataset's augmentation whose :meth:`TensorLoader.stream` draws its batches."""
-    from .sharded import ShardedTensorLoader
+    from kdbench.data.sharded import ShardedTensorLoader
     i = check_stream_split(name, split)
     s = i.read(root, split)
     return ShardedTensorLoader(s.images, s.labels, i.mean, i.std, batch_size, True, device, i.pad, flip=i.flip)

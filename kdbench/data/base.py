@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..registry import Registry
+from kdbench.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetInfo, register_dataset
+from kdbench.data.base import DatasetInfo, register_dataset
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # RepDistiller dataset/cifar100.py
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import DATASETS
+from kdbench.data.base import DATASETS
 
 
 def fetch(dataset: str, root: str) -> Path:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetInfo, register_dataset
-from .cifar import DatasetMissingError
-from .resize import resized
+from kdbench.data.base import DatasetInfo, register_dataset
+from kdbench.data.cifar import DatasetMissingError
+from kdbench.data.resize import resized
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .loader import TensorLoader, apply_views, view_id
+from kdbench.data.loader import TensorLoader, apply_views, view_id
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetInfo, register_dataset
-from .cifar import DatasetMissingError, ImageSet
-from .resize import resize_uint8, resized
+from kdbench.data.base import DatasetInfo, register_dataset
+from kdbench.data.cifar import DatasetMissingError, ImageSet
+from kdbench.data.resize import resize_uint8, resized
 
 STL10_MEAN = (0.4467, 0.4398, 0.4066)
 STL10_STD = (0.2603, 0.2566, 0.2712)

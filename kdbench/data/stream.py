@@ -29,8 +29,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .imagenet import FileImageSet
-from .sharded import RankShards, shard_bounds
+from kdbench.data.imagenet import FileImageSet
+from kdbench.data.sharded import RankShards, shard_bounds
 
 
 def default_workers(world_size: int = 1) -> int:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetInfo, register_dataset
-from .cifar import DatasetMissingError, ImageSet
+from kdbench.data.base import DatasetInfo, register_dataset
+from kdbench.data.cifar import DatasetMissingError, ImageSet
 
 SVHN_MEAN = (0.4377, 0.4438, 0.4728)
 SVHN_STD = (0.1980, 0.2010, 0.1970)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cifar import ImageSet
+from kdbench.data.cifar import ImageSet
 
 
 def make_synthetic(classes: int = 10, train_per_class: int = 100, test_per_class: int = 50,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-from ..engine.io import atomic_write_json, read_json
-from .base import DATASETS
-from .synthetic import make_synthetic
+from kdbench.core.io import atomic_write_json, read_json
+from kdbench.data.base import DATASETS
+from kdbench.data.synthetic import make_synthetic
 
 MARKER = "kdbench-synthetic.json"
 WRITTEN = ".kdbench-synthetic-written.json"

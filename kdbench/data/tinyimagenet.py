@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetInfo, register_dataset
-from .cifar import DatasetMissingError, ImageSet
-from .resize import load_rgb, resized
+from kdbench.data.base import DatasetInfo, register_dataset
+from kdbench.data.cifar import DatasetMissingError, ImageSet
+from kdbench.data.resize import load_rgb, resized
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_STD = (0.2302, 0.2265, 0.2262)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_torch_save
+from kdbench.core.io import atomic_torch_save
 
 MODEL_FORMAT = "kdbench-model/1"
 CHECKPOINT_FORMAT = "kdbench-checkpoint/1"
@@ -72,7 +72,7 @@ def save_model(path: str | Path, model: nn.Module, arch: str, num_classes: int, 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
                device: torch.device | str = "cpu") -> nn.Module:
     """Build the file's architecture and load its weights; refuse any mismatch."""
-    from ..models import build_model
+    from kdbench.models import build_model
 
     obj = read_file(path, MODEL_FORMAT)
     if arch is not None and obj["arch"] != arch:

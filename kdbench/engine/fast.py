@@ -1,5 +1,5 @@
 """How training steps execute: the step's maths (:func:`train_step`, shared by ``fit``, the fast
-path and packing) and the execution options of :class:`~kdbench.engine.spec.Execution`.
+path and packing) and the execution options of :class:`~kdbench.core.spec.Execution`.
 
 The plain path is eager fp32. The fast path (``performance.md`` §7–§8) adds, each optional:
 
@@ -42,11 +42,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..methods import Batch, Objective
-from ..models.features import Features
-from .fusion import Member, fused_train_step
-from .spec import Execution
-from .step import Eager, TeacherInput, train_step
+from kdbench.methods import Batch, Objective
+from kdbench.core.features import Features
+from kdbench.engine.fusion import Member, fused_train_step
+from kdbench.core.spec import Execution
+from kdbench.engine.step import Eager, TeacherInput, train_step
 
 
 class Runtime(Eager):
@@ -98,7 +98,7 @@ class Runtime(Eager):
 
     def attach_cache(self, teacher: nn.Module | None, objective: Objective, loader) -> None:
         """Use the exact teacher-output cache if asked for and the method only reads logits/pooled."""
-        from .teacher_cache import cacheable, get_cache
+        from kdbench.engine.teacher_cache import cacheable, get_cache
         ex = self.execution
         if ex.teacher_cache == "none" or teacher is None or not cacheable(objective.teacher_needs):
             return

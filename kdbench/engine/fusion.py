@@ -15,7 +15,7 @@ as one wide network, operator by operator:
 
 The fused input is the K members' batches stacked along channels, ``[B, K·3, H, W]`` (each
 member sees its own images; the K batches must have the same size). ``forward`` returns K
-:class:`~kdbench.models.features.Features`, one per member, whose tensors are channel slices
+:class:`~kdbench.core.features.Features`, one per member, whose tensors are channel slices
 (views) of the fused ones — equal to each member's own forward up to the rounding of grouped
 versus plain kernels (``tests/test_fusion.py``: within 1e-12 in float64, forward, gradients and
 3 SGD steps; in float32 ~1e-7, except that a pre-activation within rounding of a ReLU kink may
@@ -56,12 +56,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..methods import Batch, Objective
-from ..models.features import Features
-from ..models.resnet import CifarResNet
-from ..models.vgg import CFG as VGG_CFG, VGG
-from ..models.wrn import WideResNet
-from .step import record_step, step_loss
+from kdbench.methods import Batch, Objective
+from kdbench.core.features import Features
+from kdbench.models.resnet import CifarResNet
+from kdbench.models.vgg import CFG as VGG_CFG, VGG
+from kdbench.models.wrn import WideResNet
+from kdbench.engine.step import record_step, step_loss
 
 SUPPORTED_ARCHS: tuple[str, ...] = (
     *(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)), "resnet8x4", "resnet32x4",

@@ -9,7 +9,7 @@ does (giakoumoglou/distillers ``transfer_student.py`` keeps wd 5e-4, updates BN 
 train mode and never decays its lr).
 
 CRD never published the probe's epochs, lr or schedule (HobbitLong/RepDistiller#44, open). The
-defaults are ``PROBE_RECIPE`` (:mod:`kdbench.engine.spec`): **40 epochs, SGD momentum 0.9,
+defaults are ``PROBE_RECIPE`` (:mod:`kdbench.core.spec`): **40 epochs, SGD momentum 0.9,
 lr 0.1, ×0.1 after epochs 20 and 30, batch 64, wd 0** — a schedule that converges a linear layer
 on 5k–100k frozen features and actually decays. The lr is the recipe's ``lr`` for every
 architecture (RepDistiller's lower lr for MobileNetV2/ShuffleNets is about training those
@@ -21,7 +21,7 @@ networks, not a linear layer on them). Choices where the sources are silent:
 * every epoch ends with a test-set evaluation; ``acc_last`` (CRD's statistic) and ``acc_best``
   are recorded, as for any run.
 
-Outputs (same schema as :func:`kdbench.engine.train.fit`): ``metrics.json`` (status, acc_last,
+Outputs (same schema as :func:`kdbench.engine.fit.fit`): ``metrics.json`` (status, acc_last,
 acc_best, curve, provenance, spec, plus ``probe`` — the frozen file, its SHA-256, feature size),
 ``model.pt`` (the frozen backbone with the new layer) and a per-epoch ``checkpoint.pt`` from which a
 killed probe resumes.
@@ -39,15 +39,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import load_dataset
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_model, read_file, save_model
-from .io import atomic_torch_save, atomic_write_json, provenance
-from .optim import SGD
-from .seeding import derive_seed, generator
-from .spec import PROBE_RECIPE, Recipe, RunSpec
-from .device import resolve_device
-from .run import run_record
-from .step import NonFiniteLoss, evaluate
+from kdbench.data import load_dataset
+from kdbench.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_model, read_file, save_model
+from kdbench.core.io import atomic_torch_save, atomic_write_json, provenance
+from kdbench.engine.optim import SGD
+from kdbench.core.seeding import derive_seed, generator
+from kdbench.core.spec import PROBE_RECIPE, Recipe, RunSpec
+from kdbench.engine.device import resolve_device
+from kdbench.engine.run import run_record
+from kdbench.engine.step import NonFiniteLoss, evaluate
 
 PROBE_LR_ARCH = "linear"  # Recipe.lr_at(…, arch): not a small-lr architecture, so recipe.lr applies
 
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from ..data import DatasetMissingError
-    from ..registry import UnknownNameError
+    from kdbench.data import DatasetMissingError
+    from kdbench.core.registry import UnknownNameError
     try:
-        from .checkpoint import read_file as _read
-        from .checkpoint import MODEL_FORMAT
+        from kdbench.engine.checkpoint import read_file as _read
+        from kdbench.engine.checkpoint import MODEL_FORMAT
         arch = _read(a.model, MODEL_FORMAT)["arch"]
         recipe = Recipe.from_config({**d, "epochs": a.epochs, "milestones": a.milestones, "lr": a.lr,
                                      "batch_size": a.batch_size, "weight_decay": a.weight_decay})

@@ -2,7 +2,7 @@
 
 A grid of small CIFAR runs leaves a GPU mostly idle, one run at a time (``performance.md`` §5).
 :func:`fit_packed` trains K runs (different seeds and/or methods, even different students) in
-lockstep. Each run is exactly :func:`~kdbench.engine.train.fit`'s code (its
+lockstep. Each run is exactly :func:`~kdbench.engine.fit.fit`'s code (its
 :class:`~kdbench.engine.run.Run`): its own initialisation, data order,
 augmentation, BN statistics, optimizer state, checkpoint, ``metrics.json`` and ``model.pt``.
 What is shared:
@@ -58,15 +58,15 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_dataset
-from . import distributed
-from .device import resolve_device
-from .fusion import SUPPORTED_ARCHS, Member, fuse
-from .rules import check_packable, teacher_key
-from .run import Run
-from .spec import RunSpec
-from .step import NonFiniteLoss
-from .train import prepared
+from kdbench.data import load_dataset
+from kdbench.core import distributed
+from kdbench.engine.device import resolve_device
+from kdbench.engine.fusion import SUPPORTED_ARCHS, Member, fuse
+from kdbench.engine.rules import check_packable, teacher_key
+from kdbench.engine.run import Run
+from kdbench.core.spec import RunSpec
+from kdbench.engine.step import NonFiniteLoss
+from kdbench.engine.fit import prepared
 
 TAKEN = object()  # sent to a run's steps when its fused group took the step
 

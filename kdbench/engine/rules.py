@@ -2,16 +2,16 @@
 
 :func:`run_problems` lists why a run cannot train as specified; :func:`pack_key` and
 :func:`unpackable` say which runs one ``kdbench pack`` job may train together. The suite
-(:mod:`kdbench.suite`) turns them into errors with the experiment's context when it loads and
+(:mod:`kdbench.planning.suite`) turns them into errors with the experiment's context when it loads and
 plans its packs with them; the engine checks the same before a run or a pack starts.
 """
 
 from __future__ import annotations
 
-from ..data import DATASETS, check_stream_split
-from ..methods import METHODS, resolve_method
-from ..methods.base import label_free_methods
-from .spec import RunSpec
+from kdbench.data import DATASETS, check_stream_split
+from kdbench.methods import METHODS, resolve_method
+from kdbench.methods.base import label_free_methods
+from kdbench.core.spec import RunSpec
 
 STAGE_FIELDS = frozenset({"stages", "preact"})
 

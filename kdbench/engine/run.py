@@ -46,17 +46,17 @@ from pathlib import Path
 
 import torch
 
-from ..data import holdout_split, load_dataset, load_stream
-from ..methods import Batch, MethodContext, Objective, resolve_method
-from ..models import build_model, feature_shapes
-from . import distributed
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_file, save_model
-from .io import atomic_torch_save, atomic_write_json, data_fingerprint, file_sha256, provenance, read_json
-from .optim import SGD
-from .seeding import derive_seed, generator
-from .spec import RunSpec
-from .teachers import load_teacher
-from .step import Eager, NonFiniteLoss, TeacherInput, epoch_means, evaluate, set_train_modes, step_names
+from kdbench.data import holdout_split, load_dataset, load_stream
+from kdbench.methods import Batch, MethodContext, Objective, resolve_method
+from kdbench.models import build_model, feature_shapes
+from kdbench.core import distributed
+from kdbench.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_file, save_model
+from kdbench.core.io import atomic_torch_save, atomic_write_json, data_fingerprint, file_sha256, provenance, read_json
+from kdbench.engine.optim import SGD
+from kdbench.core.seeding import derive_seed, generator
+from kdbench.core.spec import RunSpec
+from kdbench.engine.teachers import load_teacher
+from kdbench.engine.step import Eager, NonFiniteLoss, TeacherInput, epoch_means, evaluate, set_train_modes, step_names
 
 
 def train(run: "Run", stop_after_epochs: int | None = None) -> dict:
@@ -87,8 +87,8 @@ class Stage:
 
 
 class Run:
-    """A run of ``spec`` in ``out_dir`` on ``dctx.device`` (:func:`kdbench.engine.distributed.init`),
-    resumed from its checkpoint if there is one (:func:`kdbench.engine.train.prepared` makes it,
+    """A run of ``spec`` in ``out_dir`` on ``dctx.device`` (:func:`kdbench.core.distributed.init`),
+    resumed from its checkpoint if there is one (:func:`kdbench.engine.fit.prepared` makes it,
     once :func:`kdbench.engine.rules.check_run` has passed). ``execution``: how steps execute (default
     :class:`~kdbench.engine.step.Eager`). ``data`` and ``loaders``: a dataset and loaders shared
     with other runs (``pack.py``)."""
@@ -357,8 +357,8 @@ def epoch_line(prefix: str, stage: str, epoch: int, epochs: int, done: int, tota
 def check_synthetic_data(spec: RunSpec) -> None:
     """Synthetic data on disk must be what the run's suite declares (``RunSpec.data_id``): two suites
     that share a root with different ``synthetic:`` settings would otherwise train on each other's."""
-    from ..data.synthetic_files import MARKER
-    from .spec import _digest
+    from kdbench.data.synthetic_files import MARKER
+    from kdbench.core.spec import _digest
 
     if not (spec.data_id or "").startswith("synthetic:"):
         return
@@ -375,7 +375,7 @@ def resumable(ckpt_path: Path, recorded: dict | None, now: dict) -> bool:
     """Whether a checkpoint may be resumed by a run reading ``now`` (its ``read`` record).
 
     Other data under the same run id is refused: the data changed under the run (real data is
-    identified by its name, see :func:`kdbench.engine.spec.dataset_identity`). Another teacher file
+    identified by its name, see :func:`kdbench.core.spec.dataset_identity`). Another teacher file
     means the teacher was made again (a deleted teacher run retrained, on a GPU not bit for bit):
     Snakemake reruns the student for that reason, so it restarts from its first epoch (False) instead
     of mixing two teachers in one run."""

@@ -1,6 +1,6 @@
 """A run folder has one writer at a time, and a run start clears what a killed writer left.
 
-Every result file is written atomically (:mod:`kdbench.engine.io`): to a temporary file
+Every result file is written atomically (:mod:`kdbench.core.io`): to a temporary file
 ``.<name>.<8 random characters>`` in the same folder, then renamed. A process killed between the
 two leaves the temporary behind; :func:`claim` removes those of its own folder (never another
 run's: only the folder itself is scanned, only the names kdbench writes) once it holds the
@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .io import read_json
+from kdbench.core.io import read_json
 
 #: the temporary files of kdbench's atomic writes (tempfile.mkstemp's 8-character suffix)
 TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.json|model\.pt|diagnostics-[^/]+\.json)\.[A-Za-z0-9_]{8}$")

@@ -22,9 +22,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..methods import Batch, Objective
-from ..models.features import Features
-from . import distributed
+from kdbench.methods import Batch, Objective
+from kdbench.core.features import Features
+from kdbench.core import distributed
 
 
 class NonFiniteLoss(RuntimeError):

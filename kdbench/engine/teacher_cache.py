@@ -43,8 +43,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..models.features import Features
-from .io import atomic_torch_save
+from kdbench.core.features import Features
+from kdbench.core.io import atomic_torch_save
 
 CACHE_FORMAT = "kdbench-teacher-cache/1"
 CACHEABLE = frozenset({"logits", "pooled"})

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ..models.features import Features
-from .checkpoint import load_model
+from kdbench.core.features import Features
+from kdbench.engine.checkpoint import load_model
 
 
 class TeacherEnsemble(nn.Module):

@@ -3,15 +3,15 @@
 import importlib
 import pkgutil
 
-from ..plugins import load_entry_points
-from .base import (LOSSES, METHODS, Batch, DistillLoss, MethodContext, MethodSpec, Objective,
+from kdbench.core.plugins import load_entry_points
+from kdbench.methods.base import (LOSSES, METHODS, Batch, DistillLoss, MethodContext, MethodSpec, Objective,
                    register_loss, register_method)
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base" and not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-# external methods: installed packages' entry points, group "kdbench.methods" (kdbench/plugins.py)
+# external methods: installed packages' entry points, group "kdbench.methods" (kdbench/core/plugins.py)
 load_entry_points("kdbench.methods")
 
 __all__ = ["LOSSES", "METHODS", "Batch", "DistillLoss", "MethodContext", "MethodSpec", "Objective",

@@ -30,9 +30,9 @@ from typing import Iterable
 
 from torch import Tensor, nn
 
-from ..models.features import Features
-from .adapters import ConvReg
-from .base import Batch, InitStageLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import ConvReg
+from kdbench.methods.base import Batch, InitStageLoss, MethodContext, register_loss, register_method
 
 
 def margin_loss(source: Tensor, target: Tensor, margin: float = 1.0) -> Tensor:

@@ -21,8 +21,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..models.features import Features, FeatureShapes
-from ..registry import Registry
+from kdbench.core.features import Features, FeatureShapes
+from kdbench.core.registry import Registry
 
 #: Which fields of the teacher's Features a term reads (used to decide what may be cached).
 TEACHER_FIELDS = frozenset({"logits", "pooled", "stages", "preact"})

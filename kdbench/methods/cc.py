@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..models.features import Features
-from .adapters import LinearEmbed
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import LinearEmbed
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 def correlation_congruence(e_s: Tensor, e_t: Tensor) -> Tensor:

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import distributed
-from ..models.features import Features
-from .adapters import Embed
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core import distributed
+from kdbench.core.features import Features
+from kdbench.methods.adapters import Embed
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 EPS = 1e-7
 

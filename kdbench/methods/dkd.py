@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.features import Features
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 #: mdistiller's CIFAR-100 β per (teacher, student) in kdbench's model names; other pairs: DEFAULT_BETA

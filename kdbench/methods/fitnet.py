@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.features import Features
-from .adapters import ConvReg
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import ConvReg
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 @register_loss("fitnet")

@@ -25,9 +25,9 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..models.features import Features
-from .adapters import pool_to_smaller
-from .base import Batch, InitStageLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import pool_to_smaller
+from kdbench.methods.base import Batch, InitStageLoss, MethodContext, register_loss, register_method
 
 
 def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:

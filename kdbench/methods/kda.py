@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import distributed
-from ..models.features import Features
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core import distributed
+from kdbench.core.features import Features
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 LAYERS = ("pooled", "logits")
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.features import Features
-from .adapters import pool_to_smaller
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import pool_to_smaller
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 def neuron_selectivity_mmd(f_s: Tensor, f_t: Tensor, degree: float = 2.0, c: float = 0.0) -> Tensor:

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.features import Features
-from .adapters import Projection, pool_to_smaller
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import Projection, pool_to_smaller
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 def cosine_cost(x: Tensor, y: Tensor) -> Tensor:

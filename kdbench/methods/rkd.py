@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.features import Features
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 def distance_potential(x: Tensor, eps: float = 1e-12) -> Tensor:

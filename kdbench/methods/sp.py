@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.features import Features
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 def similarity_matrix(f: Tensor) -> Tensor:

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.features import Features
-from .adapters import pool_to_smaller
-from .base import Batch, DistillLoss, MethodContext, register_loss, register_method
+from kdbench.core.features import Features
+from kdbench.methods.adapters import pool_to_smaller
+from kdbench.methods.base import Batch, DistillLoss, MethodContext, register_loss, register_method
 
 
 class VIDLayer(nn.Module):

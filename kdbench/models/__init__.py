@@ -14,29 +14,29 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2  # noqa: F401 (registers)
-from . import shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 (registers)
-from .features import Features, FeatureShapes, feature_shapes
-from ..plugins import load_entry_points
-from .zoo import MODELS, register_model
+from kdbench.models import kda_resnet, kda_shufflenet, mobilenetv2, resnet, resnetv2  # noqa: F401 (registers)
+from kdbench.models import shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 (registers)
+from kdbench.core.features import Features, FeatureShapes, feature_shapes
+from kdbench.core.plugins import load_entry_points
+from kdbench.models.zoo import MODELS, register_model
 
 
 # torchvision.models takes ~1 s to import: load the ImageNet family only when it is built
 @register_model("imagenet_resnet18")
 def _imagenet_resnet18(num_classes: int = 1000) -> nn.Module:
-    from .imagenet_resnet import imagenet_resnet18
+    from kdbench.models.imagenet_resnet import imagenet_resnet18
     return imagenet_resnet18(num_classes)
 
 
 @register_model("imagenet_resnet34")
 def _imagenet_resnet34(num_classes: int = 1000) -> nn.Module:
-    from .imagenet_resnet import imagenet_resnet34
+    from kdbench.models.imagenet_resnet import imagenet_resnet34
     return imagenet_resnet34(num_classes)
 
 __all__ = ["MODELS", "register_model", "build_model", "model_names", "Features", "FeatureShapes", "feature_shapes"]
 
 
-# external models: installed packages' entry points, group "kdbench.models" (kdbench/plugins.py)
+# external models: installed packages' entry points, group "kdbench.models" (kdbench/core/plugins.py)
 load_entry_points("kdbench.models")
 
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet as tvr
 
-from .features import Features
-from .zoo import ClassifierAlias
+from kdbench.core.features import Features
+from kdbench.models.zoo import ClassifierAlias
 
 
 def block_with_preact(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import ClassifierAlias, register_model, run_stage
+from kdbench.core.features import Features
+from kdbench.models.zoo import ClassifierAlias, register_model, run_stage
 
 
 class BasicBlock(nn.Module):

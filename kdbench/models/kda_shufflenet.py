@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
+from kdbench.core.features import Features
+from kdbench.models.zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
 
 
 def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, relu: bool = False) -> nn.Sequential:

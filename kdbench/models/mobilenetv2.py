@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import global_pool, init_conv_fan_out_, register_model
+from kdbench.core.features import Features
+from kdbench.models.zoo import global_pool, init_conv_fan_out_, register_model
 
 # (expansion t, channels c, blocks n, first stride s); t=None means the model's expansion T
 SETTINGS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model, run_stage
+from kdbench.core.features import Features
+from kdbench.models.zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model, run_stage
 
 
 class Bottleneck(nn.Module):

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
+from kdbench.core.features import Features
+from kdbench.models.zoo import ClassifierAlias, channel_shuffle, global_pool, register_model, run_stage
 
 
 class ShuffleUnit(nn.Module):

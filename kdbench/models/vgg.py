@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import init_conv_fan_out_, register_model
+from kdbench.core.features import Features
+from kdbench.models.zoo import init_conv_fan_out_, register_model
 
 CFG = {
     "vgg8": [[64], [128], [256], [512], [512]],

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import Features
-from .zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model
+from kdbench.core.features import Features
+from kdbench.models.zoo import ClassifierAlias, global_pool, init_conv_fan_out_, register_model
 
 
 class WideBasic(nn.Module):

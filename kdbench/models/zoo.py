@@ -5,7 +5,7 @@ Family modules register a factory ``f(num_classes) -> nn.Module`` with :func:`re
 
 Conventions shared by every family (so methods never need to know an architecture):
 
-* ``forward(x)`` returns :class:`~kdbench.models.features.Features`;
+* ``forward(x)`` returns :class:`~kdbench.core.features.Features`;
 * ``model.classifier`` is the final ``nn.Linear`` (an alias, :class:`ClassifierAlias`, where the
   original code names it ``fc`` or ``linear``, so state-dict keys stay those of the original
   code and its checkpoints load unchanged);
@@ -14,7 +14,7 @@ Conventions shared by every family (so methods never need to know an architectur
   last stage and the pooling: wrn's final BN, MobileNetV2's and ShuffleV2's last 1×1 conv-BN),
   otherwise every child module except the classifier;
 * ``model.image_size`` is the input resolution the architecture is meant for (32 for the
-  CIFAR zoo, 224 for ImageNet), to pass to :func:`~kdbench.models.features.feature_shapes`.
+  CIFAR zoo, 224 for ImageNet), to pass to :func:`~kdbench.core.features.feature_shapes`.
 
 Residual stages are ``nn.Sequential`` of blocks whose ``forward`` returns ``(out, preact)``,
 ``preact`` being the tensor before the block's final ReLU; :func:`run_stage` threads them.
@@ -28,7 +28,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import Registry
+from kdbench.core.registry import Registry
 
 MODELS: Registry[Callable[[int], nn.Module]] = Registry("architecture")
 

@@ -7,7 +7,7 @@ Submodules are imported on use (scipy alone takes ~0.7 s, and every training job
 
 def __getattr__(name):
     if name == "mean_ci":
-        from .ci import mean_ci
+        from kdbench.stats.ci import mean_ci
         return mean_ci
     raise AttributeError(name)
 

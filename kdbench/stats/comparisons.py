@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .paired import PairedTest, benjamini_hochberg, holm, pooled_sd, seeds_needed
+from kdbench.stats.paired import PairedTest, benjamini_hochberg, holm, pooled_sd, seeds_needed
 
 PRIMARY, EXPLORATORY = "primary", "exploratory"
 CORRECTION = {PRIMARY: "Holm", EXPLORATORY: "BH"}

@@ -1,7 +1,7 @@
 """Paired comparisons of two methods over seeds: pure functions of the per-seed numbers.
 
 kdbench pairs its runs: the same seed gives every method the same student initialisation and
-the same data order (``kdbench.engine.seeding``), so two methods are compared through the
+the same data order (``kdbench.core.seeding``), so two methods are compared through the
 per-seed differences d_k = a_k − b_k, which removes the seed-to-seed variation they share.
 
 * :func:`paired_test` — Student's paired t-test (two-sided, as ``scipy.stats.ttest_rel``) and

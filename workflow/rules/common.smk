@@ -68,7 +68,7 @@ def set_aside_corrupt_metrics():
     (-n) only says so. Reads every existing metrics.json once per invocation (main process only)."""
     import pathlib
 
-    from kdbench.engine.io import read_json_state
+    from kdbench.core.io import read_json_state
 
     for run in SUITE.runs:
         path = pathlib.Path(f"{RUNS_DIR}/{run}/metrics.json")

@@ -1,7 +1,7 @@
 # Paper-layout tables (`kdbench tables`), paper figures (`kdbench figures`) and the kernel-gap
 # records they read (`kdbench kernel-gap`, KDA Fig. 3 and teacher-ensemble accuracies).
 # paper_outputs() lists every output; `snakemake paper` builds them (and `all`, once it lists them).
-from kdbench.stats.paper_tables import diagnostic_targets, table_specs
+from kdbench.report.paper_tables import diagnostic_targets, table_specs
 
 PAPER_DIR = f"{RESULTS}/paper"
 _PAPER_SPECS = table_specs(SUITE)

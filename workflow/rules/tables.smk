@@ -1,7 +1,7 @@
 # Seed aggregation: one job reads every run's metrics.json and writes the suite's tables; one
 # draws the seed tables' forest plots and learning curves (`kdbench figures --seed-tables`).
 # report(...) puts them in `snakemake --report report.html`, with the captions in workflow/report/.
-from kdbench.stats.figures import seed_figure_names
+from kdbench.report.figures import seed_figure_names
 
 SEED_FIGURES = [f"{RESULTS}/{n}" for n in seed_figure_names(SUITE)]
 

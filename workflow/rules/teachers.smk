@@ -1,4 +1,4 @@
-# Released teachers (`teacher: released` in a suite; kdbench/engine/released.py): one job per
+# Released teachers (`teacher: released` in a suite; kdbench/teachers/released.py): one job per
 # teacher downloads the checkpoint the papers used (where the network allows; otherwise the job
 # fails saying which file to put where), checks it and imports it as the run
 # <dataset>/released/<arch>/<source>-<hash>, whose model.pt every distillation from it reads.

@@ -6,10 +6,10 @@
 import re
 import shlex
 
-from kdbench.launch import job_resources
+from kdbench.planning.launch import job_resources
 
 PACKING = SUITE.pack_options(config)  # {"size": N, "fuse": bool}
-PACKS = SUITE.packs(PACKING["size"])  # pack id -> run ids (kdbench.suite.Suite.packs)
+PACKS = SUITE.packs(PACKING["size"])  # pack id -> run ids (kdbench.planning.suite.Suite.packs)
 PACKED = {r for runs in PACKS.values() for r in runs}
 # rule fit makes only the runs that no pack makes, so every metrics.json has one producer
 # (Snakemake would prefer the wildcard-free pack rule anyway; this says it). "(?!)": fit makes none.
@@ -21,7 +21,7 @@ def _fit_command(wildcards):
 
 
 def _sizes(run_id):
-    """The run's job size (kdbench.launch.job_resources), computed without reading any data."""
+    """The run's job size (kdbench.planning.launch.job_resources), computed without reading any data."""
     return job_resources(SUITE.runs[run_id], SUITE.config, config)
 
 
@@ -36,7 +36,7 @@ def _launch(sizes):
     import sys
     if sizes["gpu"] == 0 and sizes["nproc"] == 1:
         return "kdbench"
-    return f"{gpu_env(sizes['gpu'])}{sys.executable} -m kdbench.launch --gpus {sizes['gpu']} --nproc {sizes['nproc']} --"
+    return f"{gpu_env(sizes['gpu'])}{sys.executable} -m kdbench.planning.launch --gpus {sizes['gpu']} --nproc {sizes['nproc']} --"
 
 
 # a run whose estimate exceeds max_runtime needs several submissions (each resumes from the

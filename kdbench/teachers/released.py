@@ -2,7 +2,7 @@
 
 CRD, FKD and the OT paper's CIFAR tables used RepDistiller's released ``ckpt_epoch_240.pth``
 teachers; the OT paper's ImageNet table used torchvision's ResNet-34. A suite selects them with
-``teacher: released`` (``kdbench/suite.py``); each becomes a run of kind ``import``, id
+``teacher: released`` (``kdbench/planning/suite.py``); each becomes a run of kind ``import``, id
 ``<dataset>/released/<arch>/<source>-<hash>``, whose job (``kdbench fetch-teachers``, rule
 ``fetch_teacher`` in ``workflow/rules/teachers.smk``) runs before any distillation that needs it:
 
@@ -36,10 +36,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .device import resolve_device
-from .import_teacher import PUBLISHED_TOP1, import_teacher
-from .io import atomic_file, atomic_write_json, file_sha256, provenance
+from kdbench.engine.checkpoint import CheckpointError
+from kdbench.engine.device import resolve_device
+from kdbench.teachers.imported import PUBLISHED_TOP1, import_teacher
+from kdbench.core.io import atomic_file, atomic_write_json, file_sha256, provenance
 
 REPDISTILLER_URL = "http://shape2prog.csail.mit.edu/repo/{arch}_vanilla/ckpt_epoch_240.pth"
 MDISTILLER_ARCHIVE = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
@@ -159,7 +159,7 @@ def import_released(rt: ReleasedTeacher, run_dir: str | Path, teachers_dir: str 
                     data_root: str | None = None, device: str = "auto", run_id: str | None = None,
                     resume: str = "kdbench fetch-teachers again") -> dict:
     """Obtain, check and import ``rt`` into ``run_dir`` (model.pt + metrics.json); the metrics."""
-    from ..data import DatasetMissingError
+    from kdbench.data import DatasetMissingError
 
     start = time.time()
     raw, origin = obtain(rt, teachers_dir, resume)
@@ -187,7 +187,7 @@ def import_released(rt: ReleasedTeacher, run_dir: str | Path, teachers_dir: str 
 def describe(suite, run_id: str, teachers_dir: str = TEACHERS_DIR) -> str:
     """``released <raw file> sha256 <hex>`` of an import run: the SHA-256 recorded when it was
     imported, else the pinned one, else that it is not fetched yet."""
-    from .io import read_json
+    from kdbench.core.io import read_json
 
     run = suite.runs[run_id]
     rt = released_teacher(run.spec.dataset, run.spec.student)

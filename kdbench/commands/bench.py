@@ -52,7 +52,7 @@ CONFIGS = ("plain", "fast", "fast+cache")
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    from .engine.io import cpu_name
+    from kdbench.core.io import cpu_name
     return f"CPU {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
@@ -73,9 +73,9 @@ class Setup:
     """Data, teacher and the constructors both loops use."""
 
     def __init__(self, args, dev: torch.device):
-        from .data.cifar import CIFAR100_MEAN, CIFAR100_STD
-        from .data.synthetic import make_synthetic
-        from .models import build_model
+        from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD
+        from kdbench.data.synthetic import make_synthetic
+        from kdbench.models import build_model
 
         self.args, self.dev = args, dev
         self.mean, self.std = CIFAR100_MEAN, CIFAR100_STD
@@ -94,14 +94,14 @@ class Setup:
         self.teacher = copy.deepcopy(self.base_teacher)
 
     def loader(self):
-        from .data.loader import TensorLoader
+        from kdbench.data.loader import TensorLoader
         return TensorLoader(self.images, self.labels, self.mean, self.std, self.args.batch, True, self.dev)
 
     def member(self, method: str, seed: int, loader=None):
         """(student, objective, kdbench SGD) for ``method``, initialised from ``seed``."""
-        from .engine.optim import SGD
-        from .methods import METHODS, MethodContext, build_objective
-        from .models import build_model, feature_shapes
+        from kdbench.engine.optim import SGD
+        from kdbench.methods import METHODS, MethodContext, build_objective
+        from kdbench.models import build_model, feature_shapes
 
         labels = torch.as_tensor(self.labels, device=self.dev)
         torch.manual_seed(seed)
@@ -147,7 +147,7 @@ class RefDataset(torch.utils.data.Dataset):
 def _ref_crd(term, s, t, index, contrast_idx):
     """The CRD loss as RepDistiller's CRDLoss/ContrastMemory computes it: negatives from the
     data loader, normalising constants read back to the host every step."""
-    from .methods.crd import momentum_update, nce_loss, nce_scores
+    from kdbench.methods.crd import momentum_update, nce_loss, nce_scores
     v_s, v_t = term.embed_s(s.pooled), term.embed_t(t.pooled.detach())
     out_s = nce_scores(v_s, term.memory_t, contrast_idx, term.nce_t)
     out_t = nce_scores(v_t, term.memory_s, contrast_idx, term.nce_t)
@@ -162,7 +162,7 @@ def _ref_crd(term, s, t, index, contrast_idx):
 
 def reference_sps(setup: Setup, method: str, steps: int, warmup: int, workers: int) -> float:
     """Steps/s of the RepDistiller-style loop."""
-    from .methods import Batch
+    from kdbench.methods import Batch
     dev, args = setup.dev, setup.args
     student, objective, params, _ = setup.member(method, 0)
     crd = objective.terms["crd"] if "crd" in objective.terms else None
@@ -207,7 +207,7 @@ def reference_sps(setup: Setup, method: str, steps: int, warmup: int, workers: i
 # ---------------------------------------------------------------- (b) the engine
 
 def execution_for(config: str, dev: torch.device, compile_mode: str | None):
-    from .engine.spec import Execution
+    from kdbench.core.spec import Execution
     if config == "plain":
         return Execution()
     cuda = dev.type == "cuda"
@@ -224,8 +224,8 @@ class EngineRun:
     files, stages or evaluation."""
 
     def __init__(self, setup: Setup, member, runtime, loader, seed: int, epoch: int):
-        from .engine.seeding import generator
-        from .engine.step import set_train_modes, step_names
+        from kdbench.core.seeding import generator
+        from kdbench.engine.step import set_train_modes, step_names
         self.student, self.objective, self.opt = member
         self.model, self.teacher, self.execution, self.loader = self.student, setup.teacher, runtime, loader
         self.term, self.epoch, self.gen = None, epoch, generator(setup.dev, seed * 1000 + epoch)
@@ -235,12 +235,12 @@ class EngineRun:
         self._step = None
 
     def batches(self):
-        from .methods import Batch
+        from kdbench.methods import Batch
         for x, y, idx, *view in self.loader.batches(self.gen, views=self.execution.needs_views):
             yield Batch(self.execution.input(x), y, idx, self.epoch, self.gen), (view[0] if view else None)
 
     def teacher_input(self, batch, view):
-        from .engine.step import TeacherInput
+        from kdbench.engine.step import TeacherInput
         return TeacherInput(batch.x, batch.index, view)
 
     def step(self, batch, t) -> None:
@@ -259,7 +259,7 @@ class EngineRun:
 def engine_steps(runs: list[EngineRun], n: int, fuse: bool = False, fusers: dict | None = None) -> None:
     """At most ``n`` steps of each run in lockstep (fewer if the epoch ends): one teacher pass for
     all their batches, then each run's step, or one fused step (``fuse``)."""
-    from .engine.pack import fused_steps, teacher_answers
+    from kdbench.engine.pack import fused_steps, teacher_answers
     its = [r.batches() for r in runs]
     keys = [0] * len(runs)
     for _ in range(n):
@@ -278,7 +278,7 @@ def engine_steps(runs: list[EngineRun], n: int, fuse: bool = False, fusers: dict
 
 
 def _runtime(setup: Setup, execution, loader, objective):
-    from .engine.fast import Runtime
+    from kdbench.engine.fast import Runtime
     runtime = Runtime(execution, setup.dev)
     t0 = time.perf_counter()
     runtime.attach_cache(setup.teacher, objective, loader)
@@ -319,8 +319,8 @@ def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
     """FLOPs of one plain step: (teacher forward, student forward/backward + the loss)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engine.step import step_names, train_step
-    from .methods import Batch
+    from kdbench.engine.step import step_names, train_step
+    from kdbench.methods import Batch
     student, objective, params, make_opt = setup.member(method, 0)
     loader = setup.loader()
     x, y, idx = next(loader.batches(torch.Generator(setup.dev).manual_seed(0)))
@@ -354,7 +354,7 @@ def agreement(setup: Setup, method: str, execution, steps: int) -> dict:
 # ---------------------------------------------------------------- the command
 
 def run_bench(args) -> dict:
-    from .engine.device import resolve_device
+    from kdbench.engine.device import resolve_device
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
     args.pair = args.pair or (("resnet32x4", "resnet8x4") if cuda else ("resnet20", "resnet8"))
@@ -393,7 +393,7 @@ def run_bench(args) -> dict:
             for m in dict.fromkeys([args.method, *grid])}
     jobs.update({("engine", c): lambda c=c: engine_sps(setup, args.method, execution_for(c, dev, args.compile),
                                                        args.steps, args.warmup) for c in configs})
-    from .engine.fusion import SUPPORTED_ARCHS
+    from kdbench.engine.fusion import SUPPORTED_ARCHS
     grids = ["pack", "pack+fuse"] if args.fuse and setup.s_arch in SUPPORTED_ARCHS else ["pack"]
     for g in grids:
         jobs[(g, pack_config)] = lambda g=g: engine_sps(setup, args.method, execution_for(pack_config, dev, args.compile),
@@ -486,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.pair is not None and len(args.pair) != 2:
         p.error("--pair takes TEACHER,STUDENT")
-    from .methods import METHODS
-    from .models import MODELS
+    from kdbench.methods import METHODS
+    from kdbench.models import MODELS
     for m in [args.method, *(args.grid_methods or [])]:
         METHODS.get(m)  # unknown names raise with the valid choices
     for a in args.pair or ():
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--configs: valid configs are {', '.join(CONFIGS)}")
     out = run_bench(args)
     if args.json:
-        from .engine.io import atomic_write_json
+        from kdbench.core.io import atomic_write_json
         atomic_write_json(args.json, out)
     return 0
 

@@ -38,7 +38,7 @@ def did_you_mean(name: str, valid) -> str:
 def term_parameters(term: str) -> list[str]:
     """The keyword parameters of a distillation term's constructor (what ``params`` may set),
     following ``**kwargs`` to the parent classes that receive them."""
-    from .methods import LOSSES
+    from kdbench.methods import LOSSES
 
     names: list[str] = []
     for cls in LOSSES.get(term).__mro__:
@@ -64,7 +64,7 @@ def check_term_params(term: str, params: dict, where: str) -> None:
 
 def check_file(cfg: dict, path: Path) -> None:
     """Checks of one suite file's own content (schema-valid), before includes are merged."""
-    from .methods import METHODS
+    from kdbench.methods import METHODS
 
     _check_device(cfg.get("device", "auto"), f"{path}: device")
     for key in ("experiments", "tables"):
@@ -123,7 +123,7 @@ def _finite(value, where: str) -> None:
 def _check_override(method: str, over: dict, where: str) -> None:
     """A method override ``{ce, terms, params}``: finite weights, known terms, parameters that
     the terms take, and params only for terms the (overridden) method has."""
-    from .methods import LOSSES, METHODS
+    from kdbench.methods import LOSSES, METHODS
 
     if "ce" in over:
         _finite(over["ce"], f"{where}: ce")
@@ -139,7 +139,7 @@ def _check_override(method: str, over: dict, where: str) -> None:
 
 
 def _check_term_params(term_params: dict, methods: set[str], includes: bool, where: str) -> None:
-    from .methods import LOSSES, METHODS
+    from kdbench.methods import LOSSES, METHODS
 
     used = {t for m in methods for t in METHODS.get(m).terms}
     for term, params in term_params.items():
@@ -155,7 +155,7 @@ def _check_term_params(term_params: dict, methods: set[str], includes: bool, whe
 
 def _check_device_free_keys(exp: dict, where: str) -> None:
     """Values in an experiment that the schema cannot bound: the sweep's loss weights stay
-    finite (the sweep's own checks live in kdbench.suite)."""
+    finite (the sweep's own checks live in kdbench.planning.suite)."""
     for key, values in (exp.get("sweep") or {}).items():
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
@@ -186,7 +186,7 @@ def _is_teacher(suite, run_id: str) -> bool:
 
 
 def _check_recipe(recipe, where: str) -> None:
-    from .engine.spec import scale_milestones
+    from kdbench.core.spec import scale_milestones
 
     ms = list(recipe.milestones)
     scaled_default = list(scale_milestones(type(recipe).milestones, type(recipe).epochs, recipe.epochs))
@@ -207,7 +207,7 @@ def _check_recipe(recipe, where: str) -> None:
 
 
 def _train_size(suite, dataset: str) -> int | None:
-    from .data import DATASETS
+    from kdbench.data import DATASETS
 
     d = suite.config["datasets"].get(dataset, {})
     syn = d.get("synthetic")
@@ -226,7 +226,7 @@ def _check_holdout(suite, spec, where: str) -> None:
 
 def check_files_exist(suite) -> None:
     """Every real dataset root and imported teacher file the suite's runs read exists."""
-    from .data import DATASETS
+    from kdbench.data import DATASETS
 
     missing: list[str] = []
     synthetic = suite.synthetic_datasets()

@@ -5,7 +5,7 @@ top-1})``, as RepDistiller's ``train_teacher.py`` saves, so RepDistiller (and md
 with ``model = model_dict[arch](num_classes=N); model.load_state_dict(torch.load(f)['model'])``.
 kdbench's CIFAR zoo keeps RepDistiller's module names, so the keys are the same, except
 RepDistiller's MobileNetV2, whose classifier is wrapped in a Sequential (``classifier.0.*``): the
-inverse of what ``kdbench import-teacher`` maps (:func:`kdbench.engine.import_teacher.normalise_keys`).
+inverse of what ``kdbench import-teacher`` maps (:func:`kdbench.teachers.imported.normalise_keys`).
 The architecture name is the run's (RepDistiller's ``model_dict`` name for the CIFAR zoo).
 """
 
@@ -31,7 +31,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Write ``run_dir``'s model as a RepDistiller checkpoint at ``out``; return what was written."""
     import torch
 
-    from .engine.checkpoint import MODEL_FORMAT, read_file
+    from kdbench.engine.checkpoint import MODEL_FORMAT, read_file
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run id, as printed by `kdbench list-runs`")
     p.add_argument("--out", required=True, help="output .pth file, e.g. save/models/resnet8_kd/ckpt_epoch_240.pth")
     a = p.parse_args(argv)
-    from .suite import load_suite
+    from kdbench.planning.suite import load_suite
 
     suite = load_suite(a.suite)
     if a.run not in suite.runs:

@@ -1,6 +1,6 @@
 """Data-parallel training (DDP): process group, DDP wrapping and the collectives the engine uses.
 
-**Training under DDP.** ``torchrun --nproc_per_node N -m kdbench.cli train-teacher|distill ...``
+**Training under DDP.** ``torchrun --nproc_per_node N -m kdbench.commands.cli train-teacher|distill ...``
 starts N processes; :func:`init` reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and joins
 the process group (NCCL on CUDA, one GPU per process = ``cuda:LOCAL_RANK``; gloo on CPU). Then:
 
@@ -26,7 +26,7 @@ HobbitLong/CMC#5), draws the global batch's negatives from the epoch's generator
 does and keeps its own rows, and KDA's centroids are the epoch's class means over all ranks, so
 every rank holds the same state (tested with two gloo processes against one process).
 
-**Launching a run** (GPU claims, torchrun, the scheduler's job sizes): :mod:`kdbench.launch`.
+**Launching a run** (GPU claims, torchrun, the scheduler's job sizes): :mod:`kdbench.planning.launch`.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _from_tuple(ddp, student):
     """Calls the DDP module and rebuilds :class:`Features`; ``train()``/``eval()`` reach the student."""
     from torch import nn
 
-    from ..models.features import Features
+    from kdbench.core.features import Features
 
     class FromTuple(nn.Module):
         def __init__(self):

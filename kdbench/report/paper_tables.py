@@ -26,16 +26,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ..suite import Suite, SuiteError
-from .ci import mean_ci
-from .comparisons import Comparison, SeedsPlan, adjust, planned_pairs, seeds_plan
-from .format import caption, cell_text, cells_frame, layout_frame, markdown  # noqa: F401  (re-exported)
-from .paired import PairedTest, paired_test
-from .paper_layout import (METRICS, TRAINED_TEACHER_NOTE, UNPAIRED, Group, TableSpec, resolve,  # noqa: F401
+from kdbench.planning.suite import Suite, SuiteError
+from kdbench.stats.ci import mean_ci
+from kdbench.stats.comparisons import Comparison, SeedsPlan, adjust, planned_pairs, seeds_plan
+from kdbench.report.format import caption, cell_text, cells_frame, layout_frame, markdown  # noqa: F401  (re-exported)
+from kdbench.stats.paired import PairedTest, paired_test
+from kdbench.report.paper_layout import (METRICS, TRAINED_TEACHER_NOTE, UNPAIRED, Group, TableSpec, resolve,  # noqa: F401
                            table_specs)
-from .records import (Records, diagnostics_path, ensemble_source, from_accuracy, group_cells,  # noqa: F401
+from kdbench.report.records import (Records, diagnostics_path, ensemble_source, from_accuracy, group_cells,  # noqa: F401
                       imported_accuracy, imported_teachers, teachers_of)
-from .verdict import Verdict, published_sd, reproduction_verdict
+from kdbench.stats.verdict import Verdict, published_sd, reproduction_verdict
 
 REFERENCE = Path(__file__).resolve().parent.parent / "reference"
 PUBLISHED_CSV = REFERENCE / "published.csv"
@@ -248,7 +248,7 @@ def diagnostic_targets(suite: Suite) -> dict[str, tuple[str, list[str]]]:
 
 def write_tables(suite: Suite, out_dir: str | Path, only: list[str] | None = None) -> dict[str, Path]:
     """Write ``<table>.md``, ``.csv`` and ``_cells.csv`` of the suite's paper tables into ``out_dir``."""
-    from ..engine.io import atomic_write_bytes
+    from kdbench.core.io import atomic_write_bytes
     out, written, records = Path(out_dir), {}, Records(suite)
     for spec in table_specs(suite, only):
         res = compute(spec, suite, records)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: list every row of published.csv as shown by a table cell, excluded "
                         "(kdbench/reference/coverage.yaml, with the reason) or not covered; exit 1 if any is not")
     args = p.parse_args(argv)
-    from ..suite import load_suite
+    from kdbench.planning.suite import load_suite
     try:
         suite = load_suite(args.suite)
         if args.coverage:

@@ -8,8 +8,8 @@ import hashlib
 import math
 from pathlib import Path
 
-from ..engine.io import read_json, read_json_state
-from ..suite import Cell, Suite, SuiteError
+from kdbench.core.io import read_json, read_json_state
+from kdbench.planning.suite import Cell, Suite, SuiteError
 
 ACCURACIES = ("acc_last", "acc_best", "acc5_last", "acc5_best")
 
@@ -47,7 +47,7 @@ def imported_teachers(suite: Suite, cell: Cell) -> tuple[str, ...]:
 def imported_accuracy(path: str) -> tuple[float | None, float | None] | None:
     """(top-1, top-5) measured when a teacher file was imported (``kdbench import-teacher
     --check-data``; (None, None) if imported without the data), or None if the file cannot be read."""
-    from ..engine.checkpoint import MODEL_FORMAT, CheckpointError, read_file
+    from kdbench.engine.checkpoint import MODEL_FORMAT, CheckpointError, read_file
     try:
         imported = read_file(path, MODEL_FORMAT)["meta"].get("imported") or {}
     except CheckpointError:
@@ -127,7 +127,7 @@ def ensemble_source(suite: Suite, cells: list[Cell]) -> tuple[str, list[str]] | 
 
 
 def group_cells(rec: Records, group, column: str) -> list[Cell]:
-    """The cells of ``column`` in a table group (a :class:`~kdbench.stats.paper_layout.Group`), one per seed."""
+    """The cells of ``column`` in a table group (a :class:`~kdbench.report.paper_layout.Group`), one per seed."""
     cells = [c for c in rec.index.get((group.dataset, *group.pair), [])
              if c.experiment in group.experiments and c.column == column]
     by_seed: dict[int, Cell] = {}

@@ -16,12 +16,12 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from ..engine.io import atomic_write_bytes, read_json_state
-from ..suite import Suite
-from .ci import mean_ci
-from .forest import row_text, seed_forest_rows
-from .records import imported_accuracy, imported_teachers, run_status
-from .verdict import default_margin
+from kdbench.core.io import atomic_write_bytes, read_json_state
+from kdbench.planning.suite import Suite
+from kdbench.stats.ci import mean_ci
+from kdbench.report.forest import row_text, seed_forest_rows
+from kdbench.report.records import imported_accuracy, imported_teachers, run_status
+from kdbench.stats.verdict import default_margin
 
 METRICS = ("acc_last", "acc_best")
 

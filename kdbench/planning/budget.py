@@ -1,6 +1,6 @@
 """Seeds as a budget, the declaration: an experiment's ``seeds: {looks, ...}`` and each cell's
 seeds so far, read when the suite is loaded. The looks themselves (boundaries, decisions, the
-loop) are :mod:`kdbench.stats.looks`, which reads the suite's runs; this module reads no run, so
+loop) are :mod:`kdbench.commands.looks`, which reads the suite's runs; this module reads no run, so
 the suite can import it without an import circle.
 """
 

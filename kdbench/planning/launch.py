@@ -1,6 +1,6 @@
 """The job launcher and the scheduler's job sizes for the Snakemake rules.
 
-**Launching a run** (what rules ``fit`` and ``pack_<id>`` run): ``python -m kdbench.launch --gpus G
+**Launching a run** (what rules ``fit`` and ``pack_<id>`` run): ``python -m kdbench.planning.launch --gpus G
 [--nproc N] -- <kdbench subcommand and args>``. On a machine the job shares with others (no
 scheduler set ``CUDA_VISIBLE_DEVICES``), it claims G free GPUs with lock files, so concurrent
 Snakemake jobs never share a GPU, and sets ``CUDA_VISIBLE_DEVICES``. With N > 1 it starts
@@ -57,7 +57,7 @@ def job_resources(run, suite_config: dict, config: dict | None = None) -> dict:
     run's GPU and threads, 500 MB more memory per further run (its student, optimiser state and
     teacher copy; the data is loaded once), and the sum of the runs' runtimes — packing's speed-up
     is not measured on a GPU yet, so the sum is the upper estimate — capped as one run is."""
-    from .data import DATASETS
+    from kdbench.data import DATASETS
 
     cap = max_runtime(config)
     if isinstance(run, (list, tuple)):
@@ -134,16 +134,16 @@ def launch_command(nproc: int, cmd: list[str]) -> list[str]:
     """The command that runs ``kdbench <cmd>`` on ``nproc`` processes."""
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "kdbench.cli", "--", *cmd]  # "--": torchrun would take --run for its --run-path
-    return [sys.executable, "-m", "kdbench.cli", *cmd]
+                "-m", "kdbench.commands.cli", "--", *cmd]  # "--": torchrun would take --run for its --run-path
+    return [sys.executable, "-m", "kdbench.commands.cli", *cmd]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m kdbench.launch",
+        prog="python -m kdbench.planning.launch",
         description="Run a kdbench subcommand on G GPUs: claim free GPUs (when no scheduler assigned them) and start "
                     "one process per GPU with torchrun when G > 1.",
-        epilog="Example: python -m kdbench.launch --gpus 4 -- distill --suite S --run R")
+        epilog="Example: python -m kdbench.planning.launch --gpus 4 -- distill --suite S --run R")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for this run (0: CPU only, no claim)")
     p.add_argument("--nproc", type=int, help="processes (default: --gpus, at least 1)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the kdbench subcommand and its arguments")

@@ -215,7 +215,7 @@ class RunSpec:
     paths: ``data_id`` is :func:`dataset_identity` (synthetic data: its generator's parameters);
     ``teacher_ids`` are the teachers' run ids, or ``sha256:<hex>`` of an imported teacher file
     (:func:`teacher_file_id`). What a run actually read is also recorded in its checkpoint and
-    metrics.json (``kdbench.engine.train``), and a resume that disagrees is refused.
+    metrics.json (``kdbench.engine.fit``), and a resume that disagrees is refused.
     """
 
     dataset: str
@@ -292,7 +292,7 @@ def dataset_identity(name: str, cfg: dict) -> str | None:
     official release its name says (``kdbench fetch`` checks the published MD5 sums): None, as
     the name is in the run id already; no file is read or listed when a suite loads, so run ids are
     the same before and after the data is fetched. The data a run actually reads is fingerprinted
-    when it trains (:func:`kdbench.engine.io.data_fingerprint`) and checked on resume.
+    when it trains (:func:`kdbench.core.io.data_fingerprint`) and checked on resume.
     """
     if "synthetic" not in cfg:
         return None
@@ -316,6 +316,6 @@ def teacher_file_id(path: str) -> str:
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in _TEACHER_IDS:
-        from .io import file_sha256
+        from kdbench.core.io import file_sha256
         _TEACHER_IDS[key] = "sha256:" + file_sha256(path)
     return _TEACHER_IDS[key]

@@ -1,4 +1,4 @@
-"""Rendering of a computed paper table (:class:`kdbench.stats.paper_tables.TableResult`): the cell
+"""Rendering of a computed paper table (:class:`kdbench.report.paper_tables.TableResult`): the cell
 text, the caption, the markdown page and the two CSV frames, all through one walk
 (:func:`grid`) over the table in the paper's orientation."""
 
@@ -9,10 +9,10 @@ import math
 import pandas as pd
 from tabulate import tabulate
 
-from .comparisons import EXPLORATORY, PRIMARY, family_size
-from .paired import MIN_BOOTSTRAP_N
-from .paper_layout import METRICS
-from .verdict import MAX_MORE_SEEDS
+from kdbench.stats.comparisons import EXPLORATORY, PRIMARY, family_size
+from kdbench.stats.paired import MIN_BOOTSTRAP_N
+from kdbench.report.paper_layout import METRICS
+from kdbench.stats.verdict import MAX_MORE_SEEDS
 
 SPREAD_WORDS = {"ci95": "95% CI", "sd": "sd", "unknown": "type unknown"}
 

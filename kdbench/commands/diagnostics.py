@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .engine.step import topk_hits
-from .stats.kernels import KernelGap
+from kdbench.engine.step import topk_hits
+from kdbench.stats.kernels import KernelGap
 
 
 def _model_file(path: str) -> Path:
@@ -45,7 +45,7 @@ def _status(run_dir: Path) -> tuple[str, dict | None]:
 def _teacher_outputs(teachers: list[str], loader, num_classes: int, dev) -> list[tuple]:
     """Per test batch: the teachers' pooled and logit features (concatenated, 1/√E-scaled, so
     their linear kernel is the mean of the members' kernels) and the (ensemble's) top-1/top-5 hits."""
-    from .engine.teachers import load_teacher
+    from kdbench.engine.teachers import load_teacher
 
     teacher = load_teacher(tuple(str(_model_file(t)) for t in teachers), None, None, dev)
     out = []
@@ -64,10 +64,10 @@ def diagnose(run_dir: str | Path, teachers: list[str], device: str = "cpu", batc
     """Kernel gaps (pooled, logits) and accuracies of the run in ``run_dir`` vs ``teachers``
     (run folders or model files). Reads the run's dataset and root from its metrics.json;
     ``cache`` keeps loaded datasets and teacher outputs across calls."""
-    from .data import load_dataset
-    from .engine.checkpoint import load_model
-    from .engine.device import resolve_device
-    from .engine.spec import RunSpec
+    from kdbench.data import load_dataset
+    from kdbench.engine.checkpoint import load_model
+    from kdbench.engine.device import resolve_device
+    from kdbench.core.spec import RunSpec
 
     run_dir = Path(run_dir)
     record = {"run": str(run_dir), "teachers": list(teachers)}
@@ -112,7 +112,7 @@ def diagnose(run_dir: str | Path, teachers: list[str], device: str = "cpu", batc
 def _write(rec: dict, out: str | None) -> None:
     text = json.dumps(rec, indent=1)
     if out:
-        from .engine.io import atomic_write_bytes
+        from kdbench.core.io import atomic_write_bytes
         atomic_write_bytes(out, text.encode())
     else:
         print(text)
@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.suite is None) == (args.run is None) or (args.run and not args.teacher):
         p.error("give either RUN with --teacher (one record) or --suite (every record of a suite)")
-    from .engine.checkpoint import CheckpointError
-    from .suite import SuiteError
+    from kdbench.engine.checkpoint import CheckpointError
+    from kdbench.planning.suite import SuiteError
     try:
         if args.run:
             _write(diagnose(args.run, args.teacher, args.device, args.batch_size), args.out)
             return 0
-        from .stats.paper_tables import diagnostic_targets
-        from .suite import load_suite
+        from kdbench.report.paper_tables import diagnostic_targets
+        from kdbench.planning.suite import load_suite
         suite, cache = load_suite(args.suite), {}
         for path, (run, teachers) in diagnostic_targets(suite).items():
             rec = diagnose(suite.run_dir(run), teachers, args.device, args.batch_size, cache)

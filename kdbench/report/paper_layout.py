@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..suite import Suite, SuiteError
-from .verdict import default_margin
+from kdbench.planning.suite import Suite, SuiteError
+from kdbench.stats.verdict import default_margin
 
 METRICS = {  # metric -> (what it is, default published metric)
     "acc_last": ("top-1 test accuracy (%), last epoch", "top1_acc_pct"),
@@ -52,7 +52,7 @@ METRICS = {  # metric -> (what it is, default published metric)
 UNPAIRED = ("teacher", "teacher_ensemble")  # columns whose seeds are not the students' seeds
 
 
-#: caption sentence of a table whose teachers the suite trains (``teacher: train``, kdbench/suite.py)
+#: caption sentence of a table whose teachers the suite trains (``teacher: train``, kdbench/planning/suite.py)
 TRAINED_TEACHER_NOTE = ("Teachers trained by this suite (one run each, not the paper's): every student interval is "
                         "conditional on that teacher; its variance is not in the intervals.")
 
@@ -105,7 +105,7 @@ def _fail(table: str, msg: str):
 
 
 def _check_column(table: str, column: str) -> None:
-    from ..methods import METHODS
+    from kdbench.methods import METHODS
     valid = sorted(METHODS.names()) + list(UNPAIRED)
     if column not in valid:
         close = difflib.get_close_matches(column, valid, n=3)

@@ -21,11 +21,11 @@ import sys
 
 from tabulate import tabulate
 
-from .comparisons import PRIMARY, Comparison, adjust, seeds_plan
-from .paired import paired_test
-from .paper_layout import METRICS
-from .records import Records
-from .verdict import default_margin
+from kdbench.stats.comparisons import PRIMARY, Comparison, adjust, seeds_plan
+from kdbench.stats.paired import paired_test
+from kdbench.report.paper_layout import METRICS
+from kdbench.report.records import Records
+from kdbench.stats.verdict import default_margin
 
 
 def compare(suite, a: str, b: str, metric: str = "acc_last", experiments: list[str] | None = None,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "(default: the dataset's margin δ, e.g. 0.5 pp on CIFAR-100)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     args = p.parse_args(argv)
-    from ..suite import SuiteError, load_suite
+    from kdbench.planning.suite import SuiteError, load_suite
     try:
         rows = compare(load_suite(args.suite), args.a, args.b, args.metric, args.experiment, args.dataset, args.pair,
                        args.effect)

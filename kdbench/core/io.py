@@ -109,7 +109,7 @@ def cpu_name() -> str:
 def provenance(device: torch.device) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
+    from kdbench import __version__
 
     try:
         tv = version("torchvision")

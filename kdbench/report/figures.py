@@ -10,11 +10,11 @@ t-intervals), under ``results/<suite>/paper/``:
   colour. ``bars`` (KDA Fig. 3): one cluster per group, one bar per row with its 95% CI as an
   error bar, published values as black crosses. Intervals are never clipped: the axis covers
   every one, and values beyond 0 or 100% (which a t-interval of 2 seeds reaches) are greyed.
-* ``<table>_forest.png`` for a table with a reference column: :mod:`kdbench.stats.forest`.
+* ``<table>_forest.png`` for a table with a reference column: :mod:`kdbench.report.forest`.
 
 Seed tables (``--seed-tables``, ``kdbench aggregate``'s layout), under ``results/<suite>/``:
 ``<table>_forest.png`` (each method − the table's ``reference``, default ``student``, per pair,
-Holm over the table) and ``<table>_curves.png`` (:mod:`kdbench.stats.curves`).
+Holm over the table) and ``<table>_curves.png`` (:mod:`kdbench.report.curves`).
 
 The legend gives each row's n (finished runs) per group where runs failed or are missing.
 """
@@ -26,9 +26,9 @@ import math
 import sys
 from pathlib import Path
 
-from .curves import BANDS, CellCurves, draw_curves, epoch_accuracies
-from .forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
-from .paper_tables import METRICS, CellStat, Records, TableResult, compute, table_specs
+from kdbench.report.curves import BANDS, CellCurves, draw_curves, epoch_accuracies
+from kdbench.report.forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
+from kdbench.report.paper_tables import METRICS, CellStat, Records, TableResult, compute, table_specs
 
 
 def _ok(x) -> bool:
@@ -142,7 +142,7 @@ def write_figures(suite, out_dir: str | Path, only: list[str] | None = None) -> 
 # ----------------------------------------------------------------------------- forest plots
 
 def _margin(table: dict | None, dataset: str, metric: str) -> float:
-    from .verdict import default_margin
+    from kdbench.stats.verdict import default_margin
     return float((table or {}).get("margin") or default_margin(dataset, metric))
 
 
@@ -206,8 +206,8 @@ def seed_figure_names(suite) -> list[str]:
 
 
 def _budget_note(suite, table: dict) -> str:
-    """The sequential design of the table's experiments whose seeds are a budget (kdbench.stats.looks)."""
-    from .looks import budget, state_path
+    """The sequential design of the table's experiments whose seeds are a budget (kdbench.commands.looks)."""
+    from kdbench.planning.budget import budget, state_path
     notes = []
     for exp in suite.config["experiments"]:
         b = budget(exp) if exp["name"] in table["experiments"] else None
@@ -220,7 +220,7 @@ def _budget_note(suite, table: dict) -> str:
 
 
 def seed_curve_cells(suite, records, table: dict) -> list[CellCurves]:
-    from ..engine.io import read_json
+    from kdbench.core.io import read_json
     cells = _seed_cells(records, table)
     multi = len(cells) > 1
     out = []
@@ -241,7 +241,7 @@ def seed_curve_cells(suite, records, table: dict) -> list[CellCurves]:
 
 def write_seed_figures(suite, out_dir: str | Path, band: str = "range") -> list[Path]:
     """The forest plots and learning curves of :func:`seed_figure_names` under ``out_dir``."""
-    from .aggregate import run_records
+    from kdbench.report.aggregate import run_records
     records, out = run_records(suite), []
     for t in suite.config.get("tables") or []:
         title = t["name"] + ("  [STAND-IN]" if "stand_in" in t else "")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--band", choices=BANDS, default="range",
                    help="learning-curve band over seeds: range (min-max, default), sd (±1 sd), ci95 (t-interval)")
     args = p.parse_args(argv)
-    from ..suite import SuiteError, load_suite
+    from kdbench.planning.suite import SuiteError, load_suite
     try:
         suite = load_suite(args.suite)
         if args.seed_tables:

@@ -46,102 +46,15 @@ import json
 import math
 from pathlib import Path
 
-from .budget import SPENDING, budget, cell_key, cell_seeds, read_state, state_path  # noqa: F401  (the declaration)
-
-OPEN, DIFFERS, EQUIVALENT = "undecided", "differs", "equivalent"
-
-
-# ----------------------------------------------------------------------------- boundaries
-
-def spent(t: float, alpha: float, spending: str) -> float:
-    """Cumulative α spent at information fraction ``t`` (Lan–DeMets)."""
-    from scipy import stats
-    if t <= 0:
-        return 0.0
-    if spending == "pocock":
-        return alpha * math.log(1 + (math.e - 1) * min(t, 1.0))
-    # each side spends the one-sided O'Brien–Fleming-type function at α/2
-    return float(4 * stats.norm.sf(stats.norm.isf(alpha / 4) / math.sqrt(min(t, 1.0))))
-
-
-def boundaries(looks: list[int], alpha: float = 0.05, spending: str = "obrien_fleming",
-               points: int = 1201) -> list[float]:
-    """Two-sided z boundaries c_k of the looks (seed counts): under no effect, P(first |Z_k| ≥ c_k
-    at look k) = α(t_k) − α(t_{k−1}). Recursion on a grid of the score S = Z·√t."""
-    import numpy as np
-    from scipy import optimize, stats
-    ts = [n / looks[-1] for n in looks]
-    out, grid, dens, prev_t, prev_a = [], None, None, 0.0, 0.0
-    for t in ts:
-        target = spent(t, alpha, spending) - prev_a
-        step = t - prev_t
-        if grid is None:  # first look: S ~ N(0, t)
-            c = stats.norm.isf(target / 2)
-        else:
-            w = dens * np.gradient(grid)  # sub-density times the grid's cell widths
-
-            def cross(b):
-                s = b * math.sqrt(t)
-                sd = math.sqrt(step)
-                return float(np.sum(w * (stats.norm.cdf((-s - grid) / sd) + stats.norm.sf((s - grid) / sd)))) - target
-            c = optimize.brentq(cross, 0.0, 40.0, xtol=1e-10) if target > 0 else math.inf
-        out.append(float(c))
-        if not math.isfinite(c):
-            break
-        s_max = c * math.sqrt(t)
-        new = np.linspace(-s_max, s_max, points)
-        if grid is None:
-            dens = stats.norm.pdf(new, scale=math.sqrt(t))
-        else:
-            sd = math.sqrt(step)
-            dens = (stats.norm.pdf((new[:, None] - grid[None, :]) / sd) / sd) @ w
-        grid, prev_t, prev_a = new, t, spent(t, alpha, spending)
-    return out
-
-
-def nominal_levels(looks: list[int], alpha: float = 0.05, spending: str = "obrien_fleming") -> list[float]:
-    """The two-sided nominal level α_k = 2(1 − Φ(c_k)) each look tests at."""
-    from scipy import stats
-    return [float(2 * stats.norm.sf(c)) for c in boundaries(looks, alpha, spending)]
-
-
-# ----------------------------------------------------------------------------- decisions
-
-def paired_p_values(a: dict, b: dict, margin: float) -> tuple[int, float, float, float]:
-    """(n pairs, mean difference, p of "no difference", TOST p of "|difference| ≥ margin")."""
-    import numpy as np
-    from scipy import stats
-
-    from .paired import pair_by_seed, sign_flip_p
-    seeds, x, y = pair_by_seed(a, b)
-    d = x - y
-    n = len(seeds)
-    if n < 2:
-        return n, float(d.mean()) if n else math.nan, math.nan, math.nan
-    mean, sd = float(d.mean()), float(np.std(d, ddof=1))
-    if sd == 0:  # every difference equal: the exact sign-flip p, and no TOST (no spread to test with)
-        return n, mean, sign_flip_p(d), math.nan
-    se = sd / math.sqrt(n)
-    p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
-    tost = max(float(stats.t.sf((mean + margin) / se, n - 1)), float(stats.t.cdf((mean - margin) / se, n - 1)))
-    return n, mean, p, tost
-
-
-def verdict_p_values(delta: float, se: float, df: float, margin: float) -> tuple[float, float]:
-    """(p of "reproduced = published", TOST p of "|reproduced − published| ≥ margin") of a
-    reproduction verdict's Δ with its Welch standard error (:mod:`kdbench.stats.verdict`)."""
-    from scipy import stats
-    if not (math.isfinite(delta) and math.isfinite(se) and se > 0):
-        return math.nan, math.nan
-    p = float(2 * stats.t.sf(abs(delta) / se, df))
-    return p, max(float(stats.t.sf((delta + margin) / se, df)), float(stats.t.cdf((delta - margin) / se, df)))
-
+from kdbench.planning.budget import SPENDING, budget, cell_key, cell_seeds, read_state, state_path  # noqa: F401  (the declaration)
+from kdbench.stats.sequential import (DIFFERS, EQUIVALENT, OPEN, boundaries, decide, nominal_levels,  # noqa: F401
+                                      paired_p_values, spent, verdict_p_values)
 
 def reproduction_tests(suite, exp: dict, level: float, look: int, seeds: int) -> list[dict]:
     """One test per paper-table cell (not a stand-in) with a published value whose runs are this
     experiment's: its reproduction verdict's Δ, tested like a comparison (a cell without a verdict
     — too few seeds, every seed equal — is undecided)."""
-    from .paper_tables import compute, table_specs
+    from kdbench.report.paper_tables import compute, table_specs
     out = []
     for spec in table_specs(suite):
         if spec.stand_in or not any(exp["name"] in g.experiments for g in spec.groups):
@@ -160,19 +73,6 @@ def reproduction_tests(suite, exp: dict, level: float, look: int, seeds: int) ->
     return out
 
 
-def decide(tests: list[dict], level: float) -> list[str]:
-    """Holm at ``level`` over the look's open tests (``p``, ``tost``): differs / equivalent / undecided."""
-    import numpy as np
-
-    from .paired import holm
-    p_adj = holm([t["p"] for t in tests])
-    tost_adj = holm([t["tost"] for t in tests])
-    out = []
-    for p, q in zip(p_adj, tost_adj):
-        out.append(DIFFERS if np.isfinite(p) and p <= level else EQUIVALENT if np.isfinite(q) and q <= level else OPEN)
-    return out
-
-
 def _values(records, exp: str, metric: str) -> dict[tuple, dict[int, float]]:
     out: dict[tuple, dict[int, float]] = {}
     for r in records[(records.experiment == exp) & (records.status == "ok")].itertuples():
@@ -186,8 +86,8 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
     """Decide the comparisons of every budgeted experiment at its current look and give the next
     look's seeds to the undecided ones; returns (and writes) the new state. A look is taken only
     once every run of the current look has finished (else ValueError naming the missing ones)."""
-    from .aggregate import run_records
-    from .verdict import default_margin
+    from kdbench.report.aggregate import run_records
+    from kdbench.stats.verdict import default_margin
     cfg, state = suite.config, read_state(suite.config)
     records = run_records(suite)
     for exp in cfg["experiments"]:
@@ -236,7 +136,7 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
             st["done"] = True
         state[exp["name"]] = st
     if write:
-        from ..engine.io import atomic_write_bytes
+        from kdbench.core.io import atomic_write_bytes
         path = state_path(cfg)
         atomic_write_bytes(path, json.dumps(state, indent=1).encode())
         atomic_write_bytes(path.with_suffix(".md"), report(state).encode())
@@ -273,7 +173,7 @@ def run_looks(suite_file: str, snakemake_args: list[str], cores: int = 2) -> int
     import subprocess
     import sys
 
-    from ..suite import load_suite
+    from kdbench.planning.suite import load_suite
     snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
     while True:
         cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--cores", str(cores),
@@ -304,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores", type=int, default=2, help="snakemake --cores (default 2)")
     p.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="after --: more snakemake arguments")
     args = p.parse_args(argv)
-    from ..suite import SuiteError, load_suite
+    from kdbench.planning.suite import SuiteError, load_suite
     try:
         if args.next:
             print(report(next_look(load_suite(args.suite))))

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MODEL_FORMAT, CheckpointError, load_state_checked, save_model
-from .io import file_sha256
+from kdbench.engine.checkpoint import MODEL_FORMAT, CheckpointError, load_state_checked, save_model
+from kdbench.core.io import file_sha256
 
 #: top-1 % of the published checkpoints on their test sets
 PUBLISHED_TOP1 = {
@@ -128,7 +128,7 @@ def arch_from_name(path: Path, fmt: str) -> str | None:
     """RepDistiller: the ``<arch>_vanilla`` folder of its released files, or the run folder
     ``<arch>_<dataset>_lr_<lr>_decay_<wd>_trial_<k>`` its ``train_teacher.py`` writes;
     torchvision: the ``resnetNN-<hash>.pth`` name. None when the name names no zoo architecture."""
-    from ..models import MODELS
+    from kdbench.models import MODELS
 
     if fmt == "repdistiller":
         m = re.fullmatch(r"(.+)_vanilla|(.+?)_[A-Za-z0-9]+_lr_.*_decay_.*", path.parent.name)
@@ -141,7 +141,7 @@ def arch_from_name(path: Path, fmt: str) -> str | None:
 def arch_from_shapes(state: dict) -> list[str]:
     """The zoo architectures whose state-dict keys and shapes equal the file's (the classifier's
     number of rows aside: it is the number of classes)."""
-    from ..models import MODELS, build_model
+    from kdbench.models import MODELS, build_model
 
     matches = []
     for arch in MODELS.names():
@@ -157,7 +157,7 @@ def arch_from_shapes(state: dict) -> list[str]:
 
 def infer_arch(path: Path, fmt: str, state: dict) -> str:
     """The architecture from the file's name (:func:`arch_from_name`), else from its shapes."""
-    from ..models import MODELS
+    from kdbench.models import MODELS
 
     named = arch_from_name(path, fmt)
     if named is not None:
@@ -209,7 +209,7 @@ def import_teacher(src: str | Path, out: str | Path, arch: str | None = None, da
                    **meta) -> dict:
     """Convert ``src`` into a kdbench model file at ``out``; return what was checked. ``meta``
     (e.g. where a released teacher came from) is recorded in the report and the file."""
-    from ..models import MODELS, build_model
+    from kdbench.models import MODELS, build_model
 
     src = Path(src)
     fmt, state, info = read_checkpoint(src)
@@ -244,9 +244,9 @@ def import_teacher(src: str | Path, out: str | Path, arch: str | None = None, da
 
 def check_accuracy(model, dataset: str, root: str, published: float | None, tolerance: float, device: str,
                    batch_size: int) -> dict:
-    from ..data import load_dataset
-    from .device import resolve_device
-    from .step import evaluate
+    from kdbench.data import load_dataset
+    from kdbench.engine.device import resolve_device
+    from kdbench.engine.step import evaluate
 
     data = load_dataset(dataset, root)
     if data.num_classes != model.classifier.out_features:
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (for --check-data)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (for --check-data)")
     a = p.parse_args(argv)
-    from ..data import DatasetMissingError
+    from kdbench.data import DatasetMissingError
     try:
         report = import_teacher(a.checkpoint, a.out, a.arch, a.dataset, a.check_data, a.tolerance, a.device, a.batch_size,
                                 a.published, a.no_published_ok)

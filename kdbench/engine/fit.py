@@ -15,13 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-from . import distributed, run_folder
-from .device import resolve_device
-from .fast import Runtime
-from .io import atomic_write_json, provenance
-from .rules import check_run
-from .run import Run, run_record, train
-from .spec import RunSpec
+from kdbench.engine import run_folder
+from kdbench.core import distributed
+from kdbench.engine.device import resolve_device
+from kdbench.engine.fast import Runtime
+from kdbench.core.io import atomic_write_json, provenance
+from kdbench.engine.rules import check_run
+from kdbench.engine.run import Run, run_record, train
+from kdbench.core.spec import RunSpec
 
 
 def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | None = None,
@@ -30,7 +31,7 @@ def fit(spec: RunSpec, out_dir: str | Path, device: str = "auto", run_id: str | 
     ``progress``: tqdm's bar when stderr is a terminal (the per-epoch lines are always written).
     ``stop_after_epochs`` stops after that many epochs of this invocation (for tests of resume)."""
     if spec.protocol == "linear_probe":
-        from .linear_probe import fit_probe
+        from kdbench.engine.linear_probe import fit_probe
         failure = run_folder.failed_source([spec.init_ckpt], "probed model")
         if failure is not None:
             return _failed(spec, out_dir, failure, run_id, resolve_device(device), True)

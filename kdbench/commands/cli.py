@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _suite(args):
-    from .suite import load_suite
+    from kdbench.planning.suite import load_suite
     return load_suite(args.suite)
 
 
@@ -22,7 +22,7 @@ def _run_of(suite, run_id: str):
 
 
 def cmd_fit(args, want: str) -> int:
-    from .engine.train import fit
+    from kdbench.engine.fit import fit
 
     suite = _suite(args)
     run = _run_of(suite, args.run)
@@ -43,7 +43,7 @@ def torch_threads(n: int) -> None:
 
 
 def cmd_make_data(args) -> int:
-    from .data.synthetic_files import ensure_synthetic
+    from kdbench.data.synthetic_files import ensure_synthetic
     suite = _suite(args)
     cfg = suite.config["datasets"][args.dataset]
     path = ensure_synthetic(args.dataset, cfg["root"], cfg.get("synthetic") or {})
@@ -52,7 +52,7 @@ def cmd_make_data(args) -> int:
 
 
 def cmd_aggregate(args) -> int:
-    from .stats.aggregate import aggregate
+    from kdbench.report.aggregate import aggregate
     suite = _suite(args)
     for name, path in aggregate(suite, args.out or f"results/{suite.name}").items():
         print(f"{name}: {path}")
@@ -60,7 +60,7 @@ def cmd_aggregate(args) -> int:
 
 
 def cmd_list_runs(args) -> int:
-    from .engine.released import teacher_source
+    from kdbench.teachers.released import teacher_source
     suite = _suite(args)
     for rid, run in suite.runs.items():
         source = teacher_source(suite, run)
@@ -70,8 +70,8 @@ def cmd_list_runs(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .stats.paper_tables import table_specs
-    from .suite_checks import check_files_exist
+    from kdbench.report.paper_tables import table_specs
+    from kdbench.planning.checks import check_files_exist
     suite = _suite(args)
     table_specs(suite)  # paper-table columns, pairs and `like` references
     if not args.no_files:
@@ -82,28 +82,28 @@ def cmd_validate(args) -> int:
 
 def cmd_list(args) -> int:
     if args.what == "methods":
-        from .methods import METHODS
+        from kdbench.methods import METHODS
         for name in METHODS:
             spec = METHODS.get(name)
             print(f"{name:16s} {spec.describe():40s} {spec.paper}")
     elif args.what == "models":
-        from .models import MODELS
+        from kdbench.models import MODELS
         print("\n".join(MODELS))
     else:
-        from .data import DATASETS
+        from kdbench.data import DATASETS
         print("\n".join(DATASETS))
     return 0
 
 
 def cmd_fetch(args) -> int:
-    from .data.fetch import fetch
+    from kdbench.data.fetch import fetch
     print(fetch(args.dataset, args.root))
     return 0
 
 
 def pack_main(argv: list[str] | None = None) -> int:
     """``kdbench pack``: train several runs of a suite together (:mod:`kdbench.engine.pack`)."""
-    from .engine.pack import fit_packed
+    from kdbench.engine.pack import fit_packed
 
     parser = argparse.ArgumentParser(
         prog="kdbench pack",
@@ -118,7 +118,7 @@ def pack_main(argv: list[str] | None = None) -> int:
                         help="fuse the students of runs that share an architecture (resnet, wrn, vgg) into one model "
                              "with grouped convolutions (horizontal fusion): results equal to float rounding")
     args = parser.parse_args(argv)
-    from .suite import load_suite
+    from kdbench.planning.suite import load_suite
     suite = load_suite(args.suite)
     unknown = [r for r in args.runs if r not in suite.runs]
     if unknown:
@@ -136,7 +136,7 @@ def pack_main(argv: list[str] | None = None) -> int:
 
 def fetch_teachers_main(argv: list[str] | None = None) -> int:
     """``kdbench fetch-teachers``: obtain, check and import a suite's released teachers."""
-    from .engine.released import TEACHERS_DIR, import_released, released_teacher
+    from kdbench.teachers.released import TEACHERS_DIR, import_released, released_teacher
 
     p = argparse.ArgumentParser(prog="kdbench fetch-teachers", description="Download (where the network allows), "
                                 "check and import the released teachers of a suite's `teacher: released` pairs, as "
@@ -148,9 +148,9 @@ def fetch_teachers_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N for the accuracy check (default: the suite's)")
     p.add_argument("--list", action="store_true", help="print each released teacher's file and URLs, fetch nothing")
     a = p.parse_args(argv)
-    from .data import DatasetMissingError
-    from .engine.checkpoint import CheckpointError
-    from .suite import SuiteError, load_suite
+    from kdbench.data import DatasetMissingError
+    from kdbench.engine.checkpoint import CheckpointError
+    from kdbench.planning.suite import SuiteError, load_suite
 
     try:
         suite = load_suite(a.suite)
@@ -180,18 +180,18 @@ def fetch_teachers_main(argv: list[str] | None = None) -> int:
 #: subcommands with their own parser, ``main(argv) -> int``: here (the commands that read a suite
 #: and drive the engine) or in the module they serve (each parser beside the code it configures)
 MODULE_COMMANDS = {
-    "compare": ("kdbench.stats.compare", "compare two methods from results on disk (paired tests)"),
-    "tables": ("kdbench.stats.paper_tables", "paper-layout tables with published values and verdicts"),
-    "figures": ("kdbench.stats.figures", "paper figures (PNG) from run outputs"),
-    "kernel-gap": ("kdbench.diagnostics", "untransferred kernel fraction of a student vs its teacher"),
-    "import-teacher": ("kdbench.engine.import_teacher", "import a published teacher checkpoint"),
-    "fetch-teachers": ("kdbench.cli:fetch_teachers_main", "download, check and import a suite's released teachers"),
+    "compare": ("kdbench.report.compare", "compare two methods from results on disk (paired tests)"),
+    "tables": ("kdbench.report.paper_tables", "paper-layout tables with published values and verdicts"),
+    "figures": ("kdbench.report.figures", "paper figures (PNG) from run outputs"),
+    "kernel-gap": ("kdbench.commands.diagnostics", "untransferred kernel fraction of a student vs its teacher"),
+    "import-teacher": ("kdbench.teachers.imported", "import a published teacher checkpoint"),
+    "fetch-teachers": ("kdbench.commands.cli:fetch_teachers_main", "download, check and import a suite's released teachers"),
     "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
-    "export": ("kdbench.export", "write a trained run's model as a RepDistiller-style checkpoint"),
-    "bench": ("kdbench.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
-    "pack": ("kdbench.cli:pack_main", "train several runs that share a teacher together on one device"),
-    "looks": ("kdbench.stats.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),
-    "resume": ("kdbench.resume", "continue a killed snakemake pipeline: unlock, then rerun incomplete jobs"),
+    "export": ("kdbench.commands.export", "write a trained run's model as a RepDistiller-style checkpoint"),
+    "bench": ("kdbench.commands.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
+    "pack": ("kdbench.commands.cli:pack_main", "train several runs that share a teacher together on one device"),
+    "looks": ("kdbench.commands.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),
+    "resume": ("kdbench.planning.resume", "continue a killed snakemake pipeline: unlock, then rerun incomplete jobs"),
 }
 
 
@@ -239,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 "linear-probe": lambda a: cmd_fit(a, "probe"),
                 "aggregate": cmd_aggregate, "list-runs": cmd_list_runs, "validate": cmd_validate,
                 "make-data": cmd_make_data, "list": cmd_list, "fetch": cmd_fetch}
-    from .data import DatasetMissingError
-    from .engine.checkpoint import CheckpointError
-    from .engine.device import NoGpuError
-    from .registry import UnknownNameError
-    from .suite import SuiteError
+    from kdbench.data import DatasetMissingError
+    from kdbench.engine.checkpoint import CheckpointError
+    from kdbench.engine.device import NoGpuError
+    from kdbench.core.registry import UnknownNameError
+    from kdbench.planning.suite import SuiteError
     try:
         return handlers[args.cmd](args)
     except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError, NoGpuError) as e:

@@ -25,18 +25,18 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .data import DATASETS
-from .engine.rules import pack_key, run_problems, unpackable
-from .engine.spec import PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
-from .methods import LOSSES, METHODS, resolve_method
-from .models import MODELS
-from .plugins import import_modules
-from .stats.budget import budget, cell_seeds
-from .stats.budget import read_state as read_looks
-from .suite_checks import SuiteError, check_file, check_suite
-from .suite_checks import check_name as _check_name
+from kdbench.data import DATASETS
+from kdbench.engine.rules import pack_key, run_problems, unpackable
+from kdbench.core.spec import PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
+from kdbench.methods import LOSSES, METHODS, resolve_method
+from kdbench.models import MODELS
+from kdbench.core.plugins import import_modules
+from kdbench.planning.budget import budget, cell_seeds
+from kdbench.planning.budget import read_state as read_looks
+from kdbench.planning.checks import SuiteError, check_file, check_suite
+from kdbench.planning.checks import check_name as _check_name
 
-SCHEMA = Path(__file__).parent / "schemas" / "suite.schema.yaml"
+SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "suite.schema.yaml"
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Run:
     def kind(self) -> str:
         if self.spec.protocol == "linear_probe":
             return "probe"
-        if self.spec.protocol == "import":  # a released teacher (kdbench.engine.released)
+        if self.spec.protocol == "import":  # a released teacher (kdbench.teachers.released)
             return "import"
         return "distill" if self.spec.teacher_ckpts else "train"
 
@@ -398,7 +398,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
     execution = Execution.from_config(exp.get("execution"))
-    try:  # seeds as a budget: each cell's seeds so far (kdbench.stats.looks)
+    try:  # seeds as a budget: each cell's seeds so far (kdbench.commands.looks)
         looks = read_looks(cfg) if budget(exp) else {}
         cell_seeds(cfg, exp, "", "", "", looks)
     except ValueError as e:
@@ -478,7 +478,7 @@ def _teacher_file_id(path: str, exp: dict) -> str:
 
 def _teacher_source(exp: dict, t_arch: str) -> str:
     """``teacher:`` of an experiment (or its suite): ``train`` (the default: a teacher run per
-    teacher seed), ``released`` (the checkpoint the papers used, :mod:`kdbench.engine.released`),
+    teacher seed), ``released`` (the checkpoint the papers used, :mod:`kdbench.teachers.released`),
     or a mapping teacher architecture -> one of these (unnamed teachers are trained)."""
     source = exp.get("teacher", "train")
     if isinstance(source, dict):
@@ -493,7 +493,7 @@ def _teacher_source(exp: dict, t_arch: str) -> str:
 def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
     """The import run of ``t_arch``'s released teacher: its id hashes the source's identity (the
     file is fetched by the run's job, after the suite is loaded)."""
-    from .engine.released import released_teacher
+    from kdbench.teachers.released import released_teacher
 
     where = f"experiment {exp['name']!r}: teacher: released"
     if t_arch in exp.get("teacher_checkpoints", {}):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from .paired import holm, paired_test
+from kdbench.stats.paired import holm, paired_test
 
 
 @dataclass(frozen=True)
