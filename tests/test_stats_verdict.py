@@ -18,10 +18,17 @@ def test_published_spread_converted_by_type():
     ci = published_sd(0.22, "ci95", 5, default_n=3)
     assert math.isclose(ci.sd, 0.22 * math.sqrt(5) / 2.7764451051977987, rel_tol=1e-9) and ci.n == 5 and ci.note == ""
     assert published_sd(0.3, "sd", 4, 5) == PublishedSD(0.3, 4, "")
-    unknown = published_sd(0.3, "unknown", None, 5)
+    unknown = published_sd(0.3, "unknown", None, 5)  # the suite states n_p = 5
     assert unknown.sd == 0.3 and unknown.n == 5 and "unknown type read as an sd" in unknown.note and "n_p = 5" in unknown.note
-    none = published_sd(None, "none", None, 5)
-    assert none.sd is None and none.n == 5 and "s_p = s_r assumed" in none.note
+    # nothing stated: one run, the widest reading of any spread (an sd over 1 run ≥ sd/√n ≥ CI/t)
+    assert published_sd(0.3, "unknown", None).n == 1 and "read as one run" in published_sd(0.3, "unknown", None).note
+    ci_no_n = published_sd(0.22, "ci95", None)
+    assert ci_no_n.sd == 0.22 and ci_no_n.n == 1 and "read as an sd" in ci_no_n.note
+    # no spread, run count unpublished: one run with s_p = s_r; stated n_p: twice our sd over n_p
+    none = published_sd(None, "none", None)
+    assert none.sd is None and (none.n, none.ratio) == (1, 1.0) and "one run with s_p = s_r" in none.note
+    stated = published_sd(None, "none", 5)
+    assert stated.sd is None and (stated.n, stated.ratio) == (5, 2.0) and "2·s_r over n_p = 5" in stated.note
     with pytest.raises(ValueError, match="ci95, sd, unknown, none"):
         published_sd(0.2, "se", 5, 5)
 
@@ -47,9 +54,11 @@ def test_verdict_numbers_by_hand():
 
 def test_assumed_published_spread_uses_the_reproduced_seeds_df():
     x = [75.0, 75.4, 75.2]
-    v = reproduction_verdict(x, 75.1, published_sd(None, "none", None, 5), 0.5)
+    v = reproduction_verdict(x, 75.1, published_sd(None, "none", None), 0.5)
     s = np.std(x, ddof=1)
-    assert math.isclose(v.se, s * math.sqrt(1 / 3 + 1 / 5)) and v.df == 2 and "assumed" in v.assumption
+    assert math.isclose(v.se, s * math.sqrt(1 / 3 + 1)) and v.df == 2 and "s_p = s_r" in v.assumption
+    v = reproduction_verdict(x, 75.1, published_sd(None, "none", 5), 0.5)  # DKD: 5 runs, no spread
+    assert math.isclose(v.se, s * math.sqrt(1 / 3 + 4 / 5)) and v.df == 2 and "2·s_r" in v.assumption
 
 
 @pytest.mark.parametrize("delta, se, expected", [

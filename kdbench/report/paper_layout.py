@@ -13,8 +13,8 @@ A suite's ``tables:`` item describes one paper table (schema: ``kdbench/schemas/
 * ``metric`` — the statistic the paper reports: ``acc_last`` (CRD, OT), ``acc_best``, errors
   ``err_last``/``err5_last`` (OT ImageNet), or ``kernel_gap_pooled``/``kernel_gap_logits``
   (KDA Fig. 3; from ``kdbench kernel-gap`` records);
-* ``published_runs`` — n_p of a published value whose paper states no run count (default: the
-  most seeds the table's experiments run);
+* ``published_runs`` — n_p of a published value whose paper states no run count (default: none,
+  read as one run, the widest reading: :func:`kdbench.stats.verdict.published_sd`);
 * ``margin`` — the equivalence margin δ of the reproduction verdicts (default per dataset:
   :func:`kdbench.stats.verdict.default_margin`) and the effect ``seeds needed`` is planned for;
 * ``primary`` — the paper's claims, the table's primary family of paired tests (Holm):
@@ -27,11 +27,11 @@ A suite's ``tables:`` item describes one paper table (schema: ``kdbench/schemas/
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 import yaml
 
+from kdbench.core.names import did_you_mean
 from kdbench.planning.suite import Suite, SuiteError
 from kdbench.stats.verdict import default_margin
 
@@ -55,6 +55,19 @@ UNPAIRED = ("teacher", "teacher_ensemble")  # columns whose seeds are not the st
 #: caption sentence of a table whose teachers the suite trains (``teacher: train``, kdbench/planning/suite.py)
 TRAINED_TEACHER_NOTE = ("Teachers trained by this suite (one run each, not the paper's): every student interval is "
                         "conditional on that teacher; its variance is not in the intervals.")
+
+
+def fusion_note(suite: Suite, experiments) -> str:
+    """Caption sentence naming the fused runs among ``experiments``' (``pack: {fuse: true}``; fusion
+    is in their run ids, kdbench/planning/suite.py ``_fused``), or "" when none was fused."""
+    runs = {c.run for c in suite.cells if c.experiment in set(experiments)}
+    fused = sorted(r for r in runs if suite.runs[r].spec.execution.fuse)
+    if not fused:
+        return ""
+    students = ", ".join(sorted({suite.runs[r].spec.student for r in fused}))
+    return (f"Fused: {len(fused)} of these {len(runs)} runs (distilled {students} students) were trained "
+            f"horizontally fused in packs (pack: {{fuse: true}}); fused results differ from unfused ones by about "
+            f"seed noise, and their run ids say fused.")
 
 
 @dataclass
@@ -86,7 +99,7 @@ class TableSpec:
     margin: float | None = None  # the suite's δ; None: each group's dataset default
     alpha: float = 0.05
     primary: dict[str, list[str]] = field(default_factory=dict)  # proposed row -> baseline rows
-    default_n: int = 5  # n_p where a paper states no run count: the suite's own seed count
+    default_n: int | None = None  # n_p the suite states where the paper does not (None: read as one run)
 
     def margin_for(self, group: Group) -> float:
         """δ of ``group``'s cells: the table's ``margin`` or its dataset's default."""
@@ -108,9 +121,7 @@ def _check_column(table: str, column: str) -> None:
     from kdbench.methods import METHODS
     valid = sorted(METHODS.names()) + list(UNPAIRED)
     if column not in valid:
-        close = difflib.get_close_matches(column, valid, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        _fail(table, f"unknown column {column!r}.{hint} Valid: a method ({', '.join(valid[:-2])}), teacher, teacher_ensemble")
+        _fail(table, f"unknown column {column!r}.{did_you_mean(column, valid)} Valid: a method ({', '.join(valid[:-2])}), teacher, teacher_ensemble")
 
 
 def _like(cfg: dict, suite: Suite) -> dict:
@@ -189,27 +200,20 @@ def resolve(cfg: dict, suite: Suite) -> TableSpec:
         label = g.get("label") or f"{pair[0]} → {pair[1]}"
         groups.append(Group(label, list(g_exps), dataset, pair, gm, pub, dict(g.get("rows") or {}), g.get("x")))
     trained = suite.trained_teacher_experiments() & {e for g in groups for e in g.experiments}  # teacher: train
-    caption = " ".join(filter(None, [cfg.get("caption", ""), TRAINED_TEACHER_NOTE if trained else ""]))
+    fused = fusion_note(suite, {e for g in groups for e in g.experiments})
+    caption = " ".join(filter(None, [cfg.get("caption", ""), TRAINED_TEACHER_NOTE if trained else "", fused]))
     note = _stand_in_note(cfg, suite, groups) if stand_in is not None else None
     return TableSpec(name, rows, groups, cfg.get("layout", "methods_as_rows"), cfg.get("reference", "student"),
                      published, caption, cfg.get("figure"), note, cfg.get("margin"), cfg.get("alpha", 0.05),
-                     _primary(name, cfg.get("primary") or {}, rows), cfg.get("published_runs") or _seed_count(suite, exps))
+                     _primary(name, cfg.get("primary") or {}, rows), cfg.get("published_runs"))
 
 
 def _primary(table: str, primary: dict, rows: dict) -> dict[str, list[str]]:
     """The declared primary family, its row labels checked."""
     for label in [*primary, *(b for bs in primary.values() for b in bs)]:
         if label not in rows:
-            close = difflib.get_close_matches(label, list(rows), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            _fail(table, f"primary: {label!r} is not a row label.{hint} Rows: {', '.join(rows)}")
+            _fail(table, f"primary: {label!r} is not a row label.{did_you_mean(label, rows)} Rows: {', '.join(rows)}")
     return {a: list(bs) for a, bs in primary.items()}
-
-
-def _seed_count(suite: Suite, experiments: list[str]) -> int:
-    """Most student seeds any of the experiments runs (the default n_p of a published value)."""
-    counts = [len({c.seed for c in suite.cells if c.experiment == e and c.column not in UNPAIRED}) for e in experiments]
-    return max(counts + [1])
 
 
 def _stand_in(name, groups_cfg, stand_in, exps, suite, pairs_of):
