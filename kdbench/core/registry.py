@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Generic, Iterator, TypeVar
+
+from kdbench.core.names import did_you_mean
 
 T = TypeVar("T")
 
@@ -38,9 +39,7 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), self._items, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Valid choices: {', '.join(sorted(self._items))}"
+        return f"unknown {self.kind} {name!r}.{did_you_mean(name, self._items)} Valid choices: {', '.join(sorted(self._items))}"
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

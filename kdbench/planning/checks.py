@@ -11,13 +11,14 @@ to change. :func:`check_file` reads one suite file as written (before includes a
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import re
 import warnings
 from collections import Counter
 from pathlib import Path
+
+from kdbench.core.names import did_you_mean  # noqa: F401  (re-exported: checks' messages and older callers)
 
 
 class SuiteError(ValueError):
@@ -28,11 +29,6 @@ def check_name(kind: str, name: str, valid, where: str) -> None:
     if name not in valid:
         raise SuiteError(f"{where}: unknown {kind} {name!r}.{did_you_mean(name, valid)} "
                          f"Valid {kind}s: {', '.join(sorted(valid))}")
-
-
-def did_you_mean(name: str, valid) -> str:
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=3)
-    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def term_parameters(term: str) -> list[str]:
@@ -100,6 +96,9 @@ def check_file(cfg: dict, path: Path) -> None:
         exp_methods = {m for m in exp["methods"] if m in METHODS}
         _check_term_params(exp.get("term_params") or {}, exp_methods, False, f"{where}: term_params")
         _check_device_free_keys(exp, where)
+    _check_recipe_effects(cfg, path)
+    _check_paths(cfg, path)
+    _check_table_keys(cfg, path)
 
 
 def _unique(values: list, where: str, what: str, fix: str) -> None:
@@ -130,6 +129,9 @@ def _check_override(method: str, over: dict, where: str) -> None:
     for term, weight in (over.get("terms") or {}).items():
         check_name("distillation term", term, LOSSES.names(), f"{where}: terms")
         _finite(weight, f"{where}: terms: {term}")
+    if "terms" in over and not over["terms"] and METHODS.get(method).needs_teacher:
+        raise SuiteError(f"{where}: terms: {{}} leaves {method!r} no distillation term (it would train with plain CE "
+                         f"and still read a teacher). Name its terms, or run the method student")
     terms = set(over.get("terms") or METHODS.get(method).terms)
     for term, params in (over.get("params") or {}).items():
         if term not in terms:
@@ -162,6 +164,123 @@ def _check_device_free_keys(exp: dict, where: str) -> None:
                 raise SuiteError(f"{where}: sweep: {key}: {v!r} is not a finite number")
 
 
+#: keys a path is written in: (where, the path strings of one suite file)
+def _path_values(cfg: dict):
+    for inc in cfg.get("include") or []:
+        yield "include", inc
+    if "runs_dir" in cfg:
+        yield "runs_dir", cfg["runs_dir"]
+    for name, d in (cfg.get("datasets") or {}).items():
+        yield f"datasets: {name}: root", d["root"]
+    for block in [cfg.get("execution") or {}] + [e.get("execution") or {} for e in cfg.get("experiments", [])]:
+        if block.get("cache_dir"):
+            yield "execution: cache_dir", block["cache_dir"]
+    for exp in cfg.get("experiments", []):
+        for arch, files in (exp.get("teacher_checkpoints") or {}).items():
+            for f in files if isinstance(files, list) else [files]:
+                yield f"experiment {exp['name']!r}: teacher_checkpoints: {arch}", f
+    for t in cfg.get("tables", []):
+        if "like" in t:
+            yield f"table {t['name']!r}: like: suite", t["like"]["suite"]
+
+
+def _check_paths(cfg: dict, path: Path) -> None:
+    """Paths are taken as written (relative to the folder snakemake runs in, includes to the
+    suite's folder): a shell would expand ``~`` and ``$VAR``, kdbench does not, so a path that
+    relies on it is refused rather than read as a folder literally named ``~`` or ``$HOME``.
+    (Choice: refuse, not expand — an expanded path would differ per user and machine, and
+    dataset roots and teacher files are part of what a suite says.)"""
+    for where, value in _path_values(cfg):
+        if value.startswith("~") or "$" in value:
+            what = "`~`" if value.startswith("~") else "`$`"
+            raise SuiteError(f"{path}: {where}: {value!r} relies on the shell's {what} expansion, which kdbench does "
+                             f"not do (paths are taken as written). Write the path out, e.g. an absolute path or "
+                             f"one relative to the folder snakemake runs in")
+
+
+#: recipe keys that only the step schedule reads, and those only the cosine schedule reads
+STEP_ONLY, COSINE_ONLY = ("milestones", "lr_decay"), ("warmup_epochs",)
+
+
+def _check_recipe_effects(cfg: dict, path: Path) -> None:
+    """A recipe key that the schedule of every run it reaches never reads is refused: milestones
+    or lr_decay under the cosine schedule, warmup_epochs (> 0) under the step schedule. An
+    experiment's recipe and teacher_recipe reach their own runs; the suite's recipe reaches every
+    run of this file's experiments (their blocks laid over it) — so a suite-level milestone list
+    is refused only when no run of the file uses the step schedule."""
+    base = cfg.get("recipe") or {}
+    blocks = {}  # where -> (block as written, the schedules of the runs it reaches)
+    for exp in cfg.get("experiments", []):
+        for key in ("recipe", "teacher_recipe"):
+            if key == "teacher_recipe" and key not in exp:
+                continue
+            own = exp.get(key) or {}
+            schedule = {**base, **own}.get("schedule", "step")
+            blocks[f"experiment {exp['name']!r}: {key}"] = (own, {schedule})
+            blocks.setdefault("recipe", (base, set()))[1].add(schedule)
+    for where, (block, schedules) in blocks.items():
+        for schedule, keys in (("cosine", STEP_ONLY), ("step", COSINE_ONLY)):
+            idle = [k for k in keys if block.get(k) not in (None, 0)]
+            if idle and schedules == {schedule}:
+                other = "step" if schedule == "cosine" else "cosine"
+                raise SuiteError(f"{path}: {where}: {', '.join(idle)} take no effect with the {schedule} schedule "
+                                 f"(only the {other} schedule reads them). Delete them, or set schedule: {other}")
+
+
+#: table keys only a paper table (one with rows, published or like) reads
+PAPER_TABLE_ONLY = ("primary", "alpha", "layout", "published_runs", "groups", "figure", "stand_in")
+
+
+def _check_table_keys(cfg: dict, path: Path) -> None:
+    for t in cfg.get("tables", []):
+        where = f"{path}: table {t['name']!r}"
+        idle = [k for k in PAPER_TABLE_ONLY if k in t and not _is_paper(t)]
+        if idle:
+            raise SuiteError(f"{where}: {', '.join(idle)} take no effect on a seed table (they configure a paper "
+                             f"table: one with rows, published or like). Delete them, or give the table rows or "
+                             f"published")
+        if "stand_in" in t and "like" not in t:
+            raise SuiteError(f"{where}: stand_in takes effect only with like (a miniature of another suite's "
+                             f"table). Delete it, or add like: {{suite: ...}}")
+        for filt, w in [(t.get("published"), "published")] + [
+                (({**(t.get("published") or {}), **g["published"]}), f"groups: {g.get('label', i)}: published")
+                for i, g in enumerate(t.get("groups") or []) if g.get("published")]:
+            if not filt or _published_rows(filt):
+                continue
+            msg = (f"{where}: {w}: the filter {filt} matches no row of kdbench/reference/published.csv"
+                   f"{_closest_published(filt)}")
+            if "paper" in filt and not _published_rows({"paper": filt["paper"]}):
+                raise SuiteError(msg + ". Correct the paper key (the first word of published.csv's paper column)")
+            # legal but inert (a paper whose values were not transcribed): the table prints reproduced values only
+            warnings.warn(msg + "; the table prints no published values", stacklevel=2)
+
+
+def _published_table() -> list[dict]:
+    import csv
+
+    global _PUBLISHED
+    if _PUBLISHED is None:
+        with open(Path(__file__).resolve().parent.parent / "reference" / "published.csv", newline="") as f:
+            _PUBLISHED = [{**r, "paper": r["paper"].split()[0] if r["paper"] else ""} for r in csv.DictReader(f)]
+    return _PUBLISHED
+
+
+_PUBLISHED: list[dict] | None = None
+
+
+def _published_rows(filt: dict) -> list[dict]:
+    """published.csv's rows the filter selects (``paper``: the first word of its paper column), as
+    :func:`kdbench.report.paper_tables.match_published` reads them."""
+    return [r for r in _published_table() if all(str(r.get(k)) == str(v) for k, v in filt.items())]
+
+
+def _closest_published(filt: dict) -> str:
+    for key, value in filt.items():
+        if not _published_rows({key: value}):
+            return f" ({key} {value!r} is in no row.{did_you_mean(value, {r[key] for r in _published_table()})})"
+    return " (each key matches some rows, not all together)"
+
+
 # ---- the resolved suite ------------------------------------------------------------------------
 
 def check_suite(suite, check_files: bool = False) -> None:
@@ -177,8 +296,38 @@ def check_suite(suite, check_files: bool = False) -> None:
                                                  spec.validation is None and _is_teacher(suite, run.id) else ""))
         if spec.validation is not None:
             _check_holdout(suite, spec, where)
+    _check_references(suite)
     if check_files:
         check_files_exist(suite)
+
+
+def _check_references(suite) -> None:
+    """Names that must resolve to what the suite runs: each table's and each seed budget's
+    ``reference`` is a column of its experiments, every architecture in ``small_lr_archs`` exists."""
+    from kdbench.models import MODELS
+    from kdbench.planning.budget import budget
+
+    columns: dict[str, set[str]] = {}
+    for c in suite.cells:
+        columns.setdefault(c.experiment, set()).add(c.column)
+    for exp in suite.config["experiments"]:
+        where = f"{suite.path}: experiment {exp['name']!r}"
+        for key in ("recipe", "teacher_recipe"):
+            for arch in (exp.get(key) or {}).get("small_lr_archs", []):
+                check_name("architecture", arch, MODELS.names(), f"{where}: {key}: small_lr_archs")
+        b = budget(exp) if isinstance(exp["seeds"], dict) else None
+        if b is not None:
+            check_name("column", b["reference"], columns.get(exp["name"], set()) - {"teacher"},
+                       f"{where}: seeds: reference (the columns this experiment runs)")
+    for t in suite.config.get("tables", []):
+        if t.get("reference") is not None:  # as written (the default, student, applies where there is one)
+            have = set().union(*(columns.get(e, set()) for e in t["experiments"]))
+            check_name("column", t["reference"], have, f"{suite.path}: table {t['name']!r}: reference (the columns "
+                       f"its experiments run)")
+
+
+def _is_paper(table: dict) -> bool:
+    return any(k in table for k in ("published", "like", "rows"))
 
 
 def _is_teacher(suite, run_id: str) -> bool:

@@ -14,7 +14,7 @@ a student shares its run. A teacher is the plain-trained run of its architecture
 
 from __future__ import annotations
 
-import difflib
+import functools
 import hashlib
 import inspect
 import itertools
@@ -30,6 +30,8 @@ from kdbench.engine.rules import pack_key, run_problems, unpackable
 from kdbench.core.spec import PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
 from kdbench.methods import LOSSES, METHODS, resolve_method
 from kdbench.models import MODELS
+from kdbench.core import yaml_strict
+from kdbench.core.names import did_you_mean
 from kdbench.core.plugins import import_modules
 from kdbench.planning.budget import budget, cell_seeds
 from kdbench.planning.budget import read_state as read_looks
@@ -153,17 +155,21 @@ def load_suite(path: str | Path, check_files: bool = False) -> Suite:
     return suite
 
 
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(yaml_strict.load(SCHEMA))
+
+
 def read_suite_file(path: Path) -> dict:
     if not path.is_file():
         raise SuiteError(f"suite file {path} not found")
-    with open(path) as f:
-        try:
-            cfg = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise SuiteError(f"{path} is not valid YAML: {e}") from None
-    with open(SCHEMA) as f:
-        schema = yaml.safe_load(f)
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    try:  # duplicate keys, non-finite numbers and YAML's 1e-3-is-a-string refused (kdbench.core.yaml_strict)
+        cfg = yaml_strict.load(path) or {}
+    except yaml_strict.StrictYamlError as e:
+        raise SuiteError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise SuiteError(f"{path} is not valid YAML: {e}") from None
+    errors = sorted(_validator().iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
         for e in errors:
@@ -343,8 +349,7 @@ def _check_validation(exp: dict, where: str) -> None:
             raise SuiteError(f"{where}: sweep key {key!r}: write ce, a term (its loss weight) or term.param")
         if key != "ce" and term not in terms:
             known = "" if term in LOSSES.names() else " (no such distillation term)"
-            close = difflib.get_close_matches(term, list(terms), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(term, terms)
             raise SuiteError(f"{where}: sweep key {key!r}: no method of this experiment has the term {term!r}{known}."
                              f"{hint} Valid keys: ce, or <term> (its loss weight) or <term>.<param> of the terms "
                              f"{choices}")

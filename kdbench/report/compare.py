@@ -15,12 +15,12 @@ counted on each side, never used.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 
 from tabulate import tabulate
 
+from kdbench.core.names import did_you_mean
 from kdbench.stats.comparisons import PRIMARY, Comparison, adjust, seeds_plan
 from kdbench.stats.paired import paired_test
 from kdbench.report.paper_layout import METRICS
@@ -35,9 +35,7 @@ def compare(suite, a: str, b: str, metric: str = "acc_last", experiments: list[s
     columns = {c.column for c in suite.cells}
     for name in (a, b):
         if name not in columns:
-            close = difflib.get_close_matches(name, sorted(columns), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"column {name!r} is not in suite {suite.name!r}.{hint} Its columns: {', '.join(sorted(columns))}")
+            raise ValueError(f"column {name!r} is not in suite {suite.name!r}.{did_you_mean(name, sorted(columns))} Its columns: {', '.join(sorted(columns))}")
     if experiments:
         unknown = set(experiments) - set(suite.experiment_runs)
         if unknown:
