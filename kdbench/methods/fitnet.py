@@ -50,6 +50,11 @@ class FitNet(DistillLoss):
         self.hint_lr = hint_lr
         self.probe_input = tuple(probe_input)
 
+    @classmethod
+    def init_epochs_for(cls, params: dict) -> int:
+        """The hint stage's epochs (its parameter is ``hint_epochs``, not ``init_epochs``)."""
+        return int(params.get("hint_epochs", 0))
+
     def hint_loss(self, s: Features, t: Features) -> Tensor:
         f_s = self.regressor(s.stages[self.hint_layer].float())
         return F.mse_loss(f_s.float(), t.stages[self.hint_layer].detach().float())
