@@ -17,6 +17,7 @@ from kdbench.planning.launch import claim_gpus, launch_command
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "workflow/profiles/slurm"
 LOCAL = REPO / "workflow/profiles/local"
+DEFAULT = REPO / "workflow/profiles/default"
 
 
 def snakemake(workdir: Path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -144,3 +145,32 @@ def test_lint_reports_only_the_findings_the_snakefile_justifies(tmp_path, config
     assert findings and findings <= justified, findings - justified  # e.g. no "No log directive defined"
     assert all(f.rstrip(".").split(" for each")[0].split(" in same")[0] in (REPO / "Snakefile").read_text()
                for f in findings)  # each is explained at the top of the Snakefile
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """rule -> job count, from a dry run's "Job stats" table."""
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    rows = (line.split() for line in table.splitlines()[3:])
+    return {r[0]: int(r[1]) for r in rows if len(r) == 2 and r[0] != "total"}
+
+
+def test_default_profile_has_the_local_settings():
+    import yaml
+    default, local = (yaml.safe_load((p / "config.yaml").read_text()) for p in (DEFAULT, LOCAL))
+    assert default == local and default["retries"] == 1 and default["cores"] == "all"
+
+
+def test_readme_command_plans_the_same_jobs_with_and_without_the_default_profile(tmp_path):
+    """`snakemake --cores 2` (the README's run of the smoke suite) as a dry run, without any
+    workflow profile and with the default one: the same jobs, rule by rule."""
+    runs = {}
+    for profile in ("none", str(DEFAULT)):
+        done = snakemake(tmp_path, "-n", "--cores", "2", "--workflow-profile", profile)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-3000:]
+        assert ("Using workflow specific profile" in log) == (profile != "none")
+        runs[profile] = planned_jobs(log)
+    from kdbench.planning.suite import load_suite
+    smoke = load_suite(REPO / "workflow/suites/smoke.yaml")
+    assert runs["none"] == runs[str(DEFAULT)]
+    assert runs["none"]["fit"] == len(smoke.runs)  # one job per run: nothing is left out of the plan
