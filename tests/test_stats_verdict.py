@@ -2,12 +2,14 @@
 
 import functools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from kdbench.stats.comparisons import EXPLORATORY, PRIMARY, Comparison, adjust, planned_pairs, seeds_plan
+from kdbench.stats.comparisons import (DIFFERENCE, EXPLORATORY, PRIMARY, ClaimTest, Comparison, adjust, planned_pairs,
+                                      seeds_plan, comparison_key)
 from kdbench.stats.paired import paired_test
 from kdbench.stats.verdict import (PublishedSD, classify, default_margin, no_verdict_reason, published_sd,
                                    reproduction_verdict, welch_se_df)
@@ -136,9 +138,37 @@ def _cmp(a, b, group, family, runs_a, runs_b, values_a, values_b):
 
 def test_planned_pairs_primary_then_exploratory():
     rows = ["Teacher", "Student", "KD", "FitNet", "CRD"]
-    pairs = planned_pairs(rows, {"CRD": ["KD", "FitNet"]}, "Student", unpaired={"Teacher"})
-    assert pairs == [("CRD", "KD", PRIMARY), ("CRD", "FitNet", PRIMARY), ("KD", "Student", EXPLORATORY),
-                     ("FitNet", "Student", EXPLORATORY), ("CRD", "Student", EXPLORATORY)]
+    claims = [ClaimTest("CRD", "KD", "c1"), ClaimTest("CRD", "FitNet", "c1"), ClaimTest("CRD", "AT", "c1"),  # no AT row
+              ClaimTest("CRD", "Student", "c2", groups=("g2",)), ClaimTest("CRD", "KD", "c3", a_group="g1", b_group="g2")]
+    pairs = [(a, b, f, t.claim if t else None) for a, b, f, t in
+             planned_pairs(rows, claims, "Student", unpaired={"Teacher"}, group="g1")]
+    assert pairs == [("CRD", "KD", PRIMARY, "c1"), ("CRD", "FitNet", PRIMARY, "c1"), ("KD", "Student", EXPLORATORY, None),
+                     ("FitNet", "Student", EXPLORATORY, None), ("CRD", "Student", EXPLORATORY, None)]
+    in_g2 = [(a, b, f) for a, b, f, _ in planned_pairs(rows, claims, "Student", {"Teacher"}, group="g2")]
+    assert ("CRD", "Student", PRIMARY) in in_g2 and ("CRD", "Student", EXPLORATORY) not in in_g2
+
+
+def test_a_difference_is_one_test_in_either_order():
+    assert comparison_key("acc", DIFFERENCE, ("a",), ("b",)) == comparison_key("acc", DIFFERENCE, ("b",), ("a",))
+    assert comparison_key("acc", DIFFERENCE, ("a",), ("b",)) != comparison_key("err", DIFFERENCE, ("a",), ("b",))
+    assert comparison_key("acc", "noninferiority", ("a",), ("b",), 0.5) != comparison_key("acc", "noninferiority", ("b",), ("a",), 0.5)
+
+
+def test_shared_test_gets_one_family_and_one_p_across_tables():
+    a = {0: 75.1, 1: 75.6, 2: 75.3}
+    b = {0: 74.0, 1: 74.2, 2: 74.9}
+    c = {0: 74.9, 1: 75.0, 2: 75.5}
+    # table T1 claims A − B; table T2 shows B − A (reversed) as exploratory, beside its own C − B
+    t1 = replace(_cmp("A", "B", "g", PRIMARY, ("a",), ("b",), a, b), owner="T1", claim="claim1",
+                 key=comparison_key("acc", DIFFERENCE, ("a",), ("b",)))
+    t2_rev = replace(_cmp("B", "A", "g", EXPLORATORY, ("b",), ("a",), b, a), owner="T2",
+                     key=comparison_key("acc", DIFFERENCE, ("b",), ("a",)))
+    t2_own = replace(_cmp("C", "B", "g", EXPLORATORY, ("c",), ("b",), c, b), owner="T2",
+                     key=comparison_key("acc", DIFFERENCE, ("c",), ("b",)))
+    out = adjust([t2_rev, t2_own, t1])  # the order tables come in does not decide the family: the claim does
+    assert out[0].family == PRIMARY and out[0].owner == "T1" and out[0].claim == "claim1"
+    assert out[0].p_adj == out[2].p_adj == paired_test(a, b).p  # Holm over T1's family of one
+    assert out[1].family == EXPLORATORY and math.isclose(out[1].p_adj, paired_test(c, b).p)  # BH over T2's one test
 
 
 def test_duplicate_tests_count_once_in_holm():

@@ -26,6 +26,7 @@ import math
 import sys
 from pathlib import Path
 
+from kdbench.core.io import atomic_file
 from kdbench.report.curves import BANDS, CellCurves, draw_curves, epoch_accuracies
 from kdbench.report.forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
 from kdbench.report.paper_tables import METRICS, CellStat, Records, TableResult, compute, table_specs
@@ -59,7 +60,8 @@ def draw(res: TableResult, path: str | Path) -> Path:
     fig = figure(res)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    with atomic_file(path) as f:  # a reader never sees half a PNG
+        fig.savefig(f, format="png", metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -152,6 +154,16 @@ def _forest_row(label: str, group: str, test, p_adj: float = math.nan, correctio
                      p_adj, correction)
 
 
+def forest_label(c, table: str) -> str:
+    """A comparison's row label: which claim a primary row tests (and whose family holds a test
+    another table claims or first shows), or that it is exploratory."""
+    if c.family == "primary":
+        what = f"claim {c.claim}" if c.claim else "primary"
+    else:
+        what = "exploratory"
+    return f"{c.a} − {c.b} [{what}{'' if c.owner == table else f', family of {c.owner}'}]"
+
+
 def paper_forest_rows(res: TableResult) -> list[ForestRow]:
     """The table's comparisons (its primary family first, then every other row − the reference),
     each with the published Δ where the paper prints both values. A test repeated on the same
@@ -168,19 +180,21 @@ def paper_forest_rows(res: TableResult) -> list[ForestRow]:
                 continue
             pub = []
             for x in comps:
-                a, b = res.cell(x.a, x.group), res.cell(x.b, x.group)
+                a, b = (res.cell(*cell) for cell in x.cells)
                 if a.published is not None and b.published is not None:
                     pub.append(a.published - b.published)
             group = c.group if len(comps) == 1 else f"{c.group} (same runs as {len(comps) - 1} more groups)"
-            rows.append(_forest_row(f"{c.a} − {c.b} [{family}]", group, c.test, c.p_adj, c.correction, tuple(pub)))
+            rows.append(_forest_row(forest_label(c, res.spec.name), group, c.test, c.p_adj, c.correction, tuple(pub)))
     return rows
 
 
 def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
     spec = res.spec
     metric = spec.groups[0].metric if spec.groups else "acc_last"
-    note = ("Δ = row − row over shared seeds (paired t). p adjusted within its family: primary (the paper's claims) "
-            "Holm, exploratory (vs the reference) BH. Published Δ = the paper's same difference. "
+    note = ("Δ = row − row over shared seeds (paired t). p adjusted within its family: primary (the paper's claims, "
+            "kdbench/reference/claims; [claim …] names the one a row tests) Holm, exploratory (vs the reference) BH; "
+            "a test another table claims or shows first carries that table's family and p. "
+            "Published Δ = the paper's same difference. "
             + ("STAND-IN: reproduced values from miniature runs; published values from the paper's setting."
                if spec.stand_in else ""))
     return draw_forest(paper_forest_rows(res), spec.margin_for(spec.groups[0]), path,

@@ -100,25 +100,48 @@ def _verdict_caption(res) -> str:
             f"against the margin δ = ±{'/'.join(f'{m:g}' for m in margins)} (TOST): `reproduced (±δ)` — the 90% CI "
             f"of Δ inside ±δ; `differs` — the 95% CI excludes 0 and |Δ| ≥ δ; `differs, within ±δ` — the 95% CI "
             f"excludes 0 and the 90% CI is inside ±δ; `inconclusive` — neither, with the further seeds that would "
-            f"decide it at the observed Δ and sd. No verdict below n = 3, at sd 0 or with a non-finite value."
+            f"decide it at the observed Δ and sd; `not decided by {MAX_MORE_SEEDS} more seeds` — the published "
+            f"mean's own noise (printed, or assumed where the paper is silent) alone keeps the 90% half-width "
+            f"above δ − |Δ|, so no number of our seeds decides it. No verdict below n = 3, at sd 0 or with a "
+            f"non-finite value."
             + (f" Assumed where the paper is silent: {'; '.join(assumed)}." if assumed else ""))
+
+
+def claim_text(t) -> str:
+    """One planned primary test in words: ``FKD ≥ CRD − δ`` (a `matches` claim) or ``FKD vs KD``."""
+    a = t.a + (f" @ {t.a_group}" if t.a_group else "")
+    b = t.b + (f" @ {t.b_group}" if t.b_group else "")
+    return f"{a} ≥ {b} − δ" if t.hypothesis == "noninferiority" else f"{a} vs {b}"
+
+
+def claims_text(primary) -> str:
+    """The primary tests grouped by claim: ``claim x: A vs B, A vs C; claim y: …``."""
+    by: dict[str, list[str]] = {}
+    for t in primary:
+        by.setdefault(t.claim, []).append(claim_text(t))
+    return "; ".join(f"{'claim ' + c if c else 'the suite’s own'}: {', '.join(v)}" for c, v in by.items())
 
 
 def _family_caption(res) -> str:
     spec = res.spec
     if not res.comparisons:
         return ""
-    claims = "; ".join(f"{a} vs {', '.join(bs)}" for a, bs in spec.primary.items())
-    m = family_size(res.comparisons, PRIMARY)
+    m = family_size(res.comparisons, PRIMARY, spec.name)
     text = (f" Paired tests (a seed gives every method the same initialisation and data order): paired t-test "
             f"with the 95% t-interval of the mean difference; where every difference is equal, the exact "
-            f"sign-flip p (never 0) and no interval; bootstrap intervals only from n = {MIN_BOOTSTRAP_N} pairs.")
-    if claims:
-        text += (f" Primary family, the paper's claims ({claims}) in every group: Holm at α = {spec.alpha:g} over "
-                 f"{m} distinct test(s).")
+            f"sign-flip p (never 0) and no interval; bootstrap intervals only from n = {MIN_BOOTSTRAP_N} pairs; "
+            f"a teacher with one value is a constant its students' seeds are tested against (one-sample t).")
+    if spec.primary:
+        source = (f"kdbench/reference/claims/{spec.claims[0].paper}.yaml, each with the sentence or table it comes "
+                  f"from" if spec.claims else "declared by the suite")
+        text += (f" Primary family, the paper's claims ({source}): {claims_text(spec.primary)}; "
+                 f"a `better`/`ablation` claim is tested as a difference (two-sided), a `matches` claim as "
+                 f"non-inferiority within δ (one-sided); Holm at α = {spec.alpha:g} over {m} distinct test(s).")
     if spec.reference:
         text += f" Every other method − `{spec.reference}`: exploratory, Benjamini–Hochberg."
-    return text + " A test repeated on the same runs (a stand-in's groups) counts once."
+    return text + (" One test, one family: a test repeated on the same runs (a stand-in's groups, or another table "
+                   "of the suite, in either order) counts once, in the family of the table that claims it (else "
+                   "shows it) first, and every table prints that family's adjusted p.")
 
 
 def caption(res) -> str:
@@ -145,6 +168,12 @@ def _distinct(tests) -> list[tuple]:
     return [(v[0], v[1] if len(v) == 2 else f"{', '.join(v[1:])} (same runs)") for v in groups.values()]
 
 
+def _decision(c, alpha: float) -> str:
+    if not c.tested:
+        return "not tested"
+    return "yes" if c.p_adj < alpha else "no"
+
+
 def _tests_table(res, family: str) -> list[str]:
     tests = [c for c in res.comparisons if c.family == family and c.test.n > 0]
     if not tests:
@@ -156,16 +185,22 @@ def _tests_table(res, family: str) -> list[str]:
     for c, group in _distinct(tests):
         t = c.test
         ci = "all differences equal" if t.degenerate else _interval(t.ci_lo, t.ci_hi, d).strip()
-        row = [f"{c.a} − {c.b}", group, t.n, f"{_signed(t.mean_diff, d)} {ci}", _p(t.p), _p(c.p_adj),
-               "yes" if c.p_adj < alpha else "no"]
+        what = (f"{c.claim or 'primary'}" + (" (A ≥ B − δ)" if c.hypothesis == "noninferiority" else "")
+                if family == PRIMARY else "exploratory")
+        if c.owner != res.spec.name:
+            what += f", family of {c.owner}"
+        row = [f"{c.a} − {c.b}", what, group, t.n, f"{_signed(t.mean_diff, d)} {ci}", _p(c.p), _p(c.p_adj),
+               _decision(c, alpha)]
         if boot:
-            row.insert(4, _interval(t.boot_lo, t.boot_hi, d).strip() or "—")
+            row.insert(5, _interval(t.boot_lo, t.boot_hi, d).strip() or "—")
         rows.append(row)
     corr = tests[0].correction
-    head = ["comparison", "group", "pairs", "Δ mean [95% t-CI]", "p", f"p ({corr})", f"p ({corr}) < {alpha:g}"]
+    head = ["comparison", "claim" if family == PRIMARY else "family", "group", "pairs", "Δ mean [95% t-CI]", "p",
+            f"p ({corr})", f"p ({corr}) < {alpha:g}"]
     if boot:
-        head.insert(4, "bootstrap 95% CI")
-    title = "Primary family (the paper's claims)" if family == PRIMARY else "Exploratory comparisons"
+        head.insert(5, "bootstrap 95% CI")
+    title = ("Primary family (the paper's claims; p of a `matches` claim: one-sided non-inferiority)"
+             if family == PRIMARY else "Exploratory comparisons")
     return [f"{title}:", "", tabulate(rows, head, tablefmt="github", disable_numparse=True), ""]
 
 
@@ -177,7 +212,7 @@ def markdown(res) -> str:
     out = [caption(res), "", text, ""]
     untested = sum(1 for c in res.comparisons if c.test.n == 0)
     if untested:
-        out += [f"{untested} comparison(s) have no paired seeds with finished runs yet.", ""]
+        out += [f"{untested} comparison(s) have no paired seeds with finished runs yet (not tested).", ""]
     out += _tests_table(res, PRIMARY) + _tests_table(res, EXPLORATORY)
     plan = res.seeds_plan
     if plan is not None and _nan(plan.sd):
@@ -206,10 +241,12 @@ def cells_frame(res) -> pd.DataFrame:
                      "delta_ci95_lo": v.ci95[0] if v else None, "delta_ci95_hi": v.ci95[1] if v else None,
                      "verdict": c.verdict, "more_seeds": v.more_seeds if v else None,
                      "assumption": v.assumption if v else None,
-                     "reference": k.b if k else None, "family": k.family if k else None, "pairs": t.n if t else None,
+                     "reference": k.b if k else None, "family": k.family if k else None,
+                     "family_of": k.owner if k else None, "claim": (k.claim or None) if k else None,
+                     "pairs": t.n if t else None,
                      "diff_mean": t.mean_diff if t else None, "diff_ci_lo": t.ci_lo if t else None,
                      "diff_ci_hi": t.ci_hi if t else None, "boot_lo": t.boot_lo if t else None,
-                     "boot_hi": t.boot_hi if t else None, "p": t.p if t else None, "p_adj": k.p_adj if k else None,
+                     "boot_hi": t.boot_hi if t else None, "p": k.p if k else None, "p_adj": k.p_adj if k else None,
                      "correction": k.correction if k else None, "seeds": " ".join(map(str, sorted(c.values)))})
     return pd.DataFrame(rows)
 

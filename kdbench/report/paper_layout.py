@@ -17,9 +17,12 @@ A suite's ``tables:`` item describes one paper table (schema: ``kdbench/schemas/
   read as one run, the widest reading: :func:`kdbench.stats.verdict.published_sd`);
 * ``margin`` — the equivalence margin δ of the reproduction verdicts (default per dataset:
   :func:`kdbench.stats.verdict.default_margin`) and the effect ``seeds needed`` is planned for;
-* ``primary`` — the paper's claims, the table's primary family of paired tests (Holm):
-  ``{proposed row: [baseline rows]}``; ``reference`` — the column every other method is compared
-  with, exploratory (Benjamini–Hochberg); ``alpha`` — the level of both (default 0.05);
+* the primary family of paired tests (Holm) is generated from the paper's claims,
+  ``kdbench/reference/claims/<paper>.yaml`` (:mod:`kdbench.report.claims`), by the table's name
+  (a stand-in's: the table it miniaturises) and its published paper; ``primary`` —
+  ``{row: [rows]}``, a family of the suite's own for a table no claims file covers (refused where one
+  does); ``reference`` — the column every other method is compared with, exploratory
+  (Benjamini–Hochberg); ``alpha`` — the level of both (default 0.05);
 * ``like`` + ``stand_in`` — a miniature: the layout and published values of another suite's
   table, the reproduced numbers from this suite's experiments (the smoke suite uses this). A
   stand-in prints no reproduction verdicts: its published values belong to another setting.
@@ -33,6 +36,8 @@ import yaml
 
 from kdbench.core.names import did_you_mean
 from kdbench.planning.suite import Suite, SuiteError
+from kdbench.report.claims import Claim, claim_tests, claims_for
+from kdbench.stats.comparisons import ClaimTest
 from kdbench.stats.verdict import default_margin
 
 METRICS = {  # metric -> (what it is, default published metric)
@@ -98,8 +103,13 @@ class TableSpec:
     stand_in: str | None
     margin: float | None = None  # the suite's δ; None: each group's dataset default
     alpha: float = 0.05
-    primary: dict[str, list[str]] = field(default_factory=dict)  # proposed row -> baseline rows
+    primary: list[ClaimTest] = field(default_factory=list)  # the primary family's planned tests
+    claims: list[Claim] = field(default_factory=list)  # the paper's claims they come from
     default_n: int | None = None  # n_p the suite states where the paper does not (None: read as one run)
+
+    def sign(self, group: Group) -> int:
+        """+1 where higher is better (accuracy), −1 where lower is (an error, a kernel gap)."""
+        return -1 if group.metric.startswith(("err", "kernel_gap")) else 1
 
     def margin_for(self, group: Group) -> float:
         """δ of ``group``'s cells: the table's ``margin`` or its dataset's default."""
@@ -203,17 +213,24 @@ def resolve(cfg: dict, suite: Suite) -> TableSpec:
     fused = fusion_note(suite, {e for g in groups for e in g.experiments})
     caption = " ".join(filter(None, [cfg.get("caption", ""), TRAINED_TEACHER_NOTE if trained else "", fused]))
     note = _stand_in_note(cfg, suite, groups) if stand_in is not None else None
+    claims = claims_for(cfg["_like"].split(":")[-1] if "_like" in cfg else name, published.get("paper"))
+    if claims and cfg.get("primary"):
+        _fail(name, f"primary: this table's family comes from the paper's claims ({claims[0].paper}.yaml in "
+                    f"kdbench/reference/claims); remove `primary:` or edit the claims file")
+    primary = claim_tests(claims) if claims else [ClaimTest(a, b) for a, bs in (cfg.get("primary") or {}).items() for b in bs]
+    _check_primary(name, primary, rows)
     return TableSpec(name, rows, groups, cfg.get("layout", "methods_as_rows"), cfg.get("reference", "student"),
                      published, caption, cfg.get("figure"), note, cfg.get("margin"), cfg.get("alpha", 0.05),
-                     _primary(name, cfg.get("primary") or {}, rows), cfg.get("published_runs"))
+                     primary, claims, cfg.get("published_runs"))
 
 
-def _primary(table: str, primary: dict, rows: dict) -> dict[str, list[str]]:
-    """The declared primary family, its row labels checked."""
-    for label in [*primary, *(b for bs in primary.values() for b in bs)]:
-        if label not in rows:
-            _fail(table, f"primary: {label!r} is not a row label.{did_you_mean(label, rows)} Rows: {', '.join(rows)}")
-    return {a: list(bs) for a, bs in primary.items()}
+def _check_primary(table: str, primary: list[ClaimTest], rows: dict) -> None:
+    """Every row a primary test names is a row label (its groups may be absent: a stand-in keeps some)."""
+    for t in primary:
+        for label in (t.a, t.b):
+            if label not in rows:
+                where = f"claim {t.claim!r}" if t.claim else "primary"
+                _fail(table, f"{where}: {label!r} is not a row label.{did_you_mean(label, rows)} Rows: {', '.join(rows)}")
 
 
 def _stand_in(name, groups_cfg, stand_in, exps, suite, pairs_of):

@@ -28,7 +28,8 @@ import yaml
 
 from kdbench.planning.suite import Suite, SuiteError
 from kdbench.stats.ci import mean_ci
-from kdbench.stats.comparisons import Comparison, SeedsPlan, adjust, planned_pairs, seeds_plan
+from kdbench.stats.comparisons import (DIFFERENCE, NONINFERIOR, PRIMARY, ClaimTest, Comparison, SeedsPlan, adjust,
+                                      planned_pairs, seeds_plan, comparison_key)
 from kdbench.report.format import caption, cell_text, cells_frame, layout_frame, markdown  # noqa: F401  (re-exported)
 from kdbench.stats.paired import PairedTest, paired_test
 from kdbench.report.paper_layout import (METRICS, TRAINED_TEACHER_NOTE, UNPAIRED, Group, TableSpec, resolve,  # noqa: F401
@@ -198,36 +199,82 @@ def _cell(spec: TableSpec, suite: Suite, records: Records, g: Group, label: str,
     return cs
 
 
+def _comparison(spec: TableSpec, g: Group, ca: CellStat, cb: CellStat, group: str, family: str,
+                claim: ClaimTest | None) -> Comparison:
+    """Row ``ca`` − row ``cb`` paired by seed. A teacher side with one value (a teacher ensemble's
+    accuracy) is a constant the students' seeds are tested against (one-sample t, conditional on
+    that teacher, as every student interval is)."""
+    b_values = cb.values
+    if cb.column in UNPAIRED and len(cb.values) == 1:
+        b_values = dict.fromkeys(ca.values, next(iter(cb.values.values())))
+    hypothesis = claim.hypothesis if claim else DIFFERENCE
+    margin = math.nan
+    if hypothesis == NONINFERIOR:
+        margin = float(claim.margin if claim.margin is not None else spec.margin_for(g))
+    key = comparison_key(g.metric, hypothesis, ca.run_ids, cb.run_ids, margin)  # the same runs on another metric: another test
+    return Comparison(ca.row, cb.row, group, family, key, paired_test(ca.values, b_values), claim=claim.claim if claim else "",
+                      hypothesis=hypothesis, margin=margin, sign=spec.sign(g), owner=spec.name,
+                      cells=((ca.row, ca.group), (cb.row, cb.group)))
+
+
 def _comparisons(spec: TableSpec, cells: list[CellStat]) -> list[Comparison]:
-    """The planned paired tests of every group (:func:`kdbench.stats.comparisons.planned_pairs`),
-    adjusted per family; each cell keeps its comparison with the reference row."""
-    out, refs = [], {}
+    """The planned paired tests of every group (:func:`kdbench.stats.comparisons.planned_pairs`) and
+    the claims across groups, not yet adjusted (:func:`compute_tables` adjusts a suite's at once)."""
+    out = []
+    cell_of = {(c.row, c.group): c for c in cells if c.n_expected}
     for g in spec.groups:
         by_row = {c.row: c for c in cells if c.group == g.label and c.n_expected}
-        refs[g.label] = next((r for r, c in by_row.items() if c.column == spec.reference), None)
+        ref = next((r for r, c in by_row.items() if c.column == spec.reference), None)
         unpaired = {r for r, c in by_row.items() if c.column in UNPAIRED or c.column == spec.reference}
-        primary = {a: [b for b in bs if b in by_row] for a, bs in spec.primary.items() if a in by_row}
-        for a, b, family in planned_pairs(list(by_row), primary, refs[g.label], unpaired):
-            ca, cb = by_row[a], by_row[b]
-            key = (g.metric, ca.run_ids, cb.run_ids)  # the same runs on another metric are another test
-            out.append(Comparison(a, b, g.label, family, key, paired_test(ca.values, cb.values)))
-    out = adjust(out)
+        for a, b, family, claim in planned_pairs(list(by_row), spec.primary, ref, unpaired, g.label):
+            out.append(_comparison(spec, g, by_row[a], by_row[b], g.label, family, claim))
+    groups = {g.label: g for g in spec.groups}
+    for t in spec.primary:
+        ca, cb = cell_of.get((t.a, t.a_group)), cell_of.get((t.b, t.b_group))
+        if t.across_groups and ca and cb:
+            out.append(_comparison(spec, groups[t.a_group], ca, cb, f"{t.a_group} vs {t.b_group}", PRIMARY, t))
+    return out
+
+
+def _attach(spec: TableSpec, cells: list[CellStat], comparisons: list[Comparison]) -> None:
+    """Each cell keeps its (adjusted) comparison with the reference row of its group."""
+    refs = {g.label: next((c.row for c in cells if c.group == g.label and c.n_expected and c.column == spec.reference), None)
+            for g in spec.groups}
     cell_of = {(c.row, c.group): c for c in cells}
-    for k in out:
-        if k.b == refs[k.group]:
+    for k in comparisons:
+        if k.group in refs and k.b == refs[k.group]:
             cell_of[(k.a, k.group)].comparison = k
+
+
+def compute_tables(suite: Suite, records: Records | None = None, specs: list[TableSpec] | None = None) -> list[TableResult]:
+    """Every paper table of the suite (``specs``: these instead of :func:`table_specs`'), adjusted
+    together: a test several tables show is one test of one family, with one adjusted p
+    (:func:`kdbench.stats.comparisons.adjust`)."""
+    records = records or Records(suite)
+    specs = table_specs(suite) if specs is None else specs
+    raw = []
+    for spec in specs:
+        cells = [_cell(spec, suite, records, g, label, column) for g, label, column in spec.cells()]
+        raw.append((spec, cells, _comparisons(spec, cells)))
+    adjusted = iter(adjust([c for _, _, cs in raw for c in cs]))
+    out = []
+    for spec, cells, comparisons in raw:
+        comparisons = [next(adjusted) for _ in comparisons]
+        _attach(spec, cells, comparisons)
+        mine = [c for c in comparisons if c.owner == spec.name]
+        plan = (seeds_plan(comparisons, spec.margin_for(spec.groups[0]), spec.alpha, owner=spec.name)
+                if spec.primary and mine else None)
+        paper = spec.published.get("paper")
+        titles = published_table().loc[published_table().paper_key == paper, "paper"] if paper else []
+        out.append(TableResult(spec, cells, titles.iloc[0] if len(titles) else (paper or ""), comparisons, plan))
     return out
 
 
 def compute(spec: TableSpec, suite: Suite, records: Records | None = None) -> TableResult:
-    """Every cell of ``spec`` from the suite's run outputs, its verdict, and the table's paired tests."""
-    records = records or Records(suite)
-    cells = [_cell(spec, suite, records, g, label, column) for g, label, column in spec.cells()]
-    comparisons = _comparisons(spec, cells)
-    plan = seeds_plan(comparisons, spec.margin_for(spec.groups[0]), spec.alpha) if spec.primary and comparisons else None
-    paper = spec.published.get("paper")
-    titles = published_table().loc[published_table().paper_key == paper, "paper"] if paper else []
-    return TableResult(spec, cells, titles.iloc[0] if len(titles) else (paper or ""), comparisons, plan)
+    """Every cell of ``spec`` from the suite's run outputs, its verdict, and the table's paired tests,
+    adjusted together with the suite's other tables (:func:`compute_tables`)."""
+    others = [s for s in table_specs(suite) if s.name != spec.name]
+    return next(r for r in compute_tables(suite, records, others + [spec]) if r.spec is spec)
 
 
 def diagnostic_targets(suite: Suite) -> dict[str, tuple[str, list[str]]]:
@@ -249,9 +296,12 @@ def diagnostic_targets(suite: Suite) -> dict[str, tuple[str, list[str]]]:
 def write_tables(suite: Suite, out_dir: str | Path, only: list[str] | None = None) -> dict[str, Path]:
     """Write ``<table>.md``, ``.csv`` and ``_cells.csv`` of the suite's paper tables into ``out_dir``."""
     from kdbench.core.io import atomic_write_bytes
-    out, written, records = Path(out_dir), {}, Records(suite)
-    for spec in table_specs(suite, only):
-        res = compute(spec, suite, records)
+    out, written = Path(out_dir), {}
+    wanted = {s.name for s in table_specs(suite, only)}
+    for res in compute_tables(suite):
+        spec = res.spec
+        if spec.name not in wanted:
+            continue
         for suffix, data in ((".md", markdown(res)), (".csv", layout_frame(res).to_csv(index=False, float_format="%.4f")),
                              ("_cells.csv", cells_frame(res).to_csv(index=False, float_format="%.6g"))):
             path = out / f"{spec.name}{suffix}"

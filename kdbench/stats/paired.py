@@ -14,6 +14,7 @@ per-seed differences d_k = a_k − b_k, which removes the seed-to-seed variation
   acceleration estimate is itself noise. Below n = 10 (:data:`MIN_BOOTSTRAP_N`) a percentile
   interval under-covers badly (50% at n = 2, ~84% at n = 5), so :func:`paired_test` leaves it
   out (NaN).
+* :func:`noninferiority_p` — the one-sided paired t-test of a "matches" claim (A ≥ B − margin).
 * :func:`holm` — Holm's step-down adjustment (family-wise error) of a table's primary family;
   :func:`benjamini_hochberg` — the false-discovery-rate adjustment of its exploratory tests.
 * :func:`seeds_needed` — a prospective figure: the paired seeds at which a two-sided paired
@@ -108,6 +109,16 @@ def paired_test(a: Mapping[int, float], b: Mapping[int, float], level: float = 0
     res = stats.ttest_rel(x, y)
     half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
     return PairedTest(n, seeds, mean, sd, float(res.statistic), float(res.pvalue), mean - half, mean + half, *boot)
+
+
+def noninferiority_p(test: PairedTest, margin: float, sign: int = 1) -> float:
+    """One-sided paired t p-value of "a is worse than b by at least ``margin``" (H0: sign·(a − b) ≤
+    −margin; ``sign`` = +1 where higher is better, −1 for an error): a small p says a matches or beats
+    b within the margin. NaN below 2 pairs or at sd 0 (no spread to test with)."""
+    if test.n < 2 or not (test.sd_diff > 0) or not math.isfinite(margin):
+        return math.nan
+    t = (sign * test.mean_diff + margin) / (test.sd_diff / math.sqrt(test.n))
+    return float(stats.t.sf(t, test.n - 1))
 
 
 def holm(pvalues) -> np.ndarray:
