@@ -305,6 +305,7 @@ def run_cost(suite, run, plan: RunPlan, gpu: Gpu, measured: list[Measured] = (),
     # cross-dataset distillation: the teacher has its own dataset's classes and sees the student's images
     t_classes = data_size(suite.config, spec.teacher_dataset or spec.dataset).classes
     f_teachers = len(spec.teacher_ckpts) * flops(spec.teacher, t_classes, size.image_size) if spec.teacher else 0.0
+    # streamed data: images decoded per second and process, by the CPU threads the job asks for
     decode = DECODE_IMAGES_PER_CORE_S * job_resources(run, {**suite.config, "device": "auto"},
                                                       {"ddp_procs": P})["threads"] / P if size.streaming else None
 
