@@ -96,13 +96,14 @@ def test_next_look_adds_seeds_only_to_undecided_cells(tmp_path):
                                "fitnet": [0, 1, 2]}
     write_results(suite)
     state = looks.next_look(suite)["main"]
-    level = looks.nominal_levels([3, 5])[0]
+    level = looks.look_level([3, 5], 0, 0.05, "obrien_fleming")  # the α the first look spends
     decided = {d["method"]: d["decision"] for d in state["decisions"]}
     assert decided == {"kd": "differs", "at": "equivalent", "fitnet": "undecided"}
     assert all(d["level"] == level for d in state["decisions"]) and level < 0.05 / 3
-    # Holm within the look: kd's p times the 3 open tests is still below the look's level
-    assert 3 * looks.paired_p_values({s: STUDENT[s] + DIFF["kd"][s] for s in range(3)},
-                                     {s: STUDENT[s] for s in range(3)}, 0.5)[2] <= level
+    # Holm over the family of 3: kd's p passes the first look's level of a design spending α/3
+    assert looks.paired_p_values({s: STUDENT[s] + DIFF["kd"][s] for s in range(3)},
+                                 {s: STUDENT[s] for s in range(3)}, 0.5)[2] <= looks.look_level([3, 5], 0, 0.05 / 3,
+                                                                                                "obrien_fleming")
     suite = load_suite(path)  # the suite reads the state: only fitnet and its reference get seeds 3, 4
     assert seeds_of(suite) == {"teacher": [0], "student": [0, 1, 2, 3, 4], "kd": [0, 1, 2], "at": [0, 1, 2],
                                "fitnet": [0, 1, 2, 3, 4]}
@@ -112,7 +113,7 @@ def test_next_look_adds_seeds_only_to_undecided_cells(tmp_path):
     write_results(suite)
     state = looks.next_look(suite)["main"]
     assert state["done"] and [d["method"] for d in state["decisions"]] == ["kd", "at", "fitnet", "fitnet"]
-    assert state["decisions"][-1]["n"] == 5 and state["decisions"][-1]["level"] == looks.nominal_levels([3, 5])[1]
+    assert state["decisions"][-1]["n"] == 5 and state["decisions"][-1]["level"] == looks.look_level([3, 5], 1, 0.05, "obrien_fleming")
     assert seeds_of(load_suite(path))["fitnet"] == [0, 1, 2, 3, 4]
 
 
@@ -178,6 +179,28 @@ def test_reproduction_verdicts_drive_the_looks(tmp_path, values, decision, seeds
     [d] = state["decisions"]
     assert d["reference"].startswith("published (ot: Student") and d["decision"] == decision
     x = np.array(list(values.values()))
-    se = x.std(ddof=1) * math.sqrt(1 / 3 + 1 / 3)  # s_p = s_r over the suite's n_p = 3 seeds
+    se = x.std(ddof=1) * math.sqrt(1 / 3 + 1)  # no spread, run count unpublished: one run with s_p = s_r
     assert math.isclose(d["p"], 2 * stats.t.sf(abs(x.mean() - 72.50) / se, 2), rel_tol=1e-6)
     assert seeds_of(load_suite(path))["student"] == seeds
+
+
+def test_the_primary_family_drives_the_looks(tmp_path):
+    """A table with a primary family (here the suite's own `primary:`; a paper table's comes from its
+    claims file): the looks test its claims, not every method − reference, and give the next look's
+    seeds to both sides of an undecided claim only."""
+    path = budget_suite(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["tables"] = [{"name": "main", "experiments": ["main"], "reference": "student",
+                      "rows": {"Student": "student", "KD": "kd", "AT": "at", "FitNet": "fitnet"},
+                      "primary": {"FitNet": ["AT"], "KD": ["Student"]}}]
+    path.write_text(yaml.safe_dump(cfg))
+    suite = load_suite(path)
+    write_results(suite)
+    state = looks.next_look(suite)["main"]
+    tests = {d["test"]: d["decision"] for d in state["decisions"]}
+    assert set(tests) == {"main: FitNet − AT (resnet14 → resnet8)", "main: KD − Student (resnet14 → resnet8)"}
+    assert tests["main: KD − Student (resnet14 → resnet8)"] == "differs"
+    assert tests["main: FitNet − AT (resnet14 → resnet8)"] == "undecided"
+    assert seeds_of(load_suite(path)) == {"teacher": [0], "student": [0, 1, 2], "kd": [0, 1, 2], "at": [0, 1, 2, 3, 4],
+                                          "fitnet": [0, 1, 2, 3, 4]}
+    assert "Holm over the whole family at every look" in (tmp_path / "runs/looks/budget.md").read_text()

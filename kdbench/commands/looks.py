@@ -44,22 +44,56 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 from kdbench.planning.budget import SPENDING, budget, cell_key, cell_seeds, read_state, state_path  # noqa: F401  (the declaration)
-from kdbench.stats.sequential import (DIFFERS, EQUIVALENT, OPEN, boundaries, decide, nominal_levels,  # noqa: F401
-                                      paired_p_values, spent, verdict_p_values)
+from kdbench.stats.sequential import (DIFFERS, EQUIVALENT, OPEN, boundaries, decide, first_look_warning,  # noqa: F401
+                                      look_level, nominal_levels, paired_p_values, spent, verdict_p_values)
 
-def reproduction_tests(suite, exp: dict, level: float, look: int, seeds: int) -> list[dict]:
+def _run_experiment(suite) -> dict:
+    return {c.run: c.experiment for c in suite.cells}
+
+
+def _cells_in(res, cells, exp_of, exp: str) -> bool:
+    """Every run of the table cells ``cells`` ((row, group) pairs) is one of experiment ``exp``'s."""
+    runs = [r for cell in cells for r in res.cell(*cell).run_ids]
+    return bool(runs) and all(exp_of.get(r) == exp for r in runs)
+
+
+def primary_tests(suite, exp: dict, results, look: int, seeds: int, level: float, margin: float) -> list[dict]:
+    """One test per distinct primary comparison (a paper claim) of the suite's tables whose two
+    cells are this experiment's: the paired t-test of no difference and the TOST against ±margin.
+    A claim across experiments (e.g. two ensemble sizes) is left to the tables: no single
+    experiment's looks can add seeds to both of its sides."""
+    exp_of, seen, out = _run_experiment(suite), set(), []
+    for res in results:
+        groups = {g.label: g for g in res.spec.groups}
+        for c in res.comparisons:
+            if c.family != "primary" or c.owner != res.spec.name or c.key in seen or not c.cells:
+                continue
+            if not _cells_in(res, c.cells, exp_of, exp["name"]):
+                continue
+            seen.add(c.key)
+            (ra, ga), (rb, gb) = c.cells
+            a, b = res.cell(ra, ga), res.cell(rb, gb)
+            n, diff, p, tost = paired_p_values(a.values, b.values, margin)
+            pair = groups[ga].pair
+            out.append({"look": look, "seeds": seeds, "test": f"{res.spec.name}: {ra} − {rb} ({c.group})",
+                        "claim": c.claim, "pair": f"{pair[0]}--{pair[1]}", "method": a.column, "reference": b.column,
+                        "n": n, "diff": diff, "p": p, "tost": tost, "level": level, "margin": margin})
+    return out
+
+
+def reproduction_tests(suite, exp: dict, results, level: float, look: int, seeds: int) -> list[dict]:
     """One test per paper-table cell (not a stand-in) with a published value whose runs are this
     experiment's: its reproduction verdict's Δ, tested like a comparison (a cell without a verdict
-    — too few seeds, every seed equal — is undecided)."""
-    from kdbench.report.paper_tables import compute, table_specs
+    — too few seeds, every seed equal — is undecided); it closes as ``differs`` only when |Δ| ≥ δ too."""
     out = []
-    for spec in table_specs(suite):
+    for res in results:
+        spec = res.spec
         if spec.stand_in or not any(exp["name"] in g.experiments for g in spec.groups):
             continue
-        res = compute(spec, suite)
         for c in res.cells:
             g = next(g for g in spec.groups if g.label == c.group)
             if c.published is None or c.n_expected == 0 or exp["name"] not in g.experiments or c.column == "teacher":
@@ -67,10 +101,16 @@ def reproduction_tests(suite, exp: dict, level: float, look: int, seeds: int) ->
             margin = spec.margin_for(g)
             check = c.check
             p, tost = verdict_p_values(check.delta, check.se, check.df, margin) if check else (math.nan, math.nan)
-            out.append({"look": look, "seeds": seeds, "pair": f"{g.pair[0]}--{g.pair[1]}", "method": c.column,
-                        "reference": f"published ({spec.name}: {c.row} / {c.group})", "n": c.n,
+            reference = f"published ({spec.name}: {c.row} / {c.group})"
+            out.append({"look": look, "seeds": seeds, "test": reference, "kind": "reproduction",
+                        "pair": f"{g.pair[0]}--{g.pair[1]}", "method": c.column, "reference": reference, "n": c.n,
                         "diff": c.delta, "p": p, "tost": tost, "level": level, "margin": margin})
     return out
+
+
+def test_id(d: dict) -> str:
+    """A look's test, the same at every look (a state written before issue 25 has no ``test``)."""
+    return d.get("test") or f"{d['pair']}: {d['method']} − {d['reference']}"
 
 
 def _values(records, exp: str, metric: str) -> dict[tuple, dict[int, float]]:
@@ -88,8 +128,10 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
     once every run of the current look has finished (else ValueError naming the missing ones)."""
     from kdbench.report.aggregate import run_records
     from kdbench.stats.verdict import default_margin
+    from kdbench.report.paper_tables import compute_tables
     cfg, state = suite.config, read_state(suite.config)
     records = run_records(suite)
+    results = compute_tables(suite)
     for exp in cfg["experiments"]:
         b = budget(exp)
         if b is None:
@@ -105,31 +147,37 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
         if k >= len(b["looks"]) or st.get("done"):
             continue
         margin = float(b["margin"] if b["margin"] is not None else default_margin(exp["dataset"], b["metric"]))
-        level = nominal_levels(b["looks"], b["alpha"], b["spending"])[k]
+        level = look_level(b["looks"], k, b["alpha"], b["spending"])
         values = _values(rec, exp["name"], b["metric"])
-        closed = {(d["pair"], d["method"], d["reference"]) for d in st["decisions"] if d["decision"] != OPEN}
-        tests = []
-        for t_arch, s_arch in exp["pairs"]:
-            pair = f"{t_arch}--{s_arch}"
-            ref = values.get((t_arch, s_arch, b["reference"]), {})
-            for column in dict.fromkeys(c.column for c in suite.cells if c.experiment == exp["name"]
-                                        and (c.teacher, c.student) == (t_arch, s_arch)):
-                if column in (b["reference"], "teacher") or (pair, column, b["reference"]) in closed:
-                    continue
-                n, diff, p, tost = paired_p_values(values.get((t_arch, s_arch, column), {}), ref, margin)
-                tests.append({"look": k + 1, "seeds": b["looks"][k], "pair": pair, "method": column,
-                              "reference": b["reference"], "n": n, "diff": diff, "p": p, "tost": tost,
-                              "level": level, "margin": margin})
-        tests += [t for t in reproduction_tests(suite, exp, level, k + 1, b["looks"][k])
-                  if (t["pair"], t["method"], t["reference"]) not in closed]
-        for t, verdict in zip(tests, decide(tests, level)):
+        closed = {test_id(d): d["decision"] for d in st["decisions"] if d["decision"] != OPEN}
+        tests = primary_tests(suite, exp, results, k + 1, b["looks"][k], level, margin)
+        if not tests:  # no paper claim covers the experiment: every method − its declared reference
+            for t_arch, s_arch in exp["pairs"]:
+                pair = f"{t_arch}--{s_arch}"
+                ref = values.get((t_arch, s_arch, b["reference"]), {})
+                for column in dict.fromkeys(c.column for c in suite.cells if c.experiment == exp["name"]
+                                            and (c.teacher, c.student) == (t_arch, s_arch)):
+                    if column in (b["reference"], "teacher"):
+                        continue
+                    n, diff, p, tost = paired_p_values(values.get((t_arch, s_arch, column), {}), ref, margin)
+                    tests.append({"look": k + 1, "seeds": b["looks"][k], "pair": pair, "method": column,
+                                  "reference": b["reference"], "n": n, "diff": diff, "p": p, "tost": tost,
+                                  "level": level, "margin": margin})
+        tests += reproduction_tests(suite, exp, results, level, k + 1, b["looks"][k])
+        if k == 0:
+            st["warning"] = first_look_warning(b["looks"], b["alpha"], b["spending"], len(tests))
+            if st["warning"]:
+                warnings.warn(f"experiment {exp['name']!r}: {st['warning']}", stacklevel=2)
+        tests = [t for t in tests if test_id(t) not in closed]
+        # Holm over the whole family: the open tests and the closed ones in their place
+        for t, verdict in zip(tests, decide(tests, b["looks"], k, b["alpha"], b["spending"], list(closed.values()))):
             t["decision"] = verdict
         st["decisions"] = st["decisions"] + tests
         undecided = [t for t in tests if t["decision"] == OPEN]
         if k + 1 < len(b["looks"]) and undecided:
             n_next = b["looks"][k + 1]
             for t in undecided:  # a comparison's two cells (they stay paired), or a reproduced cell
-                for column in (t["method"], b["reference"]) if t["reference"] == b["reference"] else (t["method"],):
+                for column in (t["method"],) if t.get("kind") == "reproduction" else (t["method"], t["reference"]):
                     st["seeds"][f"{t['pair']}/{column}"] = n_next
             st["look"] = k + 1
         else:
@@ -148,18 +196,25 @@ def report(state: dict) -> str:
     lines = []
     for name, st in state.items():
         levels = nominal_levels(st["looks"], st["alpha"], st["spending"])
+        spend = [look_level(st["looks"], k, st["alpha"], st["spending"]) for k in range(len(st["looks"]))]
         rule = ("O'Brien–Fleming-type" if st["spending"] == "obrien_fleming" else "Pocock-type")
         lines += [f"## {name}", "",
                   f"Seeds as a budget: looks at n = {', '.join(map(str, st['looks']))} seeds; {rule} Lan–DeMets "
                   f"alpha spending of α = {st['alpha']:g} (two-sided nominal levels "
-                  f"{', '.join(f'{a:.4g}' for a in levels)}); Holm within each look over its open comparisons "
-                  f"(paired t for a difference, TOST for equivalence within ±δ). "
+                  f"{', '.join(f'{a:.4g}' for a in levels)}; each look tests at the α it spends, "
+                  f"{', '.join(f'{a:.4g}' for a in spend)}, "
+                  f"valid for t-tests at any n); Holm over the whole family at every look, closed tests in their "
+                  f"place (paired t for a difference, TOST for equivalence within ±δ; the family: the paper's "
+                  f"claims on this experiment's runs, else every method − the reference, and the reproduction "
+                  f"verdicts, which close as `differs` only when |Δ| ≥ δ). "
+                  + (f"**Warning**: {st['warning']}. " if st.get("warning") else "")
                   + ("All looks taken." if st.get("done") else f"Next: look {st['look'] + 1}."), "",
                   "| look | n | comparison | pair | Δ mean | p | TOST p | level | decision |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for d in st["decisions"]:
             verdict = d["decision"] + (f" (±{d['margin']:g})" if d["decision"] == EQUIVALENT else "")
-            lines.append(f"| {d['look']} | {d['n']} | {d['method']} − {d['reference']} | {d['pair']} | "
+            what = d["test"] + (f" [claim {d['claim']}]" if d.get("claim") else "") if d.get("test") else f"{d['method']} − {d['reference']}"
+            lines.append(f"| {d['look']} | {d['n']} | {what} | {d['pair']} | "
                          f"{d['diff']:+.2f} | {d['p']:.3g} | {d['tost']:.3g} | {d['level']:.3g} | {verdict} |")
         lines.append("")
     return "\n".join(lines)
