@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kdbench.stats.sequential import DIFFERS, EQUIVALENT, OPEN, decide, first_look_warning, nominal_level
+from kdbench.stats.sequential import DIFFERS, EQUIVALENT, OPEN, decide, first_look_warning, look_level
 
 LOOKS = [3, 5, 10]
 MARGIN = 0.5  # in units of the differences' sd: under the null some tests close as equivalent
@@ -64,7 +64,7 @@ def test_a_real_difference_is_found():
 
 def test_closed_tests_keep_their_place_in_holm():
     looks, k = [3, 5, 10], 1
-    level = {r: nominal_level(looks, k, 0.05 / r, "pocock") for r in (1, 2, 3)}
+    level = {r: look_level(looks, k, 0.05 / r, "pocock") for r in (1, 2, 3)}
     p = (level[3] + level[2]) / 2  # between Holm's step for 3 and for 2 remaining
     tests = [{"p": p, "tost": 1.0}]
     # two tests closed as equivalent stay unrejected: the open one is at its Holm step of 3
