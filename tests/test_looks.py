@@ -182,6 +182,10 @@ def test_reproduction_verdicts_drive_the_looks(tmp_path, values, decision, seeds
     se = x.std(ddof=1) * math.sqrt(1 / 3 + 1)  # no spread, run count unpublished: one run with s_p = s_r
     assert math.isclose(d["p"], 2 * stats.t.sf(abs(x.mean() - 72.50) / se, 2), rel_tol=1e-6)
     assert seeds_of(load_suite(path))["student"] == seeds
+    from kdbench.report import paper_tables as pt
+    suite = load_suite(path)
+    cell = pt.compute(pt.table_specs(suite)[0], suite).cell("Student", "resnet32x4 → resnet8x4")
+    assert f"looks: {decision} (look 1, n = 3)" in pt.cell_text(cell)
 
 
 def test_the_primary_family_drives_the_looks(tmp_path):
@@ -204,3 +208,9 @@ def test_the_primary_family_drives_the_looks(tmp_path):
     assert seeds_of(load_suite(path)) == {"teacher": [0], "student": [0, 1, 2], "kd": [0, 1, 2], "at": [0, 1, 2, 3, 4],
                                           "fitnet": [0, 1, 2, 3, 4]}
     assert "Holm over the whole family at every look" in (tmp_path / "runs/looks/budget.md").read_text()
+    # the table then prints the looks' decision, never a fixed-n p on the adaptively collected seeds
+    from kdbench.report import paper_tables as pt
+    suite = load_suite(path)
+    md = pt.markdown(pt.compute(pt.table_specs(suite)[0], suite))
+    assert "looks: differs (look 1, n = 3)" in md and "looks: undecided (look 1, n = 3)" in md
+    assert "— (adaptive n)" in md and "n is adaptive" in md

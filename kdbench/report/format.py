@@ -68,7 +68,7 @@ def verdict_text(c) -> str:
     verdict = v.verdict
     if verdict == "inconclusive":
         verdict += f" (+{v.more_seeds} seeds)" if v.more_seeds else f" (not decided by {MAX_MORE_SEEDS} more seeds)"
-    return f"Δ {_signed(v.delta, d)}{_interval(*v.ci90, d)} · {verdict}"
+    return f"Δ {_signed(v.delta, d)}{_interval(*v.ci90, d)} · {verdict}" + (f" · {c.sequential}" if c.sequential else "")
 
 
 def cell_text(c, sep: str = "<br>") -> str:
@@ -139,6 +139,10 @@ def _family_caption(res) -> str:
                  f"non-inferiority within δ (one-sided); Holm at α = {spec.alpha:g} over {m} distinct test(s).")
     if spec.reference:
         text += f" Every other method − `{spec.reference}`: exploratory, Benjamini–Hochberg."
+    if any(c.sequential for c in res.comparisons):
+        text += (" Seeds as a budget: where the looks added seeds (kdbench looks), n is adaptive, so no fixed-n "
+                 "adjusted p is printed; the decision column gives the looks' own (Holm over the family at "
+                 "each look with alpha spending; <runs_dir>/looks/<suite>.md).")
     return text + (" One test, one family: a test repeated on the same runs (a stand-in's groups, or another table "
                    "of the suite, in either order) counts once, in the family of the table that claims it (else "
                    "shows it) first, and every table prints that family's adjusted p.")
@@ -169,6 +173,8 @@ def _distinct(tests) -> list[tuple]:
 
 
 def _decision(c, alpha: float) -> str:
+    if c.sequential:
+        return c.sequential
     if not c.tested:
         return "not tested"
     return "yes" if c.p_adj < alpha else "no"
@@ -189,8 +195,8 @@ def _tests_table(res, family: str) -> list[str]:
                 if family == PRIMARY else "exploratory")
         if c.owner != res.spec.name:
             what += f", family of {c.owner}"
-        row = [f"{c.a} − {c.b}", what, group, t.n, f"{_signed(t.mean_diff, d)} {ci}", _p(c.p), _p(c.p_adj),
-               _decision(c, alpha)]
+        row = [f"{c.a} − {c.b}", what, group, t.n, f"{_signed(t.mean_diff, d)} {ci}", _p(c.p),
+               "— (adaptive n)" if c.sequential else _p(c.p_adj), _decision(c, alpha)]
         if boot:
             row.insert(5, _interval(t.boot_lo, t.boot_hi, d).strip() or "—")
         rows.append(row)

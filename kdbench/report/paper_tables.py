@@ -20,7 +20,7 @@ import argparse
 import functools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -68,6 +68,7 @@ class CellStat:
     published_row: int | None = None
     check: Verdict | None = None  # None: no published value, or a stand-in
     comparison: Comparison | None = None  # this row − the table's reference (figures read it)
+    sequential: str = ""  # the looks' decision of this reproduction, where a budget's looks added seeds
 
     @property
     def n(self) -> int:
@@ -246,6 +247,40 @@ def _attach(spec: TableSpec, cells: list[CellStat], comparisons: list[Comparison
             cell_of[(k.a, k.group)].comparison = k
 
 
+def looks_test_id(owner: str, a: str, b: str, group: str) -> str:
+    """The id under which ``kdbench looks`` records a primary test (kdbench.commands.looks)."""
+    return f"{owner}: {a} − {b} ({group})"
+
+
+def _looks_state(suite: Suite) -> tuple[dict, dict]:
+    """(run -> experiment of a budgeted experiment with looks taken, test id -> its last decision)."""
+    from kdbench.planning.budget import read_state
+    state = {k: v for k, v in read_state(suite.config).items() if isinstance(v, dict)}
+    exp_of = {c.run: c.experiment for c in suite.cells if c.experiment in state}
+    return exp_of, {d.get("test"): d for st in state.values() for d in st.get("decisions", [])}
+
+
+def _sequential(suite: Suite, tables: list[str], comparisons: list[Comparison]) -> list[Comparison]:
+    """Comparisons on runs of a budgeted experiment (seeds added by looks) carry the looks' decision
+    instead of a fixed-n p: the last decision recorded for the test, or why there is none.
+    ``tables[i]`` is the table ``comparisons[i]`` was planned in."""
+    exp_of, decided = _looks_state(suite)
+    if not exp_of:
+        return comparisons
+    home = {c.key: looks_test_id(c.owner, c.a, c.b, c.group) for t, c in zip(tables, comparisons)
+            if c.owner == t and c.family == PRIMARY}
+    out = []
+    for c in comparisons:
+        if not any(r in exp_of for side in c.key[2:4] if isinstance(side, tuple) for r in side):
+            out.append(c)
+            continue
+        d = decided.get(home.get(c.key))
+        text = (f"looks: {d['decision']} (look {d['look']}, n = {d['n']})" if d else
+                "looks: not in the family the looks decide (adaptive n: no valid fixed-n p)")
+        out.append(replace(c, sequential=text))
+    return out
+
+
 def compute_tables(suite: Suite, records: Records | None = None, specs: list[TableSpec] | None = None) -> list[TableResult]:
     """Every paper table of the suite (``specs``: these instead of :func:`table_specs`'), adjusted
     together: a test several tables show is one test of one family, with one adjusted p
@@ -256,10 +291,16 @@ def compute_tables(suite: Suite, records: Records | None = None, specs: list[Tab
     for spec in specs:
         cells = [_cell(spec, suite, records, g, label, column) for g, label, column in spec.cells()]
         raw.append((spec, cells, _comparisons(spec, cells)))
-    adjusted = iter(adjust([c for _, _, cs in raw for c in cs]))
+    tables = [spec.name for spec, _, cs in raw for _ in cs]
+    adjusted = iter(_sequential(suite, tables, adjust([c for _, _, cs in raw for c in cs])))
+    exp_of, decided = _looks_state(suite)
     out = []
     for spec, cells, comparisons in raw:
         comparisons = [next(adjusted) for _ in comparisons]
+        for c in cells:  # the id kdbench.commands.looks.reproduction_tests records
+            d = decided.get(f"published ({spec.name}: {c.row} / {c.group})") if exp_of else None
+            if d and c.check is not None:
+                c.sequential = f"looks: {d['decision']} (look {d['look']}, n = {d['n']})"
         _attach(spec, cells, comparisons)
         mine = [c for c in comparisons if c.owner == spec.name]
         plan = (seeds_plan(comparisons, spec.margin_for(spec.groups[0]), spec.alpha, owner=spec.name)

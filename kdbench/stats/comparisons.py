@@ -64,6 +64,7 @@ class Comparison:
     sign: int = 1  # +1: higher is better (accuracy); −1: lower is (an error, a kernel gap)
     owner: str = ""  # the table whose family holds the test
     cells: tuple = ()  # ((row a, group of a), (row b, group of b)) in the table
+    sequential: str = ""  # on seeds a budget's looks collected: their decision (a fixed-n p is not valid)
 
     @property
     def correction(self) -> str:
