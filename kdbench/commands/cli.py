@@ -148,6 +148,7 @@ def fetch_teachers_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N for the accuracy check (default: the suite's)")
     p.add_argument("--list", action="store_true", help="print each released teacher's file and URLs, fetch nothing")
     a = p.parse_args(argv)
+    from kdbench.core.io import OutputError
     from kdbench.data import DatasetMissingError
     from kdbench.engine.checkpoint import CheckpointError
     from kdbench.planning.suite import SuiteError, load_suite
@@ -170,7 +171,7 @@ def fetch_teachers_main(argv: list[str] | None = None) -> int:
             acc = f"top-1 {m['acc_last']:.2f}%" if m["acc_last"] is not None else "accuracy not measured"
             print(f"{rid}: {m['imported']['source']} sha256 {m['imported']['sha256']}, {acc} "
                   f"(published {rt.published_top1}); check: {m['imported']['accuracy_check']}")
-    except (SuiteError, CheckpointError, DatasetMissingError, KeyError) as e:
+    except (SuiteError, CheckpointError, DatasetMissingError, KeyError, OutputError) as e:
         print(f"kdbench fetch-teachers: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     return 0
@@ -244,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     from kdbench.engine.checkpoint import CheckpointError
     from kdbench.engine.device import NoGpuError
     from kdbench.core.registry import UnknownNameError
+    from kdbench.core.io import OutputError
     from kdbench.planning.suite import SuiteError
     try:
         return handlers[args.cmd](args)
-    except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError, NoGpuError) as e:
+    except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError, NoGpuError, OutputError) as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2
 

@@ -66,6 +66,7 @@ def primary_tests(suite, exp: dict, results, look: int, seeds: int, level: float
     cells are this experiment's: the paired t-test of no difference and the TOST against ±margin.
     A claim across experiments (e.g. two ensemble sizes) is left to the tables: no single
     experiment's looks can add seeds to both of its sides."""
+    from kdbench.report.paper_tables import looks_test_id
     exp_of, seen, out = _run_experiment(suite), set(), []
     for res in results:
         groups = {g.label: g for g in res.spec.groups}
@@ -79,7 +80,7 @@ def primary_tests(suite, exp: dict, results, look: int, seeds: int, level: float
             a, b = res.cell(ra, ga), res.cell(rb, gb)
             n, diff, p, tost = paired_p_values(a.values, b.values, margin)
             pair = groups[ga].pair
-            out.append({"look": look, "seeds": seeds, "test": f"{res.spec.name}: {ra} − {rb} ({c.group})",
+            out.append({"look": look, "seeds": seeds, "test": looks_test_id(res.spec.name, ra, rb, c.group),
                         "claim": c.claim, "pair": f"{pair[0]}--{pair[1]}", "method": a.column, "reference": b.column,
                         "n": n, "diff": diff, "p": p, "tost": tost, "level": level, "margin": margin})
     return out
@@ -89,6 +90,7 @@ def reproduction_tests(suite, exp: dict, results, level: float, look: int, seeds
     """One test per paper-table cell (not a stand-in) with a published value whose runs are this
     experiment's: its reproduction verdict's Δ, tested like a comparison (a cell without a verdict
     — too few seeds, every seed equal — is undecided); it closes as ``differs`` only when |Δ| ≥ δ too."""
+    from kdbench.report.paper_tables import reproduction_test_id
     out = []
     for res in results:
         spec = res.spec
@@ -101,7 +103,7 @@ def reproduction_tests(suite, exp: dict, results, level: float, look: int, seeds
             margin = spec.margin_for(g)
             check = c.check
             p, tost = verdict_p_values(check.delta, check.se, check.df, margin) if check else (math.nan, math.nan)
-            reference = f"published ({spec.name}: {c.row} / {c.group})"
+            reference = reproduction_test_id(spec.name, c.row, c.group)
             out.append({"look": look, "seeds": seeds, "test": reference, "kind": "reproduction",
                         "pair": f"{g.pair[0]}--{g.pair[1]}", "method": c.column, "reference": reference, "n": c.n,
                         "diff": c.delta, "p": p, "tost": tost, "level": level, "margin": margin})

@@ -184,7 +184,11 @@ def paper_forest_rows(res: TableResult) -> list[ForestRow]:
                 if a.published is not None and b.published is not None:
                     pub.append(a.published - b.published)
             group = c.group if len(comps) == 1 else f"{c.group} (same runs as {len(comps) - 1} more groups)"
-            rows.append(_forest_row(forest_label(c, res.spec.name), group, c.test, c.p_adj, c.correction, tuple(pub)))
+            if c.sequential:  # seeds the looks collected: their decision, not a fixed-n adjusted p
+                rows.append(_forest_row(f"{forest_label(c, res.spec.name)} {c.sequential}", group, c.test,
+                                        published=tuple(pub)))
+            else:
+                rows.append(_forest_row(forest_label(c, res.spec.name), group, c.test, c.p_adj, c.correction, tuple(pub)))
     return rows
 
 

@@ -252,6 +252,11 @@ def looks_test_id(owner: str, a: str, b: str, group: str) -> str:
     return f"{owner}: {a} − {b} ({group})"
 
 
+def reproduction_test_id(table: str, row: str, group: str) -> str:
+    """The id under which ``kdbench looks`` records a reproduction verdict."""
+    return f"published ({table}: {row} / {group})"
+
+
 def _looks_state(suite: Suite) -> tuple[dict, dict]:
     """(run -> experiment of a budgeted experiment with looks taken, test id -> its last decision)."""
     from kdbench.planning.budget import read_state
@@ -297,8 +302,8 @@ def compute_tables(suite: Suite, records: Records | None = None, specs: list[Tab
     out = []
     for spec, cells, comparisons in raw:
         comparisons = [next(adjusted) for _ in comparisons]
-        for c in cells:  # the id kdbench.commands.looks.reproduction_tests records
-            d = decided.get(f"published ({spec.name}: {c.row} / {c.group})") if exp_of else None
+        for c in cells:
+            d = decided.get(reproduction_test_id(spec.name, c.row, c.group)) if exp_of else None
             if d and c.check is not None:
                 c.sequential = f"looks: {d['decision']} (look {d['look']}, n = {d['n']})"
         _attach(spec, cells, comparisons)
