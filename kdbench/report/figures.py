@@ -29,7 +29,7 @@ from pathlib import Path
 from kdbench.core.io import atomic_file
 from kdbench.report.curves import BANDS, CellCurves, draw_curves, epoch_accuracies
 from kdbench.report.forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
-from kdbench.report.paper_tables import METRICS, CellStat, Records, TableResult, compute, table_specs
+from kdbench.report.paper_tables import METRICS, CellStat, TableResult, compute_tables, table_specs
 
 
 def _ok(x) -> bool:
@@ -131,9 +131,11 @@ def figure(res: TableResult):
 def write_figures(suite, out_dir: str | Path, only: list[str] | None = None) -> list[Path]:
     """Every paper figure (``figure:`` tables) and a forest plot of every paper table with a
     reference, under ``out_dir``: ``<table>.png``, ``<table>_forest.png``."""
-    records, out = Records(suite), []
-    for spec in table_specs(suite, only):
-        res = compute(spec, suite, records)
+    wanted, out = {s.name for s in table_specs(suite, only)}, []
+    for res in compute_tables(suite):  # every table at once: one family per test, as the tables
+        spec = res.spec
+        if spec.name not in wanted:
+            continue
         if spec.figure:
             out.append(draw(res, Path(out_dir) / f"{spec.name}.png"))
         if spec.reference:
