@@ -297,3 +297,28 @@ def test_all_equal_cell_prints_no_zero_width_interval(tmp_path):
     fake_runs(suite, {**ACC, "crd": {0: 75.5, 1: 75.5, 2: 75.5, 3: 75.5}})
     text = pt.cell_text(pt.compute(pt.table_specs(suite)[0], suite).cell("CRD", "resnet32x4 → resnet8x4"))
     assert "± 0.00" not in text and "75.50 (n=4, every seed equal)" in text and "no verdict: sd 0" in text
+
+
+def test_a_test_two_tables_show_is_one_test_with_one_p(tmp_path):
+    """Table a claims CRD vs KD and CRD vs Student (Holm, m = 2); table b shows KD − CRD (reversed,
+    its reference is CRD): the same runs and metric, so b prints a's Holm p and names a's family."""
+    rows = {"Student": "student", "KD": "kd", "CRD": "crd"}
+    base = {"experiments": ["e"], "published": {"paper": "tian2020_crd", "table": CRD_T1},
+            "groups": [{"pair": ["resnet32x4", "resnet8x4"]}], "rows": rows}
+    tables = [{"name": "a", **base, "primary": {"CRD": ["KD", "Student"]}},
+              {"name": "b", **base, "reference": "crd"}]
+    suite = load_suite(write_suite(tmp_path / "t.yaml", tables=tables))
+    fake_runs(suite)
+    a, b = pt.compute_tables(suite)
+    in_a = next(c for c in a.comparisons if (c.a, c.b) == ("CRD", "KD"))
+    in_b = next(c for c in b.comparisons if (c.a, c.b) == ("KD", "CRD"))
+    p_kd = stats.ttest_rel([75.2, 75.0], [73.0, 73.4]).pvalue
+    p_s = stats.ttest_rel(list(ACC["crd"].values()), list(ACC["student"].values())).pvalue
+    holm = min(1, 2 * p_kd) if p_kd <= p_s else max(min(1, 2 * p_s), p_kd)
+    assert math.isclose(in_a.p_adj, holm) and in_b.p_adj == in_a.p_adj
+    assert in_b.family == "primary" and in_b.owner == "a" and math.isclose(in_b.test.mean_diff, -in_a.test.mean_diff)
+    assert "family of a" in pt.markdown(b)
+    # b's other test, Student − CRD, is a's claim CRD vs Student reversed: a's family too
+    own = next(c for c in b.comparisons if (c.a, c.b) == ("Student", "CRD"))
+    assert own.owner == "a" and own.family == "primary" and own.p_adj == next(
+        c for c in a.comparisons if (c.a, c.b) == ("CRD", "Student")).p_adj
