@@ -44,7 +44,7 @@ def family_error(m: int, spending: str, reps: int, seed: int = 0, decide_fn=deci
 
 
 @pytest.mark.parametrize("spending", ["pocock", "obrien_fleming"])
-@pytest.mark.parametrize("m, reps", [(1, 40_000), (12, 8_000)])
+@pytest.mark.parametrize("m, reps", [(1, 100_000), (12, 20_000)])
 def test_family_wise_error_under_the_global_null(m, reps, spending):
     mc = 3 * math.sqrt(0.05 * 0.95 / reps)
     assert family_error(m, spending, reps, seed=m) <= 0.05 + mc

@@ -95,6 +95,11 @@ def look_level(looks: list[int], k: int, alpha: float, spending: str) -> float:
     (:func:`nominal_level`, which credits the correlation between looks) is not — simulated with
     paired t-tests from n = 3 under Pocock: 5.5% family-wise error at α = 5%. It is never above the
     nominal level, so it gives up a little power for that guarantee."""
+    return _look_level(tuple(looks), k, float(alpha), spending)
+
+
+@functools.lru_cache(maxsize=65536)
+def _look_level(looks: tuple, k: int, alpha: float, spending: str) -> float:
     t = [n / looks[-1] for n in looks]
     return spent(t[k], alpha, spending) - (spent(t[k - 1], alpha, spending) if k else 0.0)
 
@@ -157,9 +162,8 @@ def _step_down(p_open: list[float], n_rejected: int, n_total: int, looks: list[i
                spending: str) -> list[bool]:
     """Holm's step-down over a family of ``n_total`` at look ``k``: ``n_rejected`` hypotheses already
     rejected at earlier looks, the open ones' p-values ``p_open``; which open ones are rejected now."""
-    import numpy as np
     out = [False] * len(p_open)
-    order = sorted((i for i, p in enumerate(p_open) if np.isfinite(p)), key=lambda i: p_open[i])
+    order = sorted((i for i, p in enumerate(p_open) if math.isfinite(p)), key=lambda i: p_open[i])
     for j, i in enumerate(order):
         remaining = n_total - n_rejected - j
         if p_open[i] > look_level(looks, k, alpha / remaining, spending):
