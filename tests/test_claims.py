@@ -129,3 +129,38 @@ def test_a_suite_primary_beside_a_claims_file_is_refused(tmp_path):
     (tmp_path / "dkd.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SuiteError, match="comes from the paper's claims"):
         pt.table_specs(load_suite(tmp_path / "dkd.yaml"))
+
+
+def test_every_shared_test_prints_one_p_in_every_table(tmp_path):
+    """The paper suite with every run finished (random accuracies): a test several tables show —
+    same runs, same metric, either order — has one family, one owner and one adjusted p everywhere."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    for f in (REPO / "workflow/suites").glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)
+    cfg = yaml.safe_load((tmp_path / "paper.yaml").read_text())
+    cfg["runs_dir"] = str(tmp_path / "runs")
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(cfg))
+    suite = load_suite(tmp_path / "paper.yaml")
+    rng = np.random.default_rng(0)
+    for c in suite.cells:
+        v = float(70 + rng.normal(0, 0.5))
+        Path(suite.run_dir(c.run)).mkdir(parents=True, exist_ok=True)
+        Path(suite.run_dir(c.run), "metrics.json").write_text(json.dumps(
+            {"status": "ok", "acc_last": v, "acc_best": v + 0.3, "acc5_last": v + 20, "acc5_best": v + 20.3}))
+    seen: dict[tuple, set] = {}
+    tables: dict[tuple, set] = {}
+    for res in pt.compute_tables(suite):
+        for c in res.comparisons:
+            seen.setdefault(c.key, set()).add((c.family, c.owner, c.claim, c.p_adj))
+            tables.setdefault(c.key, set()).add(res.spec.name)
+    assert all(len(v) == 1 for v in seen.values()), [v for v in seen.values() if len(v) > 1][:3]
+    shared = [k for k, t in tables.items() if len(t) > 1]
+    assert len(shared) >= 10  # e.g. CRD − KD in crd_table2 and fkd_table2; KD − Student and Student − KD
+    # every primary test on accuracies has a p (the kernel-gap and ensemble records were not written)
+    primary = [k for k, v in seen.items() if next(iter(v))[0] == PRIMARY and not k[0].startswith("kernel_gap")]
+    # (the 3 without: FKD Fig. 4's claims against the teacher ensemble, whose records were not written)
+    assert len(primary) > 250 and sum(np.isfinite(next(iter(seen[k]))[3]) for k in primary) == len(primary) - 3
