@@ -44,3 +44,145 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         atomic_torch_save(tmp_path / "c.pt", {"x": Boom()})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- faults and what killed writers leave (issue 24) -------------------------------------------
+
+import errno  # noqa: E402
+import fcntl  # noqa: E402
+import multiprocessing  # noqa: E402
+import signal  # noqa: E402
+
+from kdbench.core import io as kio  # noqa: E402
+from kdbench.core.io import OutputError, remove_stale_temporaries  # noqa: E402
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("code, cause, fix", [
+    (errno.ENOSPC, "no space left on the device", "free space there"),
+    (errno.EACCES, "permission denied", "make the folder writable"),
+    (errno.EROFS, "read-only file system", "write to a writable location"),
+])
+@pytest.mark.parametrize("where", ["write", "fsync", "create"])
+def test_a_write_fault_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, code, cause, fix, where):
+    """Injected where a full disk, a folder turned read-only or lost permissions would strike:
+    the data written, the sync, the temporary's creation."""
+    good = tmp_path / "out" / "model.pt"
+    atomic_torch_save(good, {"w": torch.arange(3)})
+    before = good.read_bytes()
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+    if where == "fsync":
+        monkeypatch.setattr(kio.os, "fsync", fail)
+    elif where == "create":
+        monkeypatch.setattr(kio.tempfile, "mkstemp", fail)
+    with pytest.raises(OutputError) as e:
+        if where == "write":
+            with kio.atomic_file(good) as f:
+                f.write(b"partial")
+                fail()
+        else:
+            atomic_torch_save(good, {"w": torch.zeros(1000)})
+    msg = str(e.value)
+    assert "\n" not in msg and str(good) in msg and cause in msg and fix in msg, msg
+    assert good.read_bytes() == before and _temporaries(good.parent) == []
+
+
+def test_a_real_full_disk_through_a_file_size_limit(tmp_path):
+    """A real ENOSPC-like fault from the kernel, not an injected one: RLIMIT_FSIZE makes write()
+    fail with EFBIG (SIGXFSZ ignored) in a child process; nothing good is overwritten."""
+    code = f"""
+import resource, signal, sys
+from kdbench.core.io import atomic_write_bytes, OutputError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    atomic_write_bytes({str(tmp_path / 'f.bin')!r}, b"x" * 100000)
+except OSError as e:
+    print(type(e).__name__, e.errno)
+"""
+    (tmp_path / "f.bin").write_bytes(b"good")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["OSError", str(errno.EFBIG)], out.stderr[-2000:]
+    assert (tmp_path / "f.bin").read_bytes() == b"good" and _temporaries(tmp_path) == []
+
+
+def test_network_errors_are_not_dressed_as_write_faults(tmp_path):
+    with pytest.raises(ConnectionResetError):
+        with kio.atomic_file(tmp_path / "a.tar") as f:
+            f.write(b"half")
+            raise ConnectionResetError(errno.ECONNRESET, "reset")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _hold_temporary(path, ready, release):
+    with kio.atomic_file(path) as f:
+        f.write(b"live")
+        ready.set()
+        release.wait(30)
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    target = tmp_path / "state.json"
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_temporary, args=(target, ready, release))
+    child.start()
+    try:
+        assert ready.wait(30)
+        live = [p for p in tmp_path.iterdir() if p.name.startswith(".state.json.")]
+        assert len(live) == 1
+        stale = tmp_path / ".state.json.abcd1234"
+        stale.write_bytes(b"a killed writer's half")
+        other = tmp_path / ".other.json.abcd1234"  # another file's temporary: not ours to remove
+        other.write_bytes(b"x")
+        assert remove_stale_temporaries(target) == [stale]
+        assert live[0].exists() and other.exists()
+    finally:
+        release.set()
+        child.join(30)
+    assert target.read_bytes() == b"live" and not live[0].exists()
+
+
+def test_the_writer_locks_its_temporary(tmp_path, monkeypatch):
+    """What the cleaner relies on: while a write is open its temporary's flock is taken."""
+    target = tmp_path / "x.bin"
+    with kio.atomic_file(target) as f:
+        tmp = next(p for p in tmp_path.iterdir() if p.name.startswith(".x.bin."))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        f.write(b"1")
+    assert target.read_bytes() == b"1"
+
+
+def test_a_killed_write_leaves_the_previous_file_and_the_next_write_cleans_up(tmp_path):
+    target = tmp_path / "r.json"
+    atomic_write_json(target, {"v": 1})
+
+    def child():
+        real = os.replace
+
+        def killing(src, dst):
+            if os.path.basename(dst) == "r.json":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)
+        os.replace = killing
+        atomic_write_json(target, {"v": 2})
+        os._exit(0)
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    assert target.read_text().count('"v": 1') == 1 and len(_temporaries(tmp_path)) == 1
+    atomic_write_json(target, {"v": 3})
+    assert '"v": 3' in target.read_text() and _temporaries(tmp_path) == []

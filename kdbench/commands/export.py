@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 #: kdbench architecture -> RepDistiller key prefix renames
@@ -29,8 +30,7 @@ def repdistiller_state(arch: str, state: dict) -> dict:
 
 def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Write ``run_dir``'s model as a RepDistiller checkpoint at ``out``; return what was written."""
-    import torch
-
+    from kdbench.core.io import atomic_torch_save
     from kdbench.engine.checkpoint import MODEL_FORMAT, read_file
 
     run_dir = Path(run_dir)
@@ -43,8 +43,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     model = read_file(run_dir / "model.pt", MODEL_FORMAT)
     ckpt = {"model": repdistiller_state(model["arch"], model["state_dict"]), "epoch": metrics["epochs_done"],
             "accuracy": metrics["acc_last"]}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, out)
+    atomic_torch_save(out, ckpt)  # whole or not at all: a kill or a full disk leaves the previous export
     return {"arch": model["arch"], "num_classes": model["num_classes"], "epoch": ckpt["epoch"],
             "accuracy": ckpt["accuracy"], "out": str(out)}
 
@@ -56,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run id, as printed by `kdbench list-runs`")
     p.add_argument("--out", required=True, help="output .pth file, e.g. save/models/resnet8_kd/ckpt_epoch_240.pth")
     a = p.parse_args(argv)
+    from kdbench.core.io import OutputError, remove_stale_temporaries
     from kdbench.planning.suite import load_suite
 
+    remove_stale_temporaries(a.out)  # what a killed export left
     suite = load_suite(a.suite)
     if a.run not in suite.runs:
         p.error(f"run {a.run!r} is not in {a.suite}; `kdbench list-runs --suite {a.suite}` lists them")
-    print(json.dumps(export_run(suite.run_dir(a.run), a.out)))
+    try:
+        print(json.dumps(export_run(suite.run_dir(a.run), a.out)))
+    except OutputError as e:
+        print(f"kdbench export: error: {e}", file=sys.stderr)
+        return 2
     return 0

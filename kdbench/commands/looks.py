@@ -42,12 +42,12 @@ the loop: Snakemake, next look, Snakemake … until nothing is added.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 
-from kdbench.planning.budget import SPENDING, budget, cell_key, cell_seeds, read_state, state_path  # noqa: F401  (the declaration)
+from kdbench.planning.budget import (SPENDING, budget, cell_key, cell_seeds, read_state, state_lock,  # noqa: F401
+                                     state_path, write_state)
 from kdbench.stats.sequential import (DIFFERS, EQUIVALENT, OPEN, boundaries, decide, first_look_warning,  # noqa: F401
                                       look_level, nominal_levels, paired_p_values, spent, verdict_p_values)
 
@@ -128,6 +128,11 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
     """Decide the comparisons of every budgeted experiment at its current look and give the next
     look's seeds to the undecided ones; returns (and writes) the new state. A look is taken only
     once every run of the current look has finished (else ValueError naming the missing ones)."""
+    with state_lock(suite.config):  # read, decide, write: one look at a time
+        return _next_look(suite, write)
+
+
+def _next_look(suite, write: bool) -> dict[str, dict]:
     from kdbench.report.aggregate import run_records
     from kdbench.stats.verdict import default_margin
     from kdbench.report.paper_tables import compute_tables
@@ -187,9 +192,8 @@ def next_look(suite, write: bool = True) -> dict[str, dict]:
         state[exp["name"]] = st
     if write:
         from kdbench.core.io import atomic_write_bytes
-        path = state_path(cfg)
-        atomic_write_bytes(path, json.dumps(state, indent=1).encode())
-        atomic_write_bytes(path.with_suffix(".md"), report(state).encode())
+        write_state(cfg, state)
+        atomic_write_bytes(state_path(cfg).with_suffix(".md"), report(state).encode())
     return state
 
 
@@ -239,12 +243,20 @@ def run_looks(suite_file: str, snakemake_args: list[str], cores: int = 2) -> int
         rc = subprocess.run(cmd).returncode
         if rc:
             return rc
-        suite = load_suite(suite_file)
-        before = {n: st["look"] for n, st in read_state(suite.config).items()}
-        state = next_look(suite)
+        with state_lock(_suite_cfg(suite_file)):  # the suite planned on the state this look reads
+            suite = load_suite(suite_file)
+            before = {n: st["look"] for n, st in read_state(suite.config).items()}
+            state = next_look(suite)
         print(report(state), flush=True)
         if all(st["look"] == before.get(n, 0) for n, st in state.items()):  # no cell got more seeds
             return 0
+
+
+def _suite_cfg(suite_file: str) -> dict:
+    """The suite's name and runs_dir (what locates its looks state), read before it is planned."""
+    from kdbench.planning.suite import read_suite_file
+    cfg = read_suite_file(Path(suite_file))
+    return {"name": cfg["name"], "runs_dir": cfg.get("runs_dir", "runs"), "experiments": []}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from kdbench.planning.suite import SuiteError, load_suite
     try:
-        if args.next:
-            print(report(next_look(load_suite(args.suite))))
+        if args.next:  # two at once: the second waits, then plans on the state the first left
+            with state_lock(_suite_cfg(args.suite)):
+                print(report(next_look(load_suite(args.suite))))
             return 0
         extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
         return run_looks(args.suite, extra, args.cores)

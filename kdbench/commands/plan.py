@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(render(out))
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        from kdbench.core.io import atomic_write_bytes
+        atomic_write_bytes(a.json, json.dumps(out, indent=1).encode())
     return 0
 
 

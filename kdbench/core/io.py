@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,22 +25,99 @@ def current_umask() -> int:
     return mask
 
 
+class OutputError(OSError):
+    """A file kdbench could not write; the message is one line: the file, the cause, the fix.
+    Nothing was replaced: the previous version of the file (if any) is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+#: errno -> (cause, fix) of the write faults a user can act on
+_FAULTS = {
+    errno.ENOSPC: ("no space left on the device", "free space there or write to another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or write elsewhere"),
+    errno.EACCES: ("permission denied", "make the folder writable (chmod/chown) or write elsewhere"),
+    errno.EPERM: ("operation not permitted", "make the folder writable (chmod/chown) or write elsewhere"),
+    errno.EROFS: ("read-only file system", "write to a writable location (or remount it read-write)"),
+}
+
+
+def output_error(path: str | Path, e: OSError) -> OutputError:
+    cause, fix = _FAULTS.get(e.errno, (e.strerror or str(e), "check the path and the disk, then run again"))
+    out = OutputError(e.errno, f"cannot write {path}: {cause}; {fix}. Any previous version of the file is intact")
+    out.filename = str(path)
+    return out
+
+
+def _temporary_pattern(path: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}$")
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files that killed atomic writes of ``path`` left beside it
+    (``.<name>.<8 characters>``) and return them. A temporary a live writer still holds is kept:
+    each writer holds an exclusive ``flock`` on its temporary until it is renamed, released when
+    the writer exits or is killed, so a temporary whose lock can be taken has no writer. Every
+    atomic write calls this first, and so do the commands that may start without writing (a
+    file already there)."""
+    path = Path(path)
+    pattern, removed = _temporary_pattern(path), []
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.match(n)]
+    except OSError:
+        return removed
+    for name in names:
+        tmp = path.parent / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except OSError:  # held by a live writer (BlockingIOError), or not ours to remove
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        print(f"kdbench: removed {len(removed)} temporary file(s) a killed write of {path} left: "
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr, flush=True)
+    return removed
+
+
 @contextmanager
 def atomic_file(path: str | Path):
     """A binary file object whose content replaces ``path`` whole when the block ends (written to
     ``.<name>.<8 random characters>`` in the same folder, synced, renamed; removed on error). The
     file gets the mode a plain ``open`` gives (0666 less the umask): ``tempfile.mkstemp`` creates
-    0600 files, which others sharing the project's storage could not read."""
+    0600 files, which others sharing the project's storage could not read. Temporaries of
+    ``path`` left by killed writers are removed first (:func:`remove_stale_temporaries`); an
+    OSError of the write (a full disk, a read-only folder) is raised as :class:`OutputError`,
+    one line naming the file, the cause and the fix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        if e.errno not in _FAULTS:
+            raise
+        raise output_error(path, e) from e
+    try:
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we write: a cleaner never removes a live temporary
+            os.fchmod(fd, 0o666 & ~current_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # before the file closes: the lock is held until the name is gone
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OutputError) or e.errno not in _FAULTS:  # e.g. a download's network error
+            raise
+        raise output_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -48,12 +48,43 @@ def term_parameters(term: str) -> list[str]:
     return names
 
 
+def term_defaults(term: str) -> dict:
+    """Parameter -> its default value, for the keyword parameters of a term that have one."""
+    from kdbench.methods import LOSSES
+
+    out: dict = {}
+    for cls in LOSSES.get(term).__mro__:
+        if "__init__" in vars(cls):
+            for p in inspect.signature(cls.__init__).parameters.values():
+                if p.default is not p.empty:
+                    out.setdefault(p.name, p.default)
+    return out
+
+
+def _same_kind(value, default) -> bool:
+    """Whether ``value`` may stand where the term's default ``default`` does: a bool for a bool,
+    a number for a number. Other defaults are not checked (a term may read a string default
+    or a list, e.g. OT's and ReMD's ``layers``)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
+
+
 def check_term_params(term: str, params: dict, where: str) -> None:
     valid = term_parameters(term)
-    for p in params:
+    defaults = term_defaults(term)
+    for p, value in params.items():
         if p not in valid:
             raise SuiteError(f"{where}: the term {term!r} has no parameter {p!r}.{did_you_mean(p, valid)} "
                              f"Valid parameters of {term!r}: {', '.join(valid) or '(none)'}")
+        if p in defaults and not _same_kind(value, defaults[p]):
+            raise SuiteError(f"{where}: {p}: {value!r} is not a value of {term!r}'s {p}: it takes a "
+                             f"{'true/false' if isinstance(defaults[p], bool) else 'number'}, like its default "
+                             f"{defaults[p]!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SuiteError(f"{where}: {p}: {value!r} is not a finite number")
 
 
 # ---- one suite file, as written ---------------------------------------------------------------
@@ -253,6 +284,25 @@ def _check_table_keys(cfg: dict, path: Path) -> None:
                 raise SuiteError(msg + ". Correct the paper key (the first word of published.csv's paper column)")
             # legal but inert (a paper whose values were not transcribed): the table prints reproduced values only
             warnings.warn(msg + "; the table prints no published values", stacklevel=2)
+        _check_row_labels(t, where)
+
+
+def _check_row_labels(t: dict, where: str) -> None:
+    """A paper table's row label is the published ``method`` it is matched with: under a filter
+    that selects published rows, a label (with its own ``published`` refinement) that selects none
+    but is close to one that does is a typo, refused with the labels that exist. A label close
+    to none is a row the paper does not print (e.g. DKD's teachers): reproduced values only."""
+    base = t.get("published") or {}
+    if not base or not _published_rows(base):
+        return
+    methods = {r["method"] for r in _published_rows(base)}
+    for label, row in (t.get("rows") or {}).items():
+        own = row.get("published") or {} if isinstance(row, dict) else {}
+        if "method" in own or _published_rows({**base, "method": label, **own}) or not did_you_mean(label, methods):
+            continue
+        raise SuiteError(f"{where}: rows: {label!r} is no published method of this table's filter {base}"
+                         f"{did_you_mean(label, methods)} Published methods here: {', '.join(sorted(methods))}. "
+                         f"Row labels are the published method names")
 
 
 def _published_table() -> list[dict]:

@@ -205,10 +205,8 @@ def forward_flops(arch: str, classes: int, image_size: int) -> float:
             model(torch.empty(1, 3, image_size, image_size, device="meta"))
         cache[key] = float(counter.get_total_flops())
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-            tmp.replace(path)
+            from kdbench.core.io import atomic_write_bytes
+            atomic_write_bytes(path, json.dumps(cache, indent=0, sort_keys=True).encode())
         except OSError:  # a read-only home: count again next time
             pass
     return cache[key]

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from kdbench.core.io import atomic_file
+
 BANDS = ("range", "sd", "ci95")
 
 
@@ -92,6 +94,7 @@ def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    with atomic_file(path) as f:  # a reader never sees half a PNG
+        fig.savefig(f, format="png", metadata={"Software": None})
     plt.close(fig)
     return path

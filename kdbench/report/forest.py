@@ -24,6 +24,7 @@ from pathlib import Path
 
 from scipy import stats
 
+from kdbench.core.io import atomic_file
 from kdbench.stats.paired import holm, paired_test
 
 
@@ -136,7 +137,8 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
     fig.subplots_adjust(left=0.2, right=0.58, top=1 - top / height, bottom=bottom / height)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    with atomic_file(path) as f:  # a reader never sees half a PNG
+        fig.savefig(f, format="png", metadata={"Software": None})
     plt.close(fig)
     return path
 

@@ -290,11 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (for --check-data)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (for --check-data)")
     a = p.parse_args(argv)
+    from kdbench.core.io import OutputError, remove_stale_temporaries
     from kdbench.data import DatasetMissingError
+    remove_stale_temporaries(a.out)  # what a killed import left
     try:
         report = import_teacher(a.checkpoint, a.out, a.arch, a.dataset, a.check_data, a.tolerance, a.device, a.batch_size,
                                 a.published, a.no_published_ok)
-    except (CheckpointError, DatasetMissingError) as e:
+    except (CheckpointError, DatasetMissingError, OutputError) as e:
         print(f"kdbench import-teacher: error: {e}", file=sys.stderr)
         return 2
     acc = f", measured top-1 {report['measured_top1']:.2f}% (published {report['published_top1']})" \

@@ -39,7 +39,7 @@ from pathlib import Path
 from kdbench.engine.checkpoint import CheckpointError
 from kdbench.engine.device import resolve_device
 from kdbench.teachers.imported import PUBLISHED_TOP1, import_teacher
-from kdbench.core.io import atomic_file, atomic_write_json, file_sha256, provenance
+from kdbench.core.io import atomic_file, atomic_write_json, file_sha256, provenance, remove_stale_temporaries
 
 REPDISTILLER_URL = "http://shape2prog.csail.mit.edu/repo/{arch}_vanilla/ckpt_epoch_240.pth"
 MDISTILLER_ARCHIVE = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
@@ -134,6 +134,9 @@ def obtain(rt: ReleasedTeacher, teachers_dir: str | Path, resume: str) -> tuple[
     """(path of the raw file, where it came from): already there, or downloaded. Refuses with
     what to do by hand when no source can be reached."""
     target = Path(teachers_dir) / rt.file
+    remove_stale_temporaries(target)  # what a killed fetch left (the next download would too)
+    if rt.archive:
+        remove_stale_temporaries(Path(teachers_dir) / "archives" / Path(rt.archive[0]).name)
     if target.is_file():
         return target, "local file"
     target.parent.mkdir(parents=True, exist_ok=True)
