@@ -214,3 +214,12 @@ def test_the_primary_family_drives_the_looks(tmp_path):
     md = pt.markdown(pt.compute(pt.table_specs(suite)[0], suite))
     assert "looks: differs (look 1, n = 3)" in md and "looks: undecided (look 1, n = 3)" in md
     assert "— (adaptive n)" in md and "n is adaptive" in md
+
+
+def test_a_first_look_that_cannot_stop_is_warned_before_any_run(tmp_path, capsys):
+    """O'Brien–Fleming at looks 3, 5, 10: the first look needs |t| ≥ 108 at 3 seeds; `kdbench looks`
+    says so before it trains anything. Looks 3, 5 (|t| ≥ 11 suffices for one test) pass silently."""
+    path = budget_suite(tmp_path, {"looks": [3, 5, 10], "margin": 0.5})
+    [why] = looks.warn_first_looks(str(path))
+    assert "experiment 'main'" in why and "can decide nothing" in why and "108" in capsys.readouterr().err
+    assert looks.warn_first_looks(str(budget_suite(tmp_path))) == []

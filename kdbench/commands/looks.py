@@ -228,6 +228,23 @@ def report(state: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
+def warn_first_looks(suite_file: str) -> list[str]:
+    """Before any run: the budgets whose first look can decide nothing even for a single test (a
+    family only makes its levels stricter; :func:`kdbench.stats.sequential.first_look_warning`),
+    printed to stderr and returned."""
+    import sys
+
+    from kdbench.planning.suite import load_suite
+    out = []
+    for exp in load_suite(suite_file).config["experiments"]:
+        b = budget(exp)
+        why = first_look_warning(b["looks"], b["alpha"], b["spending"]) if b else ""
+        if why:
+            out.append(f"experiment {exp['name']!r}: {why}")
+            print(f"kdbench looks: warning: {out[-1]}", file=sys.stderr, flush=True)
+    return out
+
+
 def run_looks(suite_file: str, snakemake_args: list[str], cores: int = 2) -> int:
     """The loop: Snakemake (every run of the current look, then the tables), the next look, and
     again, until no cell gets more seeds. Returns Snakemake's exit status (0 when all went well)."""
@@ -236,6 +253,7 @@ def run_looks(suite_file: str, snakemake_args: list[str], cores: int = 2) -> int
 
     from kdbench.planning.suite import load_suite
     snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
+    warn_first_looks(suite_file)
     while True:
         cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--cores", str(cores),
                "--config", f"suite_file={suite_file}", *snakemake_args]
