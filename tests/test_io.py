@@ -49,6 +49,7 @@ def test_a_failed_write_leaves_nothing(tmp_path):
 # ---- faults and what killed writers leave (issue 24) -------------------------------------------
 
 import errno  # noqa: E402
+from pathlib import Path  # noqa: E402
 import fcntl  # noqa: E402
 import multiprocessing  # noqa: E402
 import signal  # noqa: E402
@@ -186,3 +187,32 @@ def test_a_killed_write_leaves_the_previous_file_and_the_next_write_cleans_up(tm
     assert target.read_text().count('"v": 1') == 1 and len(_temporaries(tmp_path)) == 1
     atomic_write_json(target, {"v": 3})
     assert '"v": 3' in target.read_text() and _temporaries(tmp_path) == []
+
+
+def test_a_command_that_cannot_write_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """kdbench export into a full disk (injected): exit 2, one line, the previous export intact."""
+    import json as _json
+
+    from kdbench.commands import cli
+    from kdbench.engine.checkpoint import save_model
+    from kdbench.models import build_model
+    from kdbench.planning.suite import load_suite
+    from conftest import write_suite
+
+    suite_path = write_suite(tmp_path / "s.yaml", tmp_path / "data")
+    suite = load_suite(suite_path)
+    rid = next(r for r, run in suite.runs.items() if run.kind == "train")
+    run_dir = Path(suite.run_dir(rid))
+    run_dir.mkdir(parents=True)
+    save_model(run_dir / "model.pt", build_model("resnet8", 5), "resnet8", 5, "cifar100")
+    (run_dir / "metrics.json").write_text(_json.dumps({"status": "ok", "epochs_done": 1, "acc_last": 50.0}))
+    out = tmp_path / "export.pth"
+    out.write_bytes(b"previous export")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(kio.os, "fsync", full)
+    rc = cli.main(["export", "--suite", str(suite_path), "--run", rid, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and str(out) in err and "no space left" in err, err
+    assert out.read_bytes() == b"previous export" and _temporaries(tmp_path) == []

@@ -202,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in MODULE_COMMANDS:
         import importlib
         module, _, func = MODULE_COMMANDS[argv[0]][0].partition(":")
-        return getattr(importlib.import_module(module), func or "main")(argv[1:])
+        from kdbench.core.io import OutputError
+        try:
+            return getattr(importlib.import_module(module), func or "main")(argv[1:])
+        except OutputError as e:  # a full disk, a read-only folder: one line, the file, the cause, the fix
+            print(f"kdbench {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores", type=int, default=2, help="snakemake --cores (default 2)")
     p.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="after --: more snakemake arguments")
     args = p.parse_args(argv)
+    from kdbench.core.io import OutputError
     from kdbench.planning.suite import SuiteError, load_suite
     try:
         if args.next:  # two at once: the second waits, then plans on the state the first left
@@ -299,6 +300,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
         return run_looks(args.suite, extra, args.cores)
-    except (SuiteError, ValueError) as e:
+    except (SuiteError, ValueError, OutputError) as e:  # OutputError: the state could not be written
         print(f"kdbench looks: error: {e}", file=sys.stderr)
         return 2
