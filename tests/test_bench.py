@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,14 +67,22 @@ def test_bench_crd_reference_samples_negatives_in_the_dataset():
     assert (labels[idx[1:]] != target).all() and len(set(idx[1:])) == 20  # without replacement (20 < 30)
 
 
-def test_take_steps_runs_exactly_n_steps():
-    args = argparse.Namespace(images=64 * 4, pair=("resnet8", "resnet8"), batch=64)
+def test_lockstep_rounds_take_exactly_n_steps_of_each_run():
+    """bench times ``Lockstep.run(n)``: n steps of every run (each student's BN counts its forward
+    passes), then the runs wait, mid-epoch, for the next call; fused runs the same."""
+    from kdbench.core.spec import Execution
+    from kdbench.engine.pack import Lockstep
+    args = argparse.Namespace(images=64 * 6, pair=("resnet8", "resnet8"), batch=64)
     setup = bench.Setup(args, torch.device("cpu"))
-    ld = setup.loader()
-    student, objective, params, make_opt = setup.member("kd", 0)
-    from kdbench.engine.fast import Runtime
-    bench.engine_steps([bench.EngineRun(setup, (student, objective, make_opt()), Runtime(), ld, 0, 1)], 3)
-    assert int(student.bn1.num_batches_tracked) == 3  # 3 of the epoch's 4 steps ran, then it stopped
+    for fuse in (None, ["resnet8"] * 2):
+        runs = setup.runs(["kd", "crd"], Execution())
+        lockstep = Lockstep(runs, fuse_keys=fuse)
+        bench.take_rounds(lockstep, 3)
+        assert [int(r.student.bn1.num_batches_tracked) for r in runs] == [3, 3]
+        bench.take_rounds(lockstep, 2)
+        assert [int(r.student.bn1.num_batches_tracked) for r in runs] == [5, 5]  # 5 of the epoch's 7 (bench: one batch more)
+        assert [r.steps_done for r in runs] == [5, 5] and lockstep.results == runs  # unfinished: no metrics yet
+        assert not any((p / "checkpoint.pt").exists() for p in Path(setup.folder.name).glob("run*"))
 
 
 def test_bad_arguments_name_the_valid_choices(capsys):

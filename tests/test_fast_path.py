@@ -250,21 +250,22 @@ def test_no_host_sync_inside_training_steps_on_gpu(method, compile_mode):
     import argparse
 
     from kdbench.commands import bench
+    from kdbench.engine.run import loop
     setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))
-    student, objective, params, make_opt = setup.member(method, 0)
-    runtime = Runtime(Execution(compile=compile_mode), "cuda")
-    run = bench.EngineRun(setup, (student, objective, make_opt()), runtime, setup.loader(), 0, 1)
-    batches = run.batches()
+    [run] = setup.runs([method], Execution(compile=compile_mode))
+    steps = loop(run)  # driven as kdbench.engine.run.train drives it
+    request = next(steps)
 
     def step():
-        batch, view = next(batches)
-        run.step(batch, runtime.teacher_features(setup.teacher, [run.teacher_input(batch, view)])[0])
+        nonlocal request
+        request = steps.send(run.teacher_outputs(*request))
     step()  # step 1 done
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(5):  # steps 2..6 of 8
+        for _ in range(5):  # steps 2..6 of 9
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        batches.close()
+        steps.close()
+    assert run.steps_done == 6

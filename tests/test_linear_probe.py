@@ -11,7 +11,8 @@ from torch import nn
 from kdbench.data import load_dataset
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import read_file, save_model
-from kdbench.engine.linear_probe import fit_probe, main
+from kdbench.engine.fit import fit  # a linear_probe spec trains a ProbeRun
+from kdbench.engine.fit import probe_main as main
 from kdbench.core.seeding import derive_seed, generator
 from kdbench.core.spec import Recipe, RunSpec
 from kdbench.models import build_model
@@ -67,7 +68,7 @@ def expected_probe(student, spec):
 def test_probe_trains_only_the_new_layer(setup):
     student, spec, tmp = setup
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    m = fit_probe(spec, tmp / "probe", device="cpu", progress=False)
+    m = fit(spec, tmp / "probe", device="cpu", progress=False)
     assert m["status"] == "ok" and spec.recipe.weight_decay == 0.0 == PROBE_RECIPE["weight_decay"]
     saved = read_file(tmp / "probe/model.pt", "kdbench-model/1")
     assert saved["num_classes"] == 4 and saved["state_dict"]["fc.weight"].shape == (4, 64)
@@ -89,9 +90,9 @@ def test_probe_trains_only_the_new_layer(setup):
 def test_probe_with_weight_decay_would_differ(setup):
     """The comparison above is sensitive to the weight decay the protocol fixes at 0."""
     student, spec, tmp = setup
-    fit_probe(spec, tmp / "a", device="cpu", progress=False)
+    fit(spec, tmp / "a", device="cpu", progress=False)
     decayed = RunSpec(**{**spec.__dict__, "recipe": Recipe.from_config({**spec.recipe.__dict__, "weight_decay": 0.5})})
-    fit_probe(decayed, tmp / "b", device="cpu", progress=False)
+    fit(decayed, tmp / "b", device="cpu", progress=False)
     a = read_file(tmp / "a/model.pt", "kdbench-model/1")["state_dict"]["fc.weight"]
     b = read_file(tmp / "b/model.pt", "kdbench-model/1")["state_dict"]["fc.weight"]
     assert (a - b).abs().max() > 1e-3
@@ -99,9 +100,9 @@ def test_probe_with_weight_decay_would_differ(setup):
 
 def test_probe_resumes_and_cli(setup, capsys):
     student, spec, tmp = setup
-    whole = fit_probe(spec, tmp / "whole", device="cpu", progress=False)
-    assert fit_probe(spec, tmp / "cut", device="cpu", progress=False, stop_after_epochs=1)["status"] == "stopped"
-    resumed = fit_probe(spec, tmp / "cut", device="cpu", progress=False)
+    whole = fit(spec, tmp / "whole", device="cpu", progress=False)
+    assert fit(spec, tmp / "cut", device="cpu", progress=False, stop_after_epochs=1)["status"] == "stopped"
+    resumed = fit(spec, tmp / "cut", device="cpu", progress=False)
     assert [c["test_acc"] for c in resumed["curve"]] == [c["test_acc"] for c in whole["curve"]]
     assert [c["loss"] for c in resumed["curve"]] == pytest.approx([c["loss"] for c in whole["curve"]], rel=1e-12)
     assert main([spec.init_ckpt, "--dataset", "stl10", "--root", spec.data_root, "--out", str(tmp / "cli"),

@@ -204,8 +204,8 @@ def test_fused_steps_equal_separate_steps(method, overrides):
     run in float64 (STEP_TOL); the terms in float32, as they cast their inputs. With float32
     students the steps amplify a chance ReLU-kink flip (FLOAT32_PASS_RTOL in conftest): FitNet's
     conv1 fell outside rtol 1e-4 under every ATEN_CPU_CAPABILITY on AMD EPYC."""
-    from kdbench.engine.fusion import Member, fuse, fused_train_step
-    from kdbench.engine.step import step_names, train_step
+    from kdbench.engine.fusion import fuse
+    from kdbench.engine.step import Member, fused_train_step, step_names, train_step
     from kdbench.engine.optim import SGD
     from kdbench.methods import METHODS, Batch, MethodContext, build_objective
     from kdbench.models import feature_shapes
@@ -275,30 +275,25 @@ def test_fused_pack_graph_logic_with_a_cpu_stand_in(tiny, tmp_path, monkeypatch)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter")
 @pytest.mark.parametrize("compile_mode", ["none", "graph"])
 def test_fused_pack_steps_do_not_synchronise_on_gpu(compile_mode):
-    """torch.cuda's sync debug mode raises on any host synchronisation during fused steps 2..5
-    (step 1 fuses the students and, in graph mode, captures the step: those may synchronise)."""
+    """torch.cuda's sync debug mode raises on any host synchronisation during fused steps 2..5 of
+    three packed runs driven as ``kdbench pack`` drives them (Lockstep: one teacher pass, one fused
+    step, each run's RNG slot); step 1 fuses the students and, in graph mode, captures the step:
+    those may synchronise."""
     import argparse
 
     from kdbench.commands import bench
-    from kdbench.engine.fast import Runtime
-    from kdbench.engine.pack import drive_packed
+    from kdbench.engine.pack import Lockstep
     setup = bench.Setup(argparse.Namespace(images=64 * 8, pair=("resnet8", "resnet8"), batch=64), torch.device("cuda"))
-    runtime, loader = Runtime(Execution(compile=compile_mode), "cuda"), setup.loader()
-    members = [setup.member(m, k) for k, m in enumerate(("kd", "crd", "kd"))]
-    gens = [bench.take_steps(bench._epoch_gen(setup, (s, o, make_opt()), runtime, loader, k, 1, fused=True), 6)
-            for k, (s, o, _, make_opt) in enumerate(members)]
-
-    def watched(gen):  # member 0 yields its request k after fused step k-1
-        try:
-            for k, req in enumerate(gen):
-                if k == 2:
-                    torch.cuda.synchronize()
-                    torch.cuda.set_sync_debug_mode("error")
-                yield req
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    results = drive_packed([watched(gens[0]), *gens[1:]], torch.device("cuda"), [0] * 3, [0] * 3)
-    assert not any(isinstance(r, Exception) for r in results), results
+    runs = setup.runs(["kd", "crd", "kd"], Execution(compile=compile_mode))
+    lockstep = Lockstep(runs, fuse_keys=["resnet8"] * 3)
+    bench.take_rounds(lockstep, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bench.take_rounds(lockstep, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [r.steps_done for r in runs] == [5, 5, 5] and lockstep.fusers  # fused, 5 of the epoch's 9 steps
 
 
 def test_fused_pack_under_bf16_autocast_and_channels_last(tiny, tmp_path):

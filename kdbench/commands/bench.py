@@ -12,19 +12,23 @@ synthetic data (``make_synthetic``, 100 classes, 32×32 uint8 images):
     without replacement unless K exceeds the other-class samples), and its memory reads the
     normalising constants back with ``.item()`` each step (``ContrastMemory``). The loss maths is
     kdbench's (the same terms), so only the execution differs.
-(b) **engine** — kdbench's own training steps (``EngineRun``, ``engine.step``: device-resident data, batched
-    augmentation, no host sync per step) under one or more execution configurations:
+(b) **engine** — kdbench's own training: engine runs (:class:`kdbench.engine.run.TrainingRun`, on
+    this data and teacher, in a temporary folder) going through the engine's one loop, driven
+    by :class:`kdbench.engine.pack.Lockstep` as ``kdbench pack`` drives it (device-resident data,
+    batched augmentation, no host sync per step), under one or more execution configurations:
     ``plain`` (eager fp32), ``fast`` (bf16 autocast + channels_last + whole-step CUDA graphs;
     on CPU: channels_last only), ``fast+cache`` (``fast`` with the exact teacher-output cache; its
     one-off build time is reported separately — it is shared by every run with that teacher).
-(c) **packed grid** — K runs (``--pack``; seeds × ``--grid-methods``) trained together with
-    ``pack.drive_packed`` (one teacher forward per step for all K), against running the same K
+(c) **packed grid** — K runs (``--pack``; seeds × ``--grid-methods``) trained together in one
+    ``Lockstep`` (one teacher forward per step for all K), against running the same K
     runs one after another with the reference loop; measured twice where the student is fusable
     (resnet, wrn, vgg): the K students as K models, and fused into one model (``pack+fuse``:
     grouped convolutions, one kernel sequence for all K; ``--no-fuse`` skips it).
 
 Each timing skips ``--warmup`` steps (worker start-up, cuDNN autotuning, graph capture), then
-times ``--steps`` steps with the device synchronised at both ends; figures are steps/s (of one
+times ``--steps`` steps with the device synchronised at both ends, inside the runs' first epoch
+(the engine runs get one batch more than ``--images``: a step's turn of the loop ends by preparing
+the next batch, or, after the epoch's last one, by evaluating, which is not timed); figures are steps/s (of one
 run; the grid's is K runs' steps per second). Model-FLOP utilisation = FLOPs per step (teacher
 forward + student forward and backward, counted once with ``FlopCounterMode``: convolutions and
 matmuls) × steps/s ÷ the device's dense bf16 peak (a table by device name, or
@@ -35,11 +39,12 @@ device name; figures from different devices (H100 vs H200, CPU) are not comparab
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,25 +78,55 @@ class Setup:
     """Data, teacher and the constructors both loops use."""
 
     def __init__(self, args, dev: torch.device):
-        from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD
+        from kdbench.data import DATASETS, LoadedDataset
+        from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, ImageSet
         from kdbench.data.synthetic import make_synthetic
+        from kdbench.engine.checkpoint import save_model
         from kdbench.models import build_model
 
         self.args, self.dev = args, dev
         self.mean, self.std = CIFAR100_MEAN, CIFAR100_STD
-        per_class = math.ceil(args.images / 100)
-        train, _ = make_synthetic(classes=100, train_per_class=per_class, test_per_class=1, seed=0)
+        per_class = math.ceil((args.images + args.batch) / 100)
+        train, test = make_synthetic(classes=100, train_per_class=per_class, test_per_class=1, seed=0)
         self.images, self.labels = train.images[:args.images], train.labels[:args.images]
+        n = args.images + args.batch  # the engine runs': one batch more (the timed steps end inside the epoch)
+        self.data = LoadedDataset(DATASETS.get("cifar100"), ImageSet(train.images[:n], train.labels[:n], train.classes),
+                                  test)
         self.t_arch, self.s_arch = args.pair
         torch.manual_seed(12345)
-        self.base_teacher = build_model(self.t_arch, 100).to(dev).eval()  # random weights: speed does not depend on them
-        for p in self.base_teacher.parameters():
+        self.teacher = build_model(self.t_arch, 100).to(dev).eval()  # random weights: speed does not depend on them
+        for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.teacher = self.base_teacher
+        self.folder = tempfile.TemporaryDirectory(prefix="kdbench-bench-")  # the engine runs' folders (unwritten)
+        self.teacher_file = str(Path(self.folder.name) / "teacher.pt")
+        save_model(self.teacher_file, self.teacher, self.t_arch, 100, "cifar100")
 
-    def fresh_teacher(self) -> None:
-        """A copy of the teacher in its original memory format (an engine config may change it)."""
-        self.teacher = copy.deepcopy(self.base_teacher)
+    def runs(self, methods: list[str], execution) -> list:
+        """Engine runs (:class:`~kdbench.engine.run.TrainingRun`) of ``methods`` (seeds 0, 1, ...)
+        under ``execution`` on this data, each with its own copy of the teacher, sharing one pair of
+        loaders. The timed steps stay inside their first epoch, so they write no file."""
+        from kdbench.core import distributed
+        from kdbench.core.spec import Recipe, RunSpec
+        from kdbench.engine.fast import execution_for
+        from kdbench.engine.run import TrainingRun
+        if not hasattr(self, "loaders"):
+            self.loaders = self.data.loaders(self.args.batch, 256, self.dev)
+        recipe = Recipe.from_config({"epochs": 1, "milestones": [], "batch_size": self.args.batch})
+        runs = []
+        for k, m in enumerate(methods):
+            spec = RunSpec("cifar100", self.folder.name, self.s_arch, m, k, self.t_arch, (self.teacher_file,),
+                           method_overrides=self.overrides(m), recipe=recipe, execution=execution)
+            runs.append(TrainingRun(spec, Path(self.folder.name) / f"run{k}", distributed.init(self.dev),
+                                    execution=execution_for(execution, self.dev), data=self.data,
+                                    loaders=self.loaders, progress=False, log_prefix=f"bench {m} s{k}"))
+        return runs
+
+    def overrides(self, method: str) -> dict:
+        """CRD's K negatives need K other-class samples (CIFAR-100: 16384 of 49500)."""
+        from kdbench.methods import METHODS
+        if "crd" not in METHODS.get(method).terms:
+            return {}
+        return {"params": {"crd": {"nce_k": min(16384, len(self.labels) - int(np.bincount(self.labels).max()))}}}
 
     def loader(self):
         from kdbench.data.loader import TensorLoader
@@ -106,10 +141,7 @@ class Setup:
         labels = torch.as_tensor(self.labels, device=self.dev)
         torch.manual_seed(seed)
         student = build_model(self.s_arch, 100).to(self.dev)
-        spec = METHODS.get(method)
-        if "crd" in spec.terms:  # K negatives need K other-class samples (CIFAR-100: 16384 of 49500)
-            k = min(16384, len(self.labels) - int(np.bincount(self.labels).max()))
-            spec = spec.with_overrides({"params": {"crd": {"nce_k": k}}})
+        spec = METHODS.get(method).with_overrides(self.overrides(method))
         ctx = MethodContext(feature_shapes(student), feature_shapes(self.teacher), 100, labels, self.s_arch, self.t_arch)
         objective = build_objective(spec, ctx).to(self.dev)
         params = list(student.parameters()) + list(objective.parameters())
@@ -206,7 +238,7 @@ def reference_sps(setup: Setup, method: str, steps: int, warmup: int, workers: i
 
 # ---------------------------------------------------------------- (b) the engine
 
-def execution_for(config: str, dev: torch.device, compile_mode: str | None):
+def config_execution(config: str, dev: torch.device, compile_mode: str | None):
     from kdbench.core.spec import Execution
     if config == "plain":
         return Execution()
@@ -218,101 +250,32 @@ def execution_for(config: str, dev: torch.device, compile_mode: str | None):
     return Execution(**ex)
 
 
-class EngineRun:
-    """One bench member as the engine's packed driver sees a run (:mod:`kdbench.engine.pack`): an
-    epoch of kdbench's own steps (device-resident batches, ``runtime``'s step function) without
-    files, stages or evaluation."""
-
-    def __init__(self, setup: Setup, member, runtime, loader, seed: int, epoch: int):
-        from kdbench.core.seeding import generator
-        from kdbench.engine.step import set_train_modes, step_names
-        self.student, self.objective, self.opt = member
-        self.model, self.teacher, self.execution, self.loader = self.student, setup.teacher, runtime, loader
-        self.term, self.epoch, self.gen = None, epoch, generator(setup.dev, seed * 1000 + epoch)
-        self.names = step_names(self.objective)
-        self.sums = torch.zeros(len(self.names) + 1, device=setup.dev, dtype=torch.float64)
-        set_train_modes(self.student, self.objective)
-        self._step = None
-
-    def batches(self):
-        from kdbench.methods import Batch
-        for x, y, idx, *view in self.loader.batches(self.gen, views=self.execution.needs_views):
-            yield Batch(self.execution.input(x), y, idx, self.epoch, self.gen), (view[0] if view else None)
-
-    def teacher_input(self, batch, view):
-        from kdbench.engine.step import TeacherInput
-        return TeacherInput(batch.x, batch.index, view)
-
-    def step(self, batch, t) -> None:
-        if self._step is None:
-            self._step = self.execution.stepper(self.student, self.objective, self.opt, self.names, self.sums,
-                                                self.epoch, self.gen)
-        self._step(batch, t)
-
-    def fusable(self) -> bool:
-        return True
-
-    def set_step_lr(self) -> None:
-        pass
-
-
-def engine_steps(runs: list[EngineRun], n: int, fuse: bool = False, fusers: dict | None = None) -> None:
-    """At most ``n`` steps of each run in lockstep (fewer if the epoch ends): one teacher pass for
-    all their batches, then each run's step, or one fused step (``fuse``)."""
-    from kdbench.engine.pack import fused_steps, teacher_answers
-    its = [r.batches() for r in runs]
-    keys = [0] * len(runs)
-    for _ in range(n):
-        try:
-            pending = {k: next(it) for k, it in enumerate(its)}
-        except StopIteration:
-            return
-        answers = teacher_answers(runs, pending, keys)
-        taken, errors = fused_steps(runs, pending, answers, keys if fuse else [None] * len(runs),
-                                    {} if fusers is None else fusers)
-        if errors:
-            raise next(iter(errors.values()))
-        for k, (batch, _) in pending.items():
-            if k not in taken:
-                runs[k].step(batch, answers[k])
-
-
-def _runtime(setup: Setup, execution, loader, objective):
-    from kdbench.engine.fast import Runtime
-    runtime = Runtime(execution, setup.dev)
-    t0 = time.perf_counter()
-    runtime.attach_cache(setup.teacher, objective, loader)
-    sync(setup.dev)
-    return runtime, (time.perf_counter() - t0 if runtime.cache is not None else None)
+def take_rounds(lockstep, n: int) -> None:
+    """``n`` steps of each of ``lockstep``'s runs (:class:`kdbench.engine.pack.Lockstep`); the first
+    error of a run is raised."""
+    results = lockstep.run(n)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
 
 
 def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pack: list[str] | None = None,
                fuse: bool = False):
-    """Steps/s of kdbench's epoch loop for one run (or, with ``pack`` = methods of the K
-    members, the packed grid's total steps/s; ``fuse``: with the students fused into one model),
-    and the teacher-cache build time (or None)."""
-    methods = pack or [method]
-    setup.fresh_teacher()
-    loader = setup.loader()
-    members = []
-    for k, m in enumerate(methods):
-        student, objective, params, make_opt = setup.member(m, k)
-        members.append((student, objective, make_opt()))
-    runtime, build_s = _runtime(setup, execution, loader, members[0][1])
-    runtime.prepare(setup.teacher, *(m[0] for m in members), *(m[1] for m in members))
-
-    fusers: dict = {}  # the fused model stays across the warm-up and the timed call
-
-    def run(n: int, epoch: int) -> float:
-        runs = [EngineRun(setup, mem, runtime, loader, k, epoch) for k, mem in enumerate(members)]
-        sync(setup.dev)
-        t0 = time.perf_counter()
-        engine_steps(runs, n, fuse, fusers)
-        sync(setup.dev)
-        return time.perf_counter() - t0
-
-    run(warmup, 1)
-    return len(members) * steps / run(steps, 2), build_s
+    """Steps/s of kdbench's loop for one run (or, with ``pack`` = methods of the K members, the
+    packed grid's total steps/s; ``fuse``: with the students fused into one model), and the set-up
+    time of the runs when they use the teacher cache (its build, or finding it built; else None)."""
+    from kdbench.engine.pack import Lockstep, fusion_groups
+    t0 = time.perf_counter()
+    runs = setup.runs(pack or [method], execution)
+    sync(setup.dev)
+    build_s = time.perf_counter() - t0 if runs[0].execution.cache is not None else None
+    lockstep = Lockstep(runs, fuse_keys=fusion_groups([r.spec for r in runs]) if fuse else None)
+    take_rounds(lockstep, warmup)
+    sync(setup.dev)
+    t0 = time.perf_counter()
+    take_rounds(lockstep, steps)
+    sync(setup.dev)
+    return len(runs) * steps / (time.perf_counter() - t0), build_s
 
 
 def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
@@ -338,15 +301,12 @@ def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
 def agreement(setup: Setup, method: str, execution, steps: int) -> dict:
     """Train ``steps`` steps from the same state, data and draws with the plain and the given
     execution; the largest parameter difference relative to the parameter's scale."""
-    loader = setup.loader()
+    from kdbench.engine.pack import Lockstep
     finals = []
-    for ex in (execution_for("plain", setup.dev, None), execution):
-        setup.fresh_teacher()
-        student, objective, params, make_opt = setup.member(method, 0)
-        runtime, _ = _runtime(setup, ex, loader, objective)
-        runtime.prepare(setup.teacher, student, objective)
-        engine_steps([EngineRun(setup, (student, objective, make_opt()), runtime, loader, 0, 1)], steps)
-        finals.append([p.detach().float().clone() for p in params])
+    for ex in (config_execution("plain", setup.dev, None), execution):
+        [run] = setup.runs([method], ex)
+        take_rounds(Lockstep([run]), steps)
+        finals.append([p.detach().float().clone() for p in [*run.student.parameters(), *run.objective.parameters()]])
     rel = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(*finals))
     return {"steps": steps, "max_rel_param_diff": rel}
 
@@ -391,12 +351,12 @@ def run_bench(args) -> dict:
     # other load on the machine, which only ever slows a measurement down)
     jobs = {("reference", m): lambda m=m: (reference_sps(setup, m, args.steps, args.warmup, args.workers), None)
             for m in dict.fromkeys([args.method, *grid])}
-    jobs.update({("engine", c): lambda c=c: engine_sps(setup, args.method, execution_for(c, dev, args.compile),
+    jobs.update({("engine", c): lambda c=c: engine_sps(setup, args.method, config_execution(c, dev, args.compile),
                                                        args.steps, args.warmup) for c in configs})
     from kdbench.engine.fusion import SUPPORTED_ARCHS
     grids = ["pack", "pack+fuse"] if args.fuse and setup.s_arch in SUPPORTED_ARCHS else ["pack"]
     for g in grids:
-        jobs[(g, pack_config)] = lambda g=g: engine_sps(setup, args.method, execution_for(pack_config, dev, args.compile),
+        jobs[(g, pack_config)] = lambda g=g: engine_sps(setup, args.method, config_execution(pack_config, dev, args.compile),
                                                         args.steps, args.warmup, pack=members, fuse=g == "pack+fuse")
     best: dict[tuple, tuple] = {}
     for _ in range(args.repeat):
@@ -415,14 +375,14 @@ def run_bench(args) -> dict:
         + (f"   MFU {100 * mfu(ref[args.method]):.2f}%" if peak else ""))
     out["engine"] = {}
     for config in configs:
-        ex = execution_for(config, dev, args.compile)
+        ex = config_execution(config, dev, args.compile)
         sps, build_s = best[("engine", config)]
         row = {"execution": ex.__dict__, "sps": sps, "ratio": sps / ref[args.method], "mfu": mfu(sps, build_s is not None),
                "cache_build_s": build_s}
         out["engine"][config] = row
         say(f"  engine {config:11s} {sps:8.2f} steps/s  ×{row['ratio']:.2f} vs reference"
             + (f"   MFU {100 * row['mfu']:.2f}%" if peak else "") + (f"   (cache built in {build_s:.1f} s)" if build_s else ""))
-    ex = execution_for(pack_config, dev, args.compile)
+    ex = config_execution(pack_config, dev, args.compile)
     sequential = len(members) / sum(1 / ref[m] for m in members)  # one reference run after another
     for g in grids:
         grid_sps, build_s = best[(g, pack_config)]
@@ -436,7 +396,7 @@ def run_bench(args) -> dict:
             f"{sequential:.2f} one reference run after another: ×{grid_sps / sequential:.2f}"
             + (f"   MFU {100 * out[g]['mfu']:.2f}%" if peak and out[g]["mfu"] else ""))
     if args.verify:
-        out["agreement"] = {c: agreement(setup, args.method, execution_for(c, dev, args.compile), args.verify)
+        out["agreement"] = {c: agreement(setup, args.method, config_execution(c, dev, args.compile), args.verify)
                             for c in configs if c != "plain"}
         for c, a in out["agreement"].items():
             say(f"  agreement plain vs {c} after {a['steps']} steps: max relative parameter difference "

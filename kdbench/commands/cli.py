@@ -187,7 +187,7 @@ MODULE_COMMANDS = {
     "kernel-gap": ("kdbench.commands.diagnostics", "untransferred kernel fraction of a student vs its teacher"),
     "import-teacher": ("kdbench.teachers.imported", "import a published teacher checkpoint"),
     "fetch-teachers": ("kdbench.commands.cli:fetch_teachers_main", "download, check and import a suite's released teachers"),
-    "probe": ("kdbench.engine.linear_probe", "linear probe of a frozen student on another dataset"),
+    "probe": ("kdbench.engine.fit:probe_main", "linear probe of a frozen student on another dataset"),
     "export": ("kdbench.commands.export", "write a trained run's model as a RepDistiller-style checkpoint"),
     "bench": ("kdbench.commands.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
     "pack": ("kdbench.commands.cli:pack_main", "train several runs that share a teacher together on one device"),
@@ -202,12 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in MODULE_COMMANDS:
         import importlib
         module, _, func = MODULE_COMMANDS[argv[0]][0].partition(":")
-        from kdbench.core.io import OutputError
-        try:
-            return getattr(importlib.import_module(module), func or "main")(argv[1:])
-        except OutputError as e:  # a full disk, a read-only folder: one line, the file, the cause, the fix
-            print(f"kdbench {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
+        return getattr(importlib.import_module(module), func or "main")(argv[1:])
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
 

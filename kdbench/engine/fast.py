@@ -1,7 +1,8 @@
-"""How training steps execute: the step's maths (:func:`train_step`, shared by ``fit``, the fast
-path and packing) and the execution options of :class:`~kdbench.core.spec.Execution`.
+"""How training steps execute: the execution options of :class:`~kdbench.core.spec.Execution`
+around the step's maths (:mod:`kdbench.engine.step`, shared by every path).
 
-The plain path is eager fp32. The fast path (``performance.md`` §7–§8) adds, each optional:
+The plain path is eager fp32 (:class:`~kdbench.engine.step.Eager`; :func:`execution_for` picks it
+when no option below is set). The fast path (``performance.md`` §7–§8) adds, each optional:
 
 - ``precision: bf16`` — the student's and teacher's forward passes under ``torch.autocast``
   (bfloat16); every loss term computes in fp32 (terms call ``.float()``, CRD/KDA disable autocast)
@@ -36,17 +37,28 @@ concatenated batches of several packed runs).
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from kdbench.methods import Batch, Objective
+from kdbench.methods import Objective
 from kdbench.core.features import Features
-from kdbench.engine.fusion import Member, fused_train_step
 from kdbench.core.spec import Execution
-from kdbench.engine.step import Eager, TeacherInput, train_step
+from kdbench.engine.step import Eager, Member, TeacherInput
+
+#: the options that make a run's steps take the fast path (:func:`execution_for`)
+FAST_OPTIONS = ("precision", "channels_last", "compile", "teacher_cache")
+
+
+def execution_for(options: Execution, device: torch.device | str) -> Eager:
+    """How a run's steps execute: :class:`~kdbench.engine.step.Eager` (the plain path) unless one
+    of :data:`FAST_OPTIONS` differs from its default, then a :class:`Runtime` of ``options``."""
+    plain = Execution()
+    if all(getattr(options, k) == getattr(plain, k) for k in FAST_OPTIONS):
+        return Eager()
+    return Runtime(options, device)
 
 
 class Runtime(Eager):
@@ -76,7 +88,7 @@ class Runtime(Eager):
     def autocast(self):
         if self.execution.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=self.execution.compile != "graph")
-        return nullcontext()
+        return super().autocast()
 
     def input(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.execution.channels_last else x
@@ -117,8 +129,7 @@ class Runtime(Eager):
     def teacher_forward(self, teacher: nn.Module, x: Tensor) -> Features:
         if self.execution.compile == "graph":
             return self._teacher_graph(teacher, x)
-        with self.autocast():
-            return self.compiled(teacher)(x)
+        return super().teacher_forward(teacher, x)
 
     def _teacher_graph(self, teacher: nn.Module, x: Tensor) -> Features:
         """The eval-mode teacher's forward as a CUDA graph per input shape (it has no state to
@@ -146,16 +157,11 @@ class Runtime(Eager):
     # --- the student step ---
     def stepper(self, student: nn.Module, objective: Objective, optimizer, names: list[str], sums: Tensor,
                 epoch: int, gen: torch.Generator | None, init_term=None) -> Callable:
-        """A function ``step(batch, t)`` running :func:`train_step` in ``epoch``: eagerly (the
-        model compiled under ``compile: compile``), or replaying the epoch's CUDA graph."""
-        model = self.compiled(student)
-
-        def eager(x, y, idx, t, labeled=None):
-            train_step(model, objective, optimizer, Batch(x, y, idx, epoch, gen, labeled), t, init_term, names, sums,
-                       self.autocast)
-
+        """:meth:`Eager.stepper` (the model compiled under ``compile: compile``), or under ``compile:
+        graph`` a replay of the epoch's CUDA graph of it."""
         if self.execution.compile != "graph":
-            return lambda batch, t: eager(batch.x, batch.y, batch.index, t, batch.labeled)
+            return super().stepper(student, objective, optimizer, names, sums, epoch, gen, init_term)
+        eager = self.tensor_stepper(student, objective, optimizer, names, sums, epoch, gen, init_term)
         state = [*student.parameters(), *_captured_state(student, objective, optimizer, sums)]
         key = (id(student), id(optimizer))
         graph = GraphStep(eager, state, [gen] if gen is not None else [], warm=key in self._warm,
@@ -164,17 +170,10 @@ class Runtime(Eager):
         return lambda batch, t: graph(batch.x, batch.y, batch.index, t, batch.labeled)
 
     def fused_stepper(self, fused: nn.Module, members: list[Member], warm: bool) -> Callable:
-        """A function ``step(xs, ys, indices, ts)`` running
-        :func:`~kdbench.engine.fusion.fused_train_step` for the fused runs' ``members`` at their
-        current epochs and stages (``pack.py`` makes a new one whenever a run's epoch, stage or
-        membership changes). ``warm``: a graph of this fused model was captured before,
-        so no warm-up steps are needed."""
-        forward = self.compiled(fused)
-
-        def eager(xs, ys, idxs, ts):
-            batches = [Batch(x, y, i, m.epoch, m.generator) for x, y, i, m in zip(xs, ys, idxs, members)]
-            fused_train_step(fused, members, batches, ts, self.autocast, forward)
-
+        """:meth:`Eager.fused_stepper` (the fused model compiled under ``compile: compile``), or
+        under ``compile: graph`` a CUDA graph of it; ``warm``: a graph of this fused model was
+        captured before, so no warm-up steps are needed."""
+        eager = super().fused_stepper(fused, members, warm)
         if self.execution.compile != "graph":
             return eager
         state = [*fused.parameters(), *fused.buffers()]  # the members' parameters are views of these

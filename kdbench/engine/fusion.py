@@ -49,19 +49,13 @@ views over channels) and the ImageNet ResNets are refused: their forward would m
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
-from kdbench.methods import Batch, Objective
 from kdbench.core.features import Features
 from kdbench.models.resnet import CifarResNet
 from kdbench.models.vgg import CFG as VGG_CFG, VGG
 from kdbench.models.wrn import WideResNet
-from kdbench.engine.step import record_step, step_loss
 
 SUPPORTED_ARCHS: tuple[str, ...] = (
     *(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)), "resnet8x4", "resnet32x4",
@@ -305,41 +299,3 @@ class FusedModel(nn.Module):
 def fuse(models: list[nn.Module]) -> FusedModel:
     """Fuse K same-architecture models (see the module docstring); the members are not modified."""
     return FusedModel(list(models))
-
-
-@dataclass
-class Member:
-    """One run's part of a fused step: its student (bound to the fused model), objective, the
-    stage's optimizer and initialisation term (None in the main stage), its metric names and
-    device-resident sums, and the epoch and generator its batches carry."""
-
-    student: nn.Module
-    objective: Objective
-    optimizer: object
-    init_term: object
-    names: list[str]
-    sums: Tensor
-    epoch: int = 1
-    generator: torch.Generator | None = None
-
-
-def fused_train_step(fused: nn.Module, members: list[Member], batches: list[Batch], ts: list[Features | None],
-                     autocast: Callable = nullcontext, forward: Callable | None = None) -> None:
-    """:func:`~kdbench.engine.step.train_step` for K packed runs whose students are fused into one
-    model (a bound :class:`FusedModel`): one forward and one backward pass of the fused model
-    (``forward``: e.g. its compiled version); each run's own loss terms, optimizer step and sums.
-    The backward pass is of the sum of the runs' losses, whose gradient in member k's slice of a
-    fused tensor is member k's own."""
-    with autocast():
-        outs = (forward or fused)([b.x for b in batches])
-        terms = [step_loss(s, m.objective, b, t, m.init_term) for s, m, b, t in zip(outs, members, batches, ts)]
-        losses = [sum(tm.values()) for tm in terms]
-    total = sum(losses)
-    for m in members:
-        m.optimizer.zero_grad(set_to_none=True)
-    fused.zero_grad(set_to_none=True)
-    total.backward()
-    fused.sync_members([m.student for m in members])
-    for m, s, loss, tm, b in zip(members, outs, losses, terms, batches):
-        m.optimizer.step()
-        record_step(m.sums, loss, tm, m.names, s.logits, b)

@@ -3,7 +3,8 @@
 A grid of small CIFAR runs leaves a GPU mostly idle, one run at a time (``performance.md`` §5).
 :func:`fit_packed` trains K runs (different seeds and/or methods, even different students) in
 lockstep. Each run is exactly :func:`~kdbench.engine.fit.fit`'s code (its
-:class:`~kdbench.engine.run.Run`): its own initialisation, data order,
+:class:`~kdbench.engine.run.TrainingRun`, through the one :func:`~kdbench.engine.run.loop`): its own
+initialisation, data order,
 augmentation, BN statistics, optimizer state, checkpoint, ``metrics.json`` and ``model.pt``.
 What is shared:
 
@@ -34,7 +35,7 @@ channels, a batched classifier), so the K students run as one sequence of K-time
 instead of K sequences of small ones. Each run's parameters and BN statistics become views of
 the fused model's (``FusedModel.bind``): its optimizer, evaluation, checkpoints and ``model.pt``
 stay its own. :class:`FusedStudents` takes the step of all the fused runs at once
-(:func:`~kdbench.engine.fusion.fused_train_step`: one forward and backward pass of the sum of their
+(:func:`~kdbench.engine.step.fused_train_step`: one forward and backward pass of the sum of their
 losses, then each run's own optimizer step), eagerly or as one CUDA graph per epoch. When a run
 leaves, the others are fused anew. Results equal the runs alone up to the rounding of grouped
 versus plain convolutions (``tests/test_pack.py``: 3 steps of KD, CRD, FitNet, DKD, AB's
@@ -44,16 +45,16 @@ that its own loss does not reach gets a zero gradient instead of none (every met
 loss reaches every student parameter through CE; initialisation stages train only their own
 parameters), and a step that raises an error fails every run of its fused group.
 
-**How.** Each run is a :class:`~kdbench.engine.run.Run` trained by the plain loop cut at each step
-(:func:`_steps`); :func:`drive_packed` advances the runs in lockstep: one teacher pass for all
-their batches (:func:`teacher_answers`), the fused groups' steps (:func:`fused_steps`), then each
-other run's own step. What packed runs must share is :func:`kdbench.engine.rules.check_packable`.
+**How.** Each run is a :class:`~kdbench.engine.run.TrainingRun` going through the one loop
+(:func:`~kdbench.engine.run.loop`, cut at each step); :class:`Lockstep` advances the runs together:
+one teacher pass for all their batches (:func:`teacher_answers`), the fused groups' steps
+(:func:`fused_steps`), then each other run's own step. What packed runs must share, and that a pack
+never runs under DDP, is :func:`kdbench.engine.rules.check_packable`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -61,14 +62,12 @@ import torch
 from kdbench.data import load_dataset
 from kdbench.core import distributed
 from kdbench.engine.device import resolve_device
-from kdbench.engine.fusion import SUPPORTED_ARCHS, Member, fuse
+from kdbench.engine.fusion import SUPPORTED_ARCHS, fuse
 from kdbench.engine.rules import check_packable, teacher_key
-from kdbench.engine.run import Run
+from kdbench.engine.run import TAKEN, TrainingRun, loop
 from kdbench.core.spec import RunSpec
-from kdbench.engine.step import NonFiniteLoss
+from kdbench.engine.step import Member
 from kdbench.engine.fit import prepared
-
-TAKEN = object()  # sent to a run's steps when its fused group took the step
 
 
 class PackError(RuntimeError):
@@ -135,27 +134,6 @@ class FusedStudents:
         self.step([b.x for b in batches], [b.y for b in batches], [b.index for b in batches], ts)
 
 
-def _steps(run: Run):
-    """``run``'s plain loop (:func:`kdbench.engine.run.train`) cut at each step: yields the step's
-    ``(batch, view)`` and is sent the teacher's Features (it takes the step), or :data:`TAKEN`
-    (its fused group took it). Returns the run's metrics."""
-    try:
-        for stage in run.stages_left():
-            for epoch in run.epochs_left(stage):
-                run.start_epoch(stage, epoch)
-                for batch, view in run.batches():
-                    t = yield batch, view
-                    if t is not TAKEN:
-                        run.step(batch, t)
-                run.end_epoch()
-            run.end_stage(stage)
-    except NonFiniteLoss as e:
-        return run.finish("failed", str(e))
-    finally:
-        run.log.close()
-    return run.finish()
-
-
 def teacher_answers(runs: list, pending: dict, teacher_keys: list) -> dict:
     """The teacher's Features for each pending run ``k`` (``pending[k]``: its step's batch and
     view): runs with the same ``teacher_keys[k]`` and execution share one forward pass (their
@@ -193,37 +171,50 @@ def fused_steps(runs: list, pending: dict, answers: dict, fuse_keys: list, fuser
     return {k for ks in groups.values() for k in ks}, errors
 
 
-def drive_packed(runs: list, slots: list, teacher_keys: list, fuse_keys: list, fusers: dict | None = None) -> list:
-    """Train ``runs`` (:class:`~kdbench.engine.run.Run`; an entry that is already a result, metrics
-    or an exception, is passed through) in lockstep, each step of each run inside its own global
-    RNG slot (``slots[k]``). Returns each run's metrics, or the exception it raised."""
-    results: list = list(runs)
-    steps = {k: _steps(r) for k, r in enumerate(runs) if isinstance(r, Run)}
-    fusers = {} if fusers is None else fusers
-    pending: dict[int, tuple] = {}
+class Lockstep:
+    """``runs`` (:class:`~kdbench.engine.run.TrainingRun`; an entry that is already a result, metrics
+    or an exception, is passed through) advanced together through :func:`~kdbench.engine.run.loop`,
+    one step of each per round, each step of each run inside its own global RNG slot (``slots[k]``,
+    default: one per run from the RNG state now). ``teacher_keys[k]``: runs with the same key share
+    one teacher pass; ``fuse_keys[k]``: runs with the same key (not None) take one fused step. A run
+    that raises leaves with its exception as its result; the others go on."""
 
-    def advance(k: int, value=None, error: Exception | None = None) -> None:
+    def __init__(self, runs: list, slots: list | None = None, teacher_keys: list | None = None,
+                 fuse_keys: list | None = None):
+        self.runs, self.results = runs, list(runs)
+        self.slots = slots or [_RngSlot(r.device) if isinstance(r, TrainingRun) else None for r in runs]
+        self.teacher_keys = teacher_keys or [0] * len(runs)
+        self.fuse_keys = fuse_keys or [None] * len(runs)
+        self.fusers: dict = {}
+        self.loops = {k: loop(r) for k, r in enumerate(runs) if isinstance(r, TrainingRun)}
+        self.pending: dict[int, tuple] = {}  # run -> its next step's (batch, view)
+        for k in self.loops:
+            self._advance(k)
+
+    def _advance(self, k: int, value=None, error: Exception | None = None) -> None:
         try:
-            with slots[k]:
+            with self.slots[k]:
                 if error is not None:
-                    pending[k] = steps[k].throw(error)
+                    self.pending[k] = self.loops[k].throw(error)
                 else:
-                    pending[k] = next(steps[k]) if value is None else steps[k].send(value)
+                    self.pending[k] = next(self.loops[k]) if value is None else self.loops[k].send(value)
         except StopIteration as done:
-            results[k] = done.value
+            self.results[k] = done.value
         except Exception as e:  # one run's failure does not stop the others
-            results[k] = e
+            self.results[k] = e
 
-    for k in steps:
-        advance(k)
-    while pending:
-        answers = teacher_answers(runs, pending, teacher_keys)
-        taken, errors = fused_steps(runs, pending, answers, fuse_keys, fusers)
-        pending_now = sorted(pending)
-        pending.clear()
-        for k in pending_now:
-            advance(k, TAKEN if k in taken else answers[k], errors.get(k))
-    return results
+    def run(self, rounds: int | None = None) -> list:
+        """Take ``rounds`` steps of every unfinished run (None: until all have finished); each run's
+        metrics, or the exception it raised, or (unfinished) its TrainingRun."""
+        while self.pending and rounds != 0:
+            pending = self.pending
+            answers = teacher_answers(self.runs, pending, self.teacher_keys)
+            taken, errors = fused_steps(self.runs, pending, answers, self.fuse_keys, self.fusers)
+            self.pending = {}
+            for k in sorted(pending):
+                self._advance(k, TAKEN if k in taken else answers[k], errors.get(k))
+            rounds = None if rounds is None else rounds - 1
+        return self.results
 
 
 def fit_packed(specs: list[RunSpec], out_dirs: list[str | Path], device: str = "auto",
@@ -235,8 +226,6 @@ def fit_packed(specs: list[RunSpec], out_dirs: list[str | Path], device: str = "
     check_packable(specs)
     if len(out_dirs) != len(specs):
         raise ValueError(f"{len(specs)} runs but {len(out_dirs)} output folders")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("packing runs several runs in one process on one device; it cannot run under torchrun (DDP)")
     dev = resolve_device(device)
     first = specs[0]
     data = load_dataset(first.dataset, first.data_root)
@@ -253,7 +242,7 @@ def fit_packed(specs: list[RunSpec], out_dirs: list[str | Path], device: str = "
                                                                **shared)))
             except Exception as e:
                 runs.append(e)
-        results = drive_packed(runs, slots, [teacher_key(s) for s in specs], fuse_keys)
+        results = Lockstep(runs, slots, [teacher_key(s) for s in specs], fuse_keys).run()
     distributed.close()
     failed = [(r or k, e) for k, (r, e) in enumerate(zip(run_ids, results)) if isinstance(e, Exception)]
     if failed:

@@ -8,6 +8,8 @@ plans its packs with them; the engine checks the same before a run or a pack sta
 
 from __future__ import annotations
 
+import os
+
 from kdbench.data import DATASETS, check_stream_split
 from kdbench.methods import METHODS, resolve_method
 from kdbench.methods.base import label_free_methods
@@ -18,6 +20,8 @@ STAGE_FIELDS = frozenset({"stages", "preact"})
 
 def run_problems(spec: RunSpec, ddp: bool = False) -> list[str]:
     """Why ``spec`` cannot run (empty: it can); ``ddp``: it would run under torchrun. Nothing is read."""
+    if spec.protocol == "linear_probe":  # its method names the probed run's, which it does not train
+        return [] if spec.init_ckpt else ["a linear_probe run needs init_ckpt: the probed model's model.pt"]
     method = resolve_method(spec.method, spec.method_overrides)
     needs = method.teacher_needs if method.needs_teacher else frozenset()
     problems = []
@@ -71,6 +75,10 @@ def check_run(spec: RunSpec, ddp: bool = False) -> None:
 
 # ---------------------------------------------------------------- packing
 
+#: the one statement of it: every pack is one process on one device
+NO_DDP = "a pack trains its runs in one process on one device, never under DDP (torchrun)"
+
+
 def teacher_key(spec: RunSpec) -> tuple:
     """What identifies a run's teacher: packed runs share it, and one forward pass answers them all."""
     return spec.teacher, spec.teacher_ckpts, spec.teacher_dataset
@@ -87,7 +95,7 @@ def unpackable(spec: RunSpec) -> str | None:
         return ("runs with a validation holdout (validation) cannot be packed: the pack shares one training set and "
                 "test loader between its runs; run them alone")
     if DATASETS.get(spec.dataset).streaming:
-        return f"runs on {spec.dataset} (streamed, trained with DDP) cannot be packed: a pack runs on one device"
+        return f"runs on {spec.dataset} (streamed, trained with DDP) cannot be packed: {NO_DDP}"
     return None
 
 
@@ -99,9 +107,12 @@ def pack_key(spec: RunSpec) -> dict:
 
 
 def check_packable(specs: list[RunSpec]) -> None:
-    """Refuse (ValueError, with the reason) runs that cannot be trained together in one pack."""
+    """Refuse (ValueError, with the reason) runs that cannot be trained together in one pack, or a
+    pack started under torchrun."""
     if not specs:
         raise ValueError("nothing to pack: give at least one run")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{NO_DDP}: start `kdbench pack` without torchrun")
     for s in specs:
         why = unpackable(s)
         if why:

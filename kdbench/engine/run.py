@@ -1,9 +1,13 @@
-"""One training run, and the plain loop that trains it (with :mod:`kdbench.engine.step`, the whole
-plain training path: data → step → evaluate → checkpoint).
+"""One training run, and the loop every run goes through (with :mod:`kdbench.engine.step`, the
+whole training path: data → step → evaluate → checkpoint).
 
-:func:`train` is the loop of RepDistiller's ``train_student.py`` (and mdistiller's ``train()``):
-for each stage and epoch, set the lr; for each batch, the teacher's forward pass, then one step;
-evaluate; checkpoint. A :class:`Run` holds what the loop needs — data, student, teacher,
+:func:`loop` is THE sequence of a run's stages, epochs and steps — the loop of RepDistiller's
+``train_student.py`` (and mdistiller's ``train()``): for each stage and epoch, set the lr; for each
+batch, the teacher's forward pass, then one step; evaluate; checkpoint. It is a generator cut at
+each step, so that one run (:func:`train`), a pack of runs in lockstep
+(:class:`kdbench.engine.pack.Lockstep`, also what ``kdbench bench`` times) and the linear probe
+(:class:`kdbench.engine.linear_probe.ProbeRun`) all go through it. A :class:`TrainingRun` holds what
+the loop needs — data, student, teacher,
 objective, optimizers, progress — and writes into its folder: ``checkpoint.pt`` after every
 epoch (a killed run resumes from it and ends with the same metrics as an uninterrupted one),
 then ``model.pt`` and ``metrics.json`` (atomically). Inside an epoch there is no host
@@ -11,8 +15,7 @@ synchronisation: losses and accuracies accumulate on the device and are read onc
 non-finite loss ends the run with ``status: failed``.
 
 How a step executes is the run's ``execution`` (:class:`~kdbench.engine.step.Eager`, or a fast
-path of :mod:`kdbench.engine.fast`); :mod:`kdbench.engine.pack` trains several runs in lockstep
-through the same methods. Neither is known here.
+path of :mod:`kdbench.engine.fast`), not known here.
 
 **Stages.** Methods with an initialisation stage (AB, FT, FSP; FitNet with ``hint_epochs``) train
 it first, at a constant lr, with an optimizer over the term's own parameters; the main stage
@@ -59,15 +62,23 @@ from kdbench.engine.teachers import load_teacher
 from kdbench.engine.step import Eager, NonFiniteLoss, TeacherInput, epoch_means, evaluate, set_train_modes, step_names
 
 
-def train(run: "Run", stop_after_epochs: int | None = None) -> dict:
-    """Train ``run`` to its end (from where its checkpoint left it); its metrics.
+#: sent to a run's :func:`loop` when the step was taken elsewhere (a pack's fused step)
+TAKEN = object()
+
+
+def loop(run: "TrainingRun", stop_after_epochs: int | None = None):
+    """``run`` from where its checkpoint left it to its end, cut at each step: yields each step's
+    ``(batch, augmentation view ids or None)`` and is sent the teacher's Features of the batch (then
+    it takes the step) or :data:`TAKEN` (the step was taken for it). Returns the run's metrics.
     ``stop_after_epochs``: stop after that many epochs of this call (tests of resume)."""
     try:
         for stage in run.stages_left():
             for epoch in run.epochs_left(stage):
                 run.start_epoch(stage, epoch)  # lr, seeds, train modes
                 for batch, view in run.batches():
-                    run.step(batch, run.teacher_outputs(batch, view))
+                    t = yield batch, view
+                    if t is not TAKEN:
+                        run.step(batch, t)
                 run.end_epoch()  # metrics, test set, checkpoint, progress line
                 if run.epochs_now == stop_after_epochs:
                     return run.stopped()
@@ -79,19 +90,34 @@ def train(run: "Run", stop_after_epochs: int | None = None) -> dict:
     return run.finish()
 
 
+def train(run: "TrainingRun", stop_after_epochs: int | None = None) -> dict:
+    """Train one run through :func:`loop`, the teacher's forward pass answering each step; its metrics."""
+    steps = loop(run, stop_after_epochs)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(run.teacher_outputs(*request))
+    except StopIteration as done:
+        return done.value
+
+
 @dataclasses.dataclass(eq=False)
 class Stage:
-    name: str  # "main", or "init:<term>"
+    name: str  # the main stage (TrainingRun.main_stage), or "init:<term>"
     term: object  # the term whose initialisation stage this is (None: the main stage)
     epochs: int
 
 
-class Run:
-    """A run of ``spec`` in ``out_dir`` on ``dctx.device`` (:func:`kdbench.core.distributed.init`),
-    resumed from its checkpoint if there is one (:func:`kdbench.engine.fit.prepared` makes it,
-    once :func:`kdbench.engine.rules.check_run` has passed). ``execution``: how steps execute (default
-    :class:`~kdbench.engine.step.Eager`). ``data`` and ``loaders``: a dataset and loaders shared
-    with other runs (``pack.py``)."""
+class TrainingRun:
+    """A run of ``spec`` in ``out_dir`` on ``dctx.device`` (:func:`kdbench.core.distributed.init`)
+    as :func:`loop` trains it, resumed from its checkpoint if there is one
+    (:func:`kdbench.engine.fit.prepared` makes it, once :func:`kdbench.engine.rules.check_run` has
+    passed). ``execution``: how steps execute (default :class:`~kdbench.engine.step.Eager`).
+    ``data`` and ``loaders``: a dataset and loaders shared with other runs (``pack.py``)."""
+
+    #: the name of the stage that trains the recipe's epochs and evaluates each one (it seeds the
+    #: data order and augmentation of its epochs: ``derive_seed(seed, "data", name, epoch)``)
+    main_stage = "main"
 
     def __init__(self, spec: RunSpec, out_dir: str | Path, dctx, run_id: str | None = None, execution=None,
                  data=None, loaders=None, progress: bool = True, log_prefix: str = ""):
@@ -109,12 +135,11 @@ class Run:
                                                              unl["batch_size"], dev)
         self._build_models()
         self.stages = [Stage(f"init:{n}", t, t.init_epochs) for n, t in self.objective.terms.items() if t.init_epochs > 0]
-        self.stages.append(Stage("main", None, spec.recipe.epochs))
+        self.stages.append(Stage(self.main_stage, None, spec.recipe.epochs))
         self.model = distributed.wrap(self.student, find_unused=len(self.stages) > 1)  # DDP-wrapped under torchrun
         self.state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time(),
                       "epoch_seconds": {}}
-        self.read = {"data": data_fingerprint(self.data),  # what this run reads, recorded and checked on resume
-                     "teachers": [file_sha256(p) for p in spec.teacher_ckpts] if self.teacher is not None else []}
+        self.read = self.inputs()
         self.init_opt_state = None
         self._resume()
         self.prov = provenance(dev)
@@ -127,6 +152,11 @@ class Run:
         if done == self.log.total and dctx.is_main:  # e.g. Snakemake removed the metrics.json of a finished run
             self.log.write(f"kdbench: {run_id or self.out} is complete in {self.out / 'checkpoint.pt'}; writing its "
                            f"model.pt and metrics.json from it, without training")
+
+    def inputs(self) -> dict:
+        """What this run reads, recorded in its checkpoint and checked on resume (:func:`resumable`)."""
+        return {"data": data_fingerprint(self.data),
+                "teachers": [file_sha256(p) for p in self.spec.teacher_ckpts] if self.teacher is not None else []}
 
     def _build_models(self) -> None:
         spec, dev = self.spec, self.device
@@ -142,8 +172,9 @@ class Run:
                             feature_shapes(self.teacher, size) if self.teacher is not None else None,
                             self.data.num_classes, self.train_loader.labels, spec.student, spec.teacher)
         self.objective = Objective(method, ctx, spec.unlabeled).to(dev)
+        self.lr_arch = spec.student  # the architecture whose lr the recipe gives (Recipe.lr_at)
         self.base_lr = spec.recipe.base_lr(spec.student)
-        self.optimizer = _sgd(list(self.student.parameters()) + list(self.objective.parameters()), self.base_lr,
+        self.optimizer = sgd(list(self.student.parameters()) + list(self.objective.parameters()), self.base_lr,
                               spec.recipe)
         self.execution.prepare(self.student, self.teacher, self.objective)
         self.execution_used = spec.execution
@@ -178,7 +209,7 @@ class Run:
         """The stage's epochs still to train; an initialisation stage gets its optimizer here."""
         self.stage, self.opt = stage, self.optimizer
         if stage.term is not None:
-            self.opt = _sgd(list(stage.term.init_parameters(self.student)), stage.term.init_lr(self.base_lr),
+            self.opt = sgd(list(stage.term.init_parameters(self.student)), stage.term.init_lr(self.base_lr),
                             self.spec.recipe)
             if self.init_opt_state is not None:  # resumed inside this stage
                 self.opt.load_state_dict(self.init_opt_state)
@@ -188,7 +219,7 @@ class Run:
         """The epoch's lr, seeds (global RNG, data order and augmentation), train modes and metric sums."""
         spec, dev, term = self.spec, self.device, stage.term
         if term is None:
-            self.opt.lr = spec.recipe.lr_at(epoch, spec.student)
+            self.opt.lr = spec.recipe.lr_at(epoch, self.lr_arch)
         self.epoch, self.t_epoch, self.steps_done = epoch, time.time(), 0
         torch.manual_seed(derive_seed(spec.seed, "global", stage.name, epoch))
         self.gen = generator(dev, derive_seed(spec.seed, "data", stage.name, epoch))
@@ -196,11 +227,15 @@ class Run:
         if self.unlabeled is not None and term is None:
             self.stream = self.unlabeled.stream(len(self.train_loader),
                                                 generator(dev, derive_seed(spec.seed, "unlabeled", stage.name, epoch)))
-        self.train_modules = None if term is None else term.init_train_modules(self.student)
+        self.train_modules = self.stage_train_modules(term)
         set_train_modes(self.model, self.objective, self.train_modules)
         self.term, self.names = term, step_names(self.objective, term)
         self.sums = torch.zeros(len(self.names) + 1, device=dev, dtype=torch.float64)
         self._step = None
+
+    def stage_train_modules(self, term) -> list | None:
+        """The modules in train mode in ``term``'s initialisation stage (None: the main stage, all)."""
+        return None if term is None else term.init_train_modules(self.student)
 
     def batches(self):
         """The epoch's training batches (``Batch``, augmentation view ids or None), in order."""
@@ -234,7 +269,7 @@ class Run:
     def set_step_lr(self) -> None:
         """Per-step schedules (cosine) set the lr before each step; the step schedule per epoch."""
         if self.term is None and self.spec.recipe.schedule != "step":
-            self.opt.lr = self.spec.recipe.lr_at(self.epoch, self.spec.student, self.steps_done / len(self.train_loader))
+            self.opt.lr = self.spec.recipe.lr_at(self.epoch, self.lr_arch, self.steps_done / len(self.train_loader))
         self.steps_done += 1
 
     def fusable(self) -> bool:
@@ -245,8 +280,7 @@ class Run:
     def end_epoch(self) -> None:
         """Read the epoch's metrics, evaluate (main stage), checkpoint and log the epoch."""
         distributed.sync_buffers(self.model)  # DDP: every rank takes rank 0's BN statistics
-        stats = {"epoch": self.epoch, "lr": self.opt.lr,
-                 **epoch_means(self.sums, self.names, self.train_loader.num_samples, self.epoch)}
+        stats = {"epoch": self.epoch, "lr": self.opt.lr, **self.epoch_stats()}
         name = self.stage.name
         if self.term is None:
             self.objective.on_epoch_end(self.epoch)
@@ -262,6 +296,10 @@ class Run:
         self.save_checkpoint()
         self.epochs_now += 1
         self.log.epoch(name, self.epoch, self.stage.epochs, stats, seconds)
+
+    def epoch_stats(self) -> dict:
+        """The epoch's mean loss terms and train accuracy (:func:`~kdbench.engine.step.epoch_means`)."""
+        return epoch_means(self.sums, self.names, self.train_loader.num_samples, self.epoch)
 
     def save_checkpoint(self) -> None:
         if not self.dctx.is_main:  # DDP: rank 0 writes
@@ -281,23 +319,32 @@ class Run:
 
     def finish(self, status: str = "ok", failure: str | None = None) -> dict:
         """Write model.pt (if the run succeeded) and metrics.json; the metrics."""
+        spec = self.spec
+        metrics = run_record(spec, self.state, status, failure, self.run_id, self.data.num_classes,
+                             time.time() - self.t0, self.prov, **self.record())
+        if status == "ok" and self.dctx.is_main:
+            save_model(self.out / "model.pt", self.student, spec.student, self.data.num_classes, spec.dataset,
+                       run=self.run_id, acc_last=metrics["acc_last"], hash=spec.config_hash(), **self.model_meta())
+        if self.dctx.is_main:
+            atomic_write_json(self.out / "metrics.json", metrics)
+        distributed.close()
+        return metrics
+
+
+    def record(self) -> dict:
+        """What metrics.json records besides :func:`run_record`'s own fields."""
         spec, read = self.spec, self.read
-        metrics = run_record(
-            spec, self.state, status, failure, self.run_id, self.data.num_classes, time.time() - self.t0, self.prov,
+        return dict(
             loss=self.objective.spec.describe(), resolved_method=_method_dict(self.objective),
             **used_record(spec, self.objective, self.execution_used, self.optimizer),
             **({"unlabeled_samples": self.unlabeled.num_samples} if self.unlabeled else {}),
             eval_split="test" if spec.validation is None else "validation", eval_samples=self.test_loader.num_samples,
             data_fingerprint=read["data"], teacher_sha256=read["teachers"],
             **({"holdout": {**spec.validation, "train_samples": self.train_loader.num_samples}} if spec.validation else {}))
-        if status == "ok" and self.dctx.is_main:
-            save_model(self.out / "model.pt", self.student, spec.student, self.data.num_classes, spec.dataset,
-                       run=self.run_id, acc_last=metrics["acc_last"], hash=spec.config_hash(),
-                       data_fingerprint=read["data"])
-        if self.dctx.is_main:
-            atomic_write_json(self.out / "metrics.json", metrics)
-        distributed.close()
-        return metrics
+
+    def model_meta(self) -> dict:
+        """model.pt's metadata besides the run id, acc_last and hash."""
+        return {"data_fingerprint": self.read["data"]}
 
 
 def with_stream(batches, stream):
@@ -376,24 +423,26 @@ def resumable(ckpt_path: Path, recorded: dict | None, now: dict) -> bool:
 
     Other data under the same run id is refused: the data changed under the run (real data is
     identified by its name, see :func:`kdbench.core.spec.dataset_identity`). Another teacher file
-    means the teacher was made again (a deleted teacher run retrained, on a GPU not bit for bit):
-    Snakemake reruns the student for that reason, so it restarts from its first epoch (False) instead
-    of mixing two teachers in one run."""
+    (or, for a linear probe, another probed model file, ``init``) means it was made again (a deleted
+    teacher run retrained, on a GPU not bit for bit): Snakemake reruns the run for that reason, so it
+    restarts from its first epoch (False) instead of mixing two teachers in one run."""
     if recorded is None:  # a checkpoint written before kdbench recorded its inputs
         return True
     if recorded.get("data") != now["data"]:
         raise CheckpointError(f"{ckpt_path}: was trained on other data than this run reads now (dataset fingerprint "
                               f"{recorded.get('data')} vs {now['data']}): the data changed under the run. Delete "
                               f"{ckpt_path.parent} to train this run afresh on the data there now")
-    if recorded.get("teachers") != now["teachers"]:
-        print(f"kdbench: {ckpt_path} was trained against another teacher file (SHA-256 {recorded.get('teachers')} vs "
-              f"{now['teachers']}): the teacher was made again, so this run restarts from its first epoch",
-              file=sys.stderr, flush=True)
-        return False
+    for key, what in (("teachers", "teacher"), ("init", "probed model")):
+        if recorded.get(key) != now.get(key):
+            print(f"kdbench: {ckpt_path} was trained against another {what} file (SHA-256 {recorded.get(key)} vs "
+                  f"{now.get(key)}): the {what} was made again, so this run restarts from its first epoch",
+                  file=sys.stderr, flush=True)
+            return False
     return True
 
 
-def _sgd(params, lr: float, recipe) -> SGD:
+def sgd(params, lr: float, recipe) -> SGD:
+    """kdbench's SGD with the recipe's momentum and weight decay."""
     return SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 

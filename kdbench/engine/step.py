@@ -8,15 +8,16 @@ measures the test set.
 
 :class:`Eager` is the plain execution of these steps (fp32, eager). The fast paths
 (:mod:`kdbench.engine.fast`: bf16, channels_last, ``torch.compile``, CUDA graphs, the teacher
-cache) are subclasses that return other step functions around the same :func:`train_step`;
-packing (:mod:`kdbench.engine.pack`) drives several runs' steps, or one fused step
-(:func:`kdbench.engine.fusion.fused_train_step`).
+cache) are subclasses that return other step functions around the same sequence; packing
+(:mod:`kdbench.engine.pack`) drives several runs' steps, or one fused step of several runs
+(:func:`fused_train_step`: the same sequence with one forward and one backward pass for all).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -71,18 +72,59 @@ def record_step(sums: Tensor, loss: Tensor, terms: dict[str, Tensor], names: lis
     sums += torch.stack([*(v.double() * n for v in vals), correct.double()])
 
 
+@dataclass
+class Member:
+    """One run's part of a step: its student, objective, the stage's optimizer and initialisation
+    term (None in the main stage), its metric names and device-resident sums, and the epoch and
+    generator its batches carry."""
+
+    student: nn.Module
+    objective: Objective
+    optimizer: object
+    init_term: object
+    names: list[str]
+    sums: Tensor
+    epoch: int = 1
+    generator: torch.Generator | None = None
+
+
 def train_step(student: nn.Module, objective: Objective, optimizer, batch: Batch, t: Features | None,
                init_term, names: list[str], sums: Tensor, autocast: Callable = nullcontext) -> None:
-    """One optimisation step — the maths of every training path."""
+    """One optimisation step of one run (:func:`_steps`)."""
+    _steps(lambda: [student_forward(student, objective, batch)],
+           [Member(student, objective, optimizer, init_term, names, sums)], [batch], [t], autocast)
+
+
+def fused_train_step(fused: nn.Module, members: list[Member], batches: list[Batch], ts: list[Features | None],
+                     autocast: Callable = nullcontext, forward: Callable | None = None) -> None:
+    """One step of K packed runs whose students are fused into one model (a bound
+    :class:`~kdbench.engine.fusion.FusedModel`): one forward pass of the fused model (``forward``:
+    e.g. its compiled version) and one backward pass of the sum of the runs' losses, whose
+    gradient in member k's slice of a fused tensor is member k's own (:func:`_steps`)."""
+    _steps(lambda: (forward or fused)([b.x for b in batches]), members, batches, ts, autocast, fused)
+
+
+def _steps(forward: Callable, members: list[Member], batches: list[Batch], ts: list, autocast: Callable,
+           fused: nn.Module | None = None) -> None:
+    """The step — the maths of every training path: the students' forward pass (``forward()``: each
+    member's Features), each run's weighted loss terms (their sum is its loss), ``zero_grad``, one
+    backward pass of the sum of the losses, then each run's optimizer step and its loss terms and
+    correct predictions added to its device-resident sums (no host synchronisation)."""
     with autocast():
-        s = student_forward(student, objective, batch)
-        terms = step_loss(s, objective, batch, t, init_term)
-        loss = sum(terms.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    distributed.average_gradients(optimizer.params)  # the objective's (DDP: no-op otherwise)
-    optimizer.step()
-    record_step(sums, loss, terms, names, s.logits, batch)
+        outs = forward()
+        terms = [step_loss(s, m.objective, b, t, m.init_term) for s, m, b, t in zip(outs, members, batches, ts)]
+        losses = [sum(tm.values()) for tm in terms]
+    for m in members:
+        m.optimizer.zero_grad(set_to_none=True)
+    if fused is not None:
+        fused.zero_grad(set_to_none=True)
+    sum(losses).backward()
+    if fused is not None:
+        fused.sync_members([m.student for m in members])  # each member's .grad: its slice of the fused ones
+    for m, s, loss, tm, b in zip(members, outs, losses, terms, batches):
+        distributed.average_gradients(m.optimizer.params)  # the objective's (DDP: no-op otherwise)
+        m.optimizer.step()
+        record_step(m.sums, loss, tm, m.names, s.logits, b)
 
 
 def student_forward(student: nn.Module, objective: Objective, batch: Batch) -> Features:
@@ -139,7 +181,8 @@ def _rebuild(like: Features, flat: list[Tensor]) -> Features:
 
 
 class Eager:
-    """The plain execution: eager fp32 steps and teacher passes. A fast path
+    """The plain execution: eager fp32 steps and teacher passes, what a run's steps execute when
+    none of its ``execution`` options asks for the fast path. A fast path
     (:class:`kdbench.engine.fast.Runtime`) overrides these methods; the training loop calls only them."""
 
     cache = None  # the teacher-output cache (fast path only)
@@ -155,8 +198,17 @@ class Eager:
     def attach_cache(self, teacher, objective, loader) -> None:
         """Use a teacher-output cache where the options ask for one (plain: never)."""
 
+    def autocast(self):
+        """The context of forward passes (plain: fp32, nothing)."""
+        return nullcontext()
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """The module as forward passes run it (plain: itself)."""
+        return module
+
     def teacher_forward(self, teacher: nn.Module, x: Tensor) -> Features:
-        return teacher(x)
+        with self.autocast():
+            return self.compiled(teacher)(x)
 
     @torch.no_grad()
     def teacher_features(self, teacher: nn.Module, parts: list[TeacherInput]) -> list[Features]:
@@ -171,6 +223,28 @@ class Eager:
                 epoch: int, gen: torch.Generator | None, init_term=None) -> Callable:
         """A function ``step(batch, t)`` taking one :func:`train_step` in ``epoch`` (whose batches
         carry the epoch's generator ``gen``)."""
-        def step(batch: Batch, t: Features | None) -> None:
-            train_step(student, objective, optimizer, batch, t, init_term, names, sums)
+        step = self.tensor_stepper(student, objective, optimizer, names, sums, epoch, gen, init_term)
+        return lambda batch, t: step(batch.x, batch.y, batch.index, t, batch.labeled)
+
+    def tensor_stepper(self, student: nn.Module, objective: Objective, optimizer, names: list[str], sums: Tensor,
+                       epoch: int, gen: torch.Generator | None, init_term=None) -> Callable:
+        """:meth:`stepper`'s step as a function of tensors, ``step(x, y, index, t, labeled)`` (what
+        a CUDA graph captures)."""
+        model = self.compiled(student)
+
+        def step(x, y, idx, t, labeled=None):
+            train_step(model, objective, optimizer, Batch(x, y, idx, epoch, gen, labeled), t, init_term, names, sums,
+                       self.autocast)
+        return step
+
+    def fused_stepper(self, fused: nn.Module, members: list[Member], warm: bool) -> Callable:
+        """A function ``step(xs, ys, indices, ts)`` running :func:`fused_train_step` for the fused
+        runs' ``members`` at their current epochs and stages (``pack.py`` makes a new one whenever
+        a run's epoch, stage or membership changes). ``warm``: a CUDA graph of this fused model was
+        captured before (fast path only)."""
+        forward = self.compiled(fused)
+
+        def step(xs, ys, idxs, ts):
+            batches = [Batch(x, y, i, m.epoch, m.generator) for x, y, i, m in zip(xs, ys, idxs, members)]
+            fused_train_step(fused, members, batches, ts, self.autocast, forward)
         return step
