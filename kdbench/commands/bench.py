@@ -97,32 +97,34 @@ class Setup:
         self.teacher = build_model(self.t_arch, 100).to(dev).eval()  # random weights: speed does not depend on them
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.folder = tempfile.TemporaryDirectory(prefix="kdbench-bench-")  # the engine runs' folders (unwritten)
+        self.folder = tempfile.TemporaryDirectory(prefix="kdbench-bench-")  # the teacher's file, the runs' folders
         self.teacher_file = str(Path(self.folder.name) / "teacher.pt")
         save_model(self.teacher_file, self.teacher, self.t_arch, 100, "cifar100")
+        self.loaders = self.data.loaders(args.batch, 256, dev)
 
     def runs(self, methods: list[str], execution) -> list:
         """Engine runs (:class:`~kdbench.engine.run.TrainingRun`) of ``methods`` (seeds 0, 1, ...)
         under ``execution`` on this data, each with its own copy of the teacher, sharing one pair of
-        loaders. The timed steps stay inside their first epoch, so they write no file."""
+        loaders, in run folders of their own (the timed steps stay inside the first epoch, which
+        writes no file; ``--verify`` may train past it)."""
         from kdbench.core import distributed
         from kdbench.core.spec import Recipe, RunSpec
         from kdbench.engine.fast import execution_for
         from kdbench.engine.run import TrainingRun
-        if not hasattr(self, "loaders"):
-            self.loaders = self.data.loaders(self.args.batch, 256, self.dev)
+        folder = Path(tempfile.mkdtemp(dir=self.folder.name))
         recipe = Recipe.from_config({"epochs": 1, "milestones": [], "batch_size": self.args.batch})
         runs = []
         for k, m in enumerate(methods):
             spec = RunSpec("cifar100", self.folder.name, self.s_arch, m, k, self.t_arch, (self.teacher_file,),
                            method_overrides=self.overrides(m), recipe=recipe, execution=execution)
-            runs.append(TrainingRun(spec, Path(self.folder.name) / f"run{k}", distributed.init(self.dev),
+            runs.append(TrainingRun(spec, folder / f"run{k}", distributed.init(self.dev),
                                     execution=execution_for(execution, self.dev), data=self.data,
                                     loaders=self.loaders, progress=False, log_prefix=f"bench {m} s{k}"))
         return runs
 
     def overrides(self, method: str) -> dict:
-        """CRD's K negatives need K other-class samples (CIFAR-100: 16384 of 49500)."""
+        """The method overrides of a bench run: CRD's K negatives need K other-class samples
+        (CIFAR-100: 16384 of 49500)."""
         from kdbench.methods import METHODS
         if "crd" not in METHODS.get(method).terms:
             return {}
