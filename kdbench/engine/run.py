@@ -102,7 +102,7 @@ def train(run: "TrainingRun", stop_after_epochs: int | None = None) -> dict:
 
 
 @dataclasses.dataclass(eq=False)
-class Stage:
+class TrainingStage:
     name: str  # the main stage (TrainingRun.main_stage), or "init:<term>"
     term: object  # the term whose initialisation stage this is (None: the main stage)
     epochs: int
@@ -134,8 +134,9 @@ class TrainingRun:
         self.unlabeled = None if unl is None else load_stream(spec.dataset, spec.data_root, unl["split"],
                                                              unl["batch_size"], dev)
         self._build_models()
-        self.stages = [Stage(f"init:{n}", t, t.init_epochs) for n, t in self.objective.terms.items() if t.init_epochs > 0]
-        self.stages.append(Stage(self.main_stage, None, spec.recipe.epochs))
+        self.stages = [TrainingStage(f"init:{n}", t, t.init_epochs)
+                       for n, t in self.objective.terms.items() if t.init_epochs > 0]
+        self.stages.append(TrainingStage(self.main_stage, None, spec.recipe.epochs))
         self.model = distributed.wrap(self.student, find_unused=len(self.stages) > 1)  # DDP-wrapped under torchrun
         self.state = {"stage": 0, "epoch": 0, "curve": [], "init_curve": [], "elapsed": 0.0, "started": time.time(),
                       "epoch_seconds": {}}
@@ -202,10 +203,10 @@ class TrainingRun:
         self.init_opt_state = ck.get("init_optimizer")
 
     # ---- the loop's steps, in order
-    def stages_left(self) -> list[Stage]:
+    def stages_left(self) -> list[TrainingStage]:
         return self.stages[self.state["stage"]:]
 
-    def epochs_left(self, stage: Stage) -> range:
+    def epochs_left(self, stage: TrainingStage) -> range:
         """The stage's epochs still to train; an initialisation stage gets its optimizer here."""
         self.stage, self.opt = stage, self.optimizer
         if stage.term is not None:
@@ -215,7 +216,7 @@ class TrainingRun:
                 self.opt.load_state_dict(self.init_opt_state)
         return range(self.state["epoch"] + 1, stage.epochs + 1)
 
-    def start_epoch(self, stage: Stage, epoch: int) -> None:
+    def start_epoch(self, stage: TrainingStage, epoch: int) -> None:
         """The epoch's lr, seeds (global RNG, data order and augmentation), train modes and metric sums."""
         spec, dev, term = self.spec, self.device, stage.term
         if term is None:
@@ -310,7 +311,7 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "init_optimizer": self.opt.state_dict() if self.term is not None else None})
 
-    def end_stage(self, stage: Stage) -> None:
+    def end_stage(self, stage: TrainingStage) -> None:
         self.state["stage"], self.state["epoch"] = self.stages.index(stage) + 1, 0
         self.init_opt_state = None
 
