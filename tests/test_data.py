@@ -1,3 +1,4 @@
+import hashlib
 import numpy as np
 import pytest
 import torch
@@ -132,3 +133,33 @@ def test_epoch_order_is_a_function_of_the_generator_seed():
     order = lambda s: torch.cat([b[2] for b in loader.batches(torch.Generator().manual_seed(s))])
     assert torch.equal(order(5), order(5)) and not torch.equal(order(5), order(6))
     assert sorted(order(5).tolist()) == list(range(10))
+
+
+def test_label_noise_relabels_that_fraction_of_train_labels_to_other_classes_only():
+    kw = dict(classes=7, train_per_class=300, test_per_class=20, seed=5, noise=0.3)
+    clean_train, clean_test = make_synthetic(**kw)
+    for rate in (0.1, 0.35):
+        train, test = make_synthetic(**kw, label_noise=rate)
+        flipped = train.labels != clean_train.labels
+        n = len(flipped)
+        assert abs(flipped.mean() - rate) < 3 * np.sqrt(rate * (1 - rate) / n)  # binomial, 3 sd
+        assert np.array_equal(train.images, clean_train.images)  # the same images: only labels change
+        assert np.array_equal(test.labels, clean_test.labels) and np.array_equal(test.images, clean_test.images)
+        # the new class is uniform over the 6 others: each gets ~1/6 of the flipped labels
+        shift = (train.labels[flipped] - clean_train.labels[flipped]) % 7
+        counts = np.bincount(shift, minlength=7)
+        assert counts[0] == 0 and all(abs(c - flipped.sum() / 6) < 4 * np.sqrt(flipped.sum() / 6) for c in counts[1:])
+
+
+def test_label_noise_zero_writes_the_files_it_wrote_before_label_noise_existed():
+    # sha256 of the default suite's data before `label_noise` was added (2026-12-04)
+    train, test = make_synthetic(classes=10, train_per_class=80, test_per_class=100, seed=0, noise=0.35)
+    digest = hashlib.sha256(train.images.tobytes() + train.labels.tobytes() + test.images.tobytes()
+                            + test.labels.tobytes()).hexdigest()
+    assert digest == "163422b64696a5f8c934c79eae1125ac413a9f1698904d7eb97e64905f5c087c"
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_label_noise_outside_0_1_is_refused(rate):
+    with pytest.raises(ValueError, match=r"label_noise.*\[0, 1\)"):
+        make_synthetic(classes=3, train_per_class=2, test_per_class=1, label_noise=rate)
