@@ -98,6 +98,9 @@ def check_file(cfg: dict, path: Path) -> None:
         _unique([item["name"] for item in cfg.get(key, [])], f"{path}: {key}", f"two {key} named",
                 "give each a different name (or delete the copy)")
     own = cfg.get("experiments", [])
+    for exp in own:  # the names first: what follows reads the methods' terms
+        for m in exp["methods"]:
+            check_name("method", m, METHODS.names(), f"{path}: experiment {exp['name']!r}")
     run_anywhere = {m for exp in own for m in exp["methods"]}
     includes = bool(cfg.get("include"))
     for method, over in (cfg.get("methods") or {}).items():
