@@ -77,7 +77,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
-        except OSError:  # held by a live writer (BlockingIOError), or not ours to remove
+        except OSError:  # held by a live writer (BlockingIOError), or no flock here: cannot tell, kept
             pass
         finally:
             os.close(fd)
@@ -107,7 +107,10 @@ def atomic_file(path: str | Path):
         raise output_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we write: a cleaner never removes a live temporary
+            try:  # ours while we write: a cleaner never removes a live temporary
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without flock (some NFS set-ups): temporaries are then kept
+                pass
             os.fchmod(fd, 0o666 & ~current_umask())
             yield f
             f.flush()
