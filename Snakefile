@@ -5,7 +5,8 @@
 #   snakemake --cores 2 --config suite_file=my.yaml
 #   snakemake --cores 2 --config pack_size=12     # distillations 12 per job (kdbench pack), see train.smk
 #
-# The suite is validated (schema + registry names) when this file is parsed, before any job.
+# The suite is validated (schema + registry names) when this file is parsed, before any job, and
+# planned once: every run's resolved spec is written to runs/<id>/spec.json, the one file a job reads.
 #
 # `snakemake --lint` reports two kinds of findings, kept on purpose:
 # - "Specify a conda environment or container for each rule": every rule runs the kdbench package,
@@ -15,7 +16,7 @@
 #   beside them; all other logic lives in the kdbench package.
 from snakemake.utils import validate
 
-from kdbench.planning.suite import SuiteError, load_suite
+from kdbench.planning.suite import SuiteError, load_suite, write_specs
 from kdbench.planning.checks import check_files_exist
 
 
@@ -67,6 +68,9 @@ onstart:
         check_files_exist(SUITE)
     except SuiteError as e:
         raise SystemExit(f"kdbench: {e}")
+    # the plan: each run's resolved spec in RUNS_DIR/<id>/spec.json, which its job reads instead of
+    # this suite (rewritten only where it changed, so its time stamp says when the run's spec did)
+    write_specs(SUITE)
 
 
 onsuccess:

@@ -140,12 +140,13 @@ def test_dry_run_shows_pack_jobs_instead_of_fit_jobs(tmp_path, subprocess_env):
     fits = [o for job in listed["fit"] for o in job["outputs"]]
     teachers = [r.id for r in suite.runs.values() if r.kind == "train"]
     assert sorted(fits) == sorted(f"{tmp_path}/runs/{r}/metrics.json" for r in teachers)
-    command = f"kdbench pack --suite {suite_file} --run {runs[0]} --run {runs[1]} > {tmp_path}/runs/packs/{pack_id}.log"
+    specs = " ".join(f"--spec {tmp_path}/runs/{r}/spec.json" for r in runs)  # the planner's (a job reads no suite)
+    command = f"kdbench pack {specs} > {tmp_path}/runs/packs/{pack_id}.log"
     assert command in log
-    assert "--fuse" not in log and " distill --suite" not in log
+    assert "--fuse" not in log and " distill --" not in log and "pack --suite" not in log
     fused = snakemake(tmp_path, "-n", "-p", "--config", f"suite_file={suite_file}", "pack_size=2", "pack_fuse=true",
                       env=subprocess_env)
-    assert fused.returncode == 0 and f"pack --suite {suite_file} --fuse --run" in fused.stdout + fused.stderr
+    assert fused.returncode == 0 and f"pack --fuse --spec {tmp_path}/runs/" in fused.stdout + fused.stderr
 
 
 def test_slurm_profile_dry_runs_the_paper_suite_packed(tmp_path, subprocess_env):
@@ -195,7 +196,7 @@ def test_packed_pipeline_runs_and_switching_packing_retrains_nothing(tmp_path, s
                      env=subprocess_env)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    assert log.count("kdbench pack --suite") == 2 and " distill --suite" not in log
+    assert log.count("kdbench pack --spec") == 2 and " distill --" not in log
     for run_id, run in suite.runs.items():
         m = json.loads((tmp_path / "runs" / run_id / "metrics.json").read_text())
         diverged = run_id in suite.experiment_runs["diverge"] and run.kind == "distill"

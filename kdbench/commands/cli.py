@@ -14,24 +14,50 @@ def _suite(args):
     return load_suite(args.suite)
 
 
-def _run_of(suite, run_id: str):
+def job_arguments(parser, many: bool = False) -> None:
+    """A job's run: ``--spec runs/<id>/spec.json`` (what the Snakemake rules pass: the job reads that
+    file alone, never its suite), or by hand ``--suite FILE --run ID`` (plans the suite first)."""
+    each = " (repeat for each run)" if many else ""
+    parser.add_argument("--spec", action="append", metavar="SPEC_JSON",
+                        help=f"the run's spec.json, as the planner (snakemake) wrote it{each}")
+    parser.add_argument("--suite", help="suite YAML file (with --run: plan it, write the run's spec.json, run it)")
+    parser.add_argument("--run", action="append", metavar="RUN_ID", dest="runs",
+                        help=f"run id, as printed by `kdbench list-runs`{each}")
+
+
+def job_specs(parser, args) -> list[tuple[dict, object, str]]:
+    """``(record, RunSpec, run folder)`` of each run a job command names (:func:`job_arguments`)."""
+    from kdbench.core.spec import JOB_FILE, read_job_record
+
+    if bool(args.spec) == bool(args.suite or args.runs) or bool(args.suite) != bool(args.runs):
+        parser.error("give --spec runs/<id>/spec.json, or --suite FILE with --run ID")
+    if len(args.spec or args.runs) > 1 and parser.prog != "kdbench pack":
+        parser.error("one run per job: give --spec (or --run) once")
+    paths = args.spec
+    if args.suite:  # by hand: the planner's step, then the job's
+        from kdbench.planning.suite import load_suite, write_specs
+        suite = load_suite(args.suite)
+        unknown = [r for r in args.runs if r not in suite.runs]
+        if unknown:
+            raise SystemExit(f"run(s) {', '.join(map(repr, unknown))} not in suite {suite.name!r}; `kdbench list-runs "
+                             f"--suite {args.suite}` lists them")
+        write_specs(suite, args.runs)
+        paths = [f"{suite.run_dir(r)}/{JOB_FILE}" for r in args.runs]
     try:
-        return suite.runs[run_id]
-    except KeyError:
-        raise SystemExit(f"run {run_id!r} is not in suite {suite.name!r}; `kdbench list-runs --suite {suite.path}` lists them") from None
+        return [(*read_job_record(p), os.path.dirname(p)) for p in paths]
+    except ValueError as e:
+        raise SystemExit(f"kdbench: error: {e}") from None
 
 
-def cmd_fit(args, want: str) -> int:
+def cmd_fit(args, want: str, parser) -> int:
     from kdbench.engine.fit import fit
 
-    suite = _suite(args)
-    run = _run_of(suite, args.run)
+    [(record, spec, run_dir)] = job_specs(parser, args)
     commands = {"train": "train-teacher", "distill": "distill", "probe": "linear-probe", "import": "fetch-teachers"}
-    if run.kind != want:
-        raise SystemExit(f"run {args.run!r} is a {run.kind} run; use `kdbench {commands[run.kind]}`")
-    torch_threads(args.threads or suite.config.get("threads", 1))
-    metrics = fit(run.spec, suite.run_dir(run.id), device=args.device or suite.config.get("device", "auto"),
-                  run_id=run.id, progress=not args.quiet)
+    if record["kind"] != want:
+        raise SystemExit(f"run {record['run']!r} is a {record['kind']} run; use `kdbench {commands[record['kind']]}`")
+    torch_threads(args.threads or record["threads"])
+    metrics = fit(spec, run_dir, device=args.device or record["device"], run_id=record["run"], progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
         print(json.dumps({k: metrics.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
     return 0
@@ -109,25 +135,17 @@ def pack_main(argv: list[str] | None = None) -> int:
         prog="kdbench pack",
         description="Train several runs of a suite that share a teacher together in one process on one device "
                     "(each writes its own run folder exactly as `kdbench distill` would).")
-    parser.add_argument("--suite", required=True, help="suite YAML file")
-    parser.add_argument("--run", action="append", required=True, dest="runs", metavar="RUN_ID",
-                        help="a run id of the suite (repeat for each run of the pack)")
+    job_arguments(parser, many=True)
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the suite's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--fuse", action="store_true",
                         help="fuse the students of runs that share an architecture (resnet, wrn, vgg) into one model "
                              "with grouped convolutions (horizontal fusion): results equal to float rounding")
     args = parser.parse_args(argv)
-    from kdbench.planning.suite import load_suite
-    suite = load_suite(args.suite)
-    unknown = [r for r in args.runs if r not in suite.runs]
-    if unknown:
-        raise SystemExit(f"runs not in suite {suite.name!r}: {', '.join(unknown)}; `kdbench list-runs --suite "
-                         f"{args.suite}` lists them")
-    torch_threads(args.threads or suite.config.get("threads", 1))
-    runs = [suite.runs[r] for r in args.runs]
-    metrics = fit_packed([r.spec for r in runs], [suite.run_dir(r.id) for r in runs],
-                         device=args.device or suite.config.get("device", "auto"), run_ids=list(args.runs),
+    jobs = job_specs(parser, args)
+    torch_threads(args.threads or jobs[0][0]["threads"])
+    metrics = fit_packed([spec for _, spec, _ in jobs], [run_dir for _, _, run_dir in jobs],
+                         device=args.device or jobs[0][0]["device"], run_ids=[record["run"] for record, _, _ in jobs],
                          fuse=args.fuse)
     for m in metrics:
         print(json.dumps({k: m.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
@@ -206,18 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def with_suite(sp, run=False):
+    def with_suite(sp):
         sp.add_argument("--suite", required=True, help="suite YAML file (workflow/suites/*.yaml)")
-        if run:
-            sp.add_argument("--run", required=True, help="run id, as printed by `kdbench list-runs`")
-            sp.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the suite's)")
-            sp.add_argument("--threads", type=int, help="CPU threads (default: the suite's)")
-            sp.add_argument("--quiet", action="store_true", help="no progress bar")
         return sp
 
-    with_suite(sub.add_parser("train-teacher", help="train a model from scratch (teachers and plain students)"), True)
-    with_suite(sub.add_parser("distill", help="distil a student from its teacher(s)"), True)
-    with_suite(sub.add_parser("linear-probe", help="linear probe of a suite's frozen model on another dataset"), True)
+    jobs = {"train-teacher": ("train", "train a model from scratch (teachers and plain students)"),
+            "distill": ("distill", "distil a student from its teacher(s)"),
+            "linear-probe": ("probe", "linear probe of a suite's frozen model on another dataset")}
+    job_parsers = {}
+    for name, (_, help_text) in jobs.items():
+        sp = job_parsers[name] = sub.add_parser(name, help=help_text)
+        job_arguments(sp)
+        sp.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the suite's)")
+        sp.add_argument("--threads", type=int, help="CPU threads (default: the suite's)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
     agg = with_suite(sub.add_parser("aggregate", help="seed-aggregated tables under results/<suite>/"))
     agg.add_argument("--out", help="output folder (default results/<suite name>)")
     with_suite(sub.add_parser("list-runs", help="print the suite's run ids"))
@@ -237,16 +257,16 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=help_text, add_help=False)
 
     args = p.parse_args(argv)
-    handlers = {"train-teacher": lambda a: cmd_fit(a, "train"), "distill": lambda a: cmd_fit(a, "distill"),
-                "linear-probe": lambda a: cmd_fit(a, "probe"),
-                "aggregate": cmd_aggregate, "list-runs": cmd_list_runs, "validate": cmd_validate,
-                "make-data": cmd_make_data, "list": cmd_list, "fetch": cmd_fetch}
+    handlers = {name: (lambda a, kind=kind, sp=job_parsers[name]: cmd_fit(a, kind, sp))
+                for name, (kind, _) in jobs.items()}
+    handlers.update({"aggregate": cmd_aggregate, "list-runs": cmd_list_runs, "validate": cmd_validate,
+                "make-data": cmd_make_data, "list": cmd_list, "fetch": cmd_fetch})
     from kdbench.data import DatasetMissingError
     from kdbench.engine.checkpoint import CheckpointError
     from kdbench.engine.device import NoGpuError
     from kdbench.core.registry import UnknownNameError
     from kdbench.core.io import OutputError
-    from kdbench.planning.suite import SuiteError
+    from kdbench.planning.checks import SuiteError  # not planning.suite: a job never loads its suite
     try:
         return handlers[args.cmd](args)
     except (SuiteError, UnknownNameError, DatasetMissingError, CheckpointError, NoGpuError, OutputError) as e:

@@ -278,6 +278,62 @@ class RunSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
+def run_id(spec: RunSpec, source: str | None = None) -> str:
+    """The run's id, a path that says what defines it and ends with its :meth:`RunSpec.config_hash`
+    (the one place run ids are built)::
+
+        <dataset>/scratch/<arch>/seed<k>-<hash>                      teachers and plain students
+        <dataset>/<teacher>--<student>/<method>/seed<k>-<hash>       distillations
+        <dataset>/<teacher dataset>.<teacher>--<student>/...         cross-dataset distillations
+        <dataset>/probe/<probed run id>/probe-<hash>                 linear probes (protocol linear_probe)
+        <dataset>/released/<arch>/<source>-<hash>                    released teachers (protocol import)
+
+    ``source``: the released teacher's source (``repdistiller``, ``torchvision``), for import runs only."""
+    digest = spec.config_hash()
+    if spec.protocol == "import":
+        if not source:
+            raise ValueError("an import run's id names its released teacher's source: give source")
+        return f"{spec.dataset}/released/{spec.student}/{source}-{digest}"
+    if spec.protocol == "linear_probe":
+        return f"{spec.dataset}/probe/{spec.init_id}/probe-{digest}"
+    if not spec.teacher_ckpts:
+        return f"{spec.dataset}/scratch/{spec.student}/seed{spec.seed}-{digest}"
+    teacher = spec.teacher if spec.teacher_dataset in (None, spec.dataset) else f"{spec.teacher_dataset}.{spec.teacher}"
+    return f"{spec.dataset}/{teacher}--{spec.student}/{spec.method}/seed{spec.seed}-{digest}"
+
+
+#: the file in each run's folder that holds what its job runs (:func:`job_record`)
+JOB_FILE = "spec.json"
+
+
+def job_record(run: str, kind: str, spec: RunSpec, method: dict | None, device: str, threads: int) -> dict:
+    """What a run's job reads instead of its suite (``runs/<id>/spec.json``, written by the planner,
+    :func:`kdbench.planning.suite.write_specs`): its id and kind (train, distill, probe), the
+    suite's device and threads, the method it trains as resolved from every override layer
+    (``{name, ce, terms, params}``, None for probes: for the reader, the engine resolves the
+    same from ``spec``) and the run specification itself."""
+    return {"run": run, "kind": kind, "device": device, "threads": threads, "method": method, "spec": spec.to_dict()}
+
+
+def read_job_record(path) -> tuple[dict, RunSpec]:
+    """``(record, spec)`` of a :func:`job_record` file; ValueError, with the fix, if it is missing,
+    damaged, or its spec does not give its run id (a hand edit: the id ends with the spec's hash)."""
+    from pathlib import Path
+
+    fix = "run snakemake (or `kdbench distill --suite FILE --run ID` by hand) again to rewrite it"
+    try:
+        record = json.loads(Path(path).read_text())
+        spec = RunSpec.from_dict(record["spec"])
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found: the planner writes it when snakemake starts; {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a run's spec ({type(e).__name__}: {e}); {fix}") from None
+    if not str(record.get("run", "")).endswith("-" + spec.config_hash()):
+        raise ValueError(f"{path}: its spec hashes to {spec.config_hash()}, which is not the hash its run id "
+                         f"{record.get('run')!r} ends with (edited by hand?); {fix}")
+    return record, spec
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()[:16]
 

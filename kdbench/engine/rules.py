@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 
 from kdbench.data import DATASETS, check_stream_split
-from kdbench.methods import METHODS, resolve_method
+from kdbench.methods import METHODS, MethodSpec, resolve_method
 from kdbench.methods.base import label_free_methods
 from kdbench.core.spec import RunSpec
 
 STAGE_FIELDS = frozenset({"stages", "preact"})
 
 
-def run_problems(spec: RunSpec, ddp: bool = False) -> list[str]:
-    """Why ``spec`` cannot run (empty: it can); ``ddp``: it would run under torchrun. Nothing is read."""
+def run_problems(spec: RunSpec, ddp: bool = False, method: MethodSpec | None = None) -> list[str]:
+    """Why ``spec`` cannot run (empty: it can); ``ddp``: it would run under torchrun. Nothing is read.
+    ``method``: the run's method already resolved (the planner's), else resolved here."""
     if spec.protocol == "linear_probe":  # its method names the probed run's, which it does not train
         return [] if spec.init_ckpt else ["a linear_probe run needs init_ckpt: the probed model's model.pt"]
-    method = resolve_method(spec.method, spec.method_overrides)
+    method = method or resolve_method(spec.method, spec.method_overrides)
     needs = method.teacher_needs if method.needs_teacher else frozenset()
     problems = []
     if method.needs_teacher and not spec.teacher_ckpts:

@@ -178,20 +178,53 @@ class MethodSpec:
         return " + ".join(parts) or "0"
 
     def with_overrides(self, overrides: dict | None) -> "MethodSpec":
-        """Apply a suite's ``{ce, terms, params}`` overrides (params merge per term)."""
+        """Apply a suite's ``{ce, terms, params}`` overrides (:func:`merge_overrides` over this spec)."""
         if not overrides:
             return self
-        unknown = set(overrides) - {"ce", "terms", "params"}
+        try:
+            out = merge_overrides({"ce": self.ce, "terms": self.terms, "params": self.params}, overrides)
+        except ValueError as e:
+            raise ValueError(f"method {self.name!r}: {e}") from None
+        return MethodSpec(self.name, float(out["ce"]), out["terms"], out.get("params", {}), self.paper, self.doc)
+
+
+OVERRIDE_KEYS = ("ce", "terms", "params")
+
+
+def merge_overrides(*layers: dict | None) -> dict:
+    """Method overrides ``{ce, terms, params}`` laid over each other, lowest first (the one merge of
+    kdbench: a suite's term_params, its experiments', the method entries, a sweep's values, and a
+    registered method under them all): ``ce`` and ``terms`` of a higher layer replace the lower
+    one's; ``params`` merge per term and parameter. ``params`` is in the result when some layer
+    names a term in it (a bare ``params: {}`` adds nothing). New dicts: no layer is modified."""
+    out: dict = {}
+    for layer in layers:
+        unknown = set(layer or {}) - set(OVERRIDE_KEYS)
         if unknown:
-            raise ValueError(f"method {self.name!r}: unknown override keys {sorted(unknown)}; valid: ce, terms, params")
-        terms = dict(overrides.get("terms", self.terms))
-        params = {k: dict(v) for k, v in self.params.items()}
-        for term, p in (overrides.get("params") or {}).items():
-            params.setdefault(term, {}).update(p)
-        return MethodSpec(self.name, float(overrides.get("ce", self.ce)), terms, params, self.paper, self.doc)
+            raise ValueError(f"unknown override keys {sorted(unknown)}; valid: {', '.join(OVERRIDE_KEYS)}")
+        for key, value in (layer or {}).items():
+            if key != "params":
+                out[key] = dict(value) if key == "terms" else value
+            elif value:
+                params = out.setdefault("params", {})
+                for term, p in value.items():
+                    params[term] = {**params.get(term, {}), **p}
+    return out
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def resolve_method(method: str | MethodSpec, overrides: dict | None = None) -> MethodSpec:
+    """A registered method (or a given spec) with a suite's overrides applied: what a run trains.
+    The planner resolves each run's method once (``kdbench.planning.suite``); the engine resolves
+    the same from the run's ``RunSpec.method_overrides``."""
+    spec = METHODS.get(method) if isinstance(method, str) else method
+    return spec.with_overrides(overrides)
+
+
+def build_objective(method: str | MethodSpec, ctx: MethodContext, overrides: dict | None = None) -> "Objective":
+    return Objective(resolve_method(method, overrides), ctx)
 
 
 def label_free_methods() -> list[str]:

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import inspect
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ import yaml
 
 from kdbench.data import DATASETS
 from kdbench.engine.rules import pack_key, run_problems, unpackable
-from kdbench.core.spec import PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, teacher_file_id
-from kdbench.methods import LOSSES, METHODS, resolve_method
+from kdbench.core.spec import (JOB_FILE, PROBE_RECIPE, Execution, Recipe, RunSpec, dataset_identity, job_record, run_id,
+                               teacher_file_id)
+from kdbench.methods import LOSSES, METHODS, MethodSpec, merge_overrides, resolve_method
 from kdbench.models import MODELS
 from kdbench.core import yaml_strict
 from kdbench.core.names import did_you_mean
@@ -47,6 +49,7 @@ class Run:
     spec: RunSpec
     experiment: str | None = None
     needs: tuple[str, ...] = ()  # run ids whose model.pt this run reads (teachers, probed model)
+    method: MethodSpec | None = None  # what a fit run trains: its method with the suite's overrides, resolved once
 
     @property
     def kind(self) -> str:
@@ -137,6 +140,27 @@ class Suite:
         return packs
 
 
+def write_specs(suite: Suite, run_ids=None) -> int:
+    """The planner's output: each run's :func:`kdbench.core.spec.job_record` in
+    ``<runs_dir>/<id>/spec.json``, which its job reads instead of the suite (``kdbench distill
+    --spec``). Written atomically, and only where the content changed, so an unchanged file keeps
+    its time stamp. ``run_ids``: only these (default: all). Returns how many files were written."""
+    from kdbench.core.io import atomic_write_json, read_json
+
+    device, threads = suite.config.get("device", "auto"), suite.config.get("threads", 1)
+    written = 0
+    for rid in suite.runs if run_ids is None else run_ids:
+        run = suite.runs[rid]
+        m = run.method
+        method = None if m is None else {"name": m.name, "ce": m.ce, "terms": m.terms, "params": m.params}
+        record = json.loads(json.dumps(job_record(rid, run.kind, run.spec, method, device, threads), default=list))
+        path = Path(suite.run_dir(rid)) / JOB_FILE
+        if read_json(path) != record:
+            atomic_write_json(path, record)
+            written += 1
+    return written
+
+
 def _pack_id(runs: list[Run]) -> str:
     """``<dataset>.<teacher>--<student>[+<student>...].<8 hex digits of the run ids>``."""
     s = runs[0].spec
@@ -192,21 +216,10 @@ def read_suite_file(path: Path) -> dict:
     return cfg
 
 
-def _merge_overrides(base: dict, own: dict) -> dict:
-    """Per-method overrides: keys of ``own`` win; ``params`` merge per term."""
-    out = {m: dict(v) for m, v in base.items()}
-    for m, v in own.items():
-        cur = out.setdefault(m, {})
-        params = {t: {**cur.get("params", {}).get(t, {}), **p} for t, p in v.get("params", {}).items()}
-        cur.update({k: x for k, x in v.items() if k != "params"})
-        if params or "params" in cur:
-            cur["params"] = {**cur.get("params", {}), **params}
-    return out
-
-
 def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
-    """Fold the suite-level recipe, methods and term_params into each experiment, and merge the
-    included suites, so a run resolves identically whichever suite names it (and is run once)."""
+    """Fold the suite-level recipe, execution and teacher into each experiment, attach the suite's
+    methods and term_params to it (``suite_overrides``, merged by :func:`_method_overrides`), and
+    merge the included suites, so a run resolves identically whichever suite names it (and is run once)."""
     here = path.resolve()
     if here in seen:
         raise SuiteError(f"{path}: include cycle through {' -> '.join(map(str, seen))}")
@@ -237,9 +250,9 @@ def flatten(cfg: dict, path: Path, seen: tuple = ()) -> dict:
             e["teacher_recipe"] = Recipe.layer(recipe, exp["teacher_recipe"])
         if "teacher" in cfg:  # the suite's teacher source, unless the experiment names its own
             e.setdefault("teacher", cfg["teacher"])
-        e["method_overrides"] = _merge_overrides(methods, exp.get("method_overrides") or {})
+        if methods or terms:  # merged under the experiment's own by _method_overrides
+            e["suite_overrides"] = {"methods": methods, "term_params": terms}
         e["execution"] = {**(cfg.get("execution") or {}), **(exp.get("execution") or {})}
-        e["term_params"] = {t: {**terms.get(t, {}), **p} for t, p in {**terms, **(exp.get("term_params") or {})}.items()}
         own.append(e)
     add({"datasets": cfg.get("datasets", {}), "experiments": own, "tables": cfg.get("tables", [])}, path)
     if not out["experiments"]:
@@ -272,7 +285,7 @@ def build_suite(cfg: dict, path: Path) -> Suite:
             _check_name("method", m, METHODS.names(), where + " (method overrides)")
         for t in exp.get("term_params", {}):
             _check_name("distillation term", t, LOSSES.names(), where + " (term_params)")
-        _check_validation(exp, where)
+        methods = _experiment_methods(exp, where)
         _check_transfer(cfg, exp, where)
         try:
             recipe = Recipe.from_config(Recipe.layer(base_recipe, exp.get("recipe")))
@@ -280,7 +293,7 @@ def build_suite(cfg: dict, path: Path) -> Suite:
         except ValueError as e:
             raise SuiteError(f"{where}: {e}") from None
         ids = suite.experiment_runs.setdefault(exp["name"], [])
-        for cell, run in _experiment_runs(cfg, exp, recipe, teacher_recipe, suite.runs_dir):
+        for cell, run in _experiment_runs(cfg, exp, methods, recipe, teacher_recipe, suite.runs_dir):
             suite.runs.setdefault(run.id, run)
             suite.cells.append(cell)
             if run.id not in ids:
@@ -303,32 +316,49 @@ def _check_transfer(cfg: dict, exp: dict, where: str) -> None:
             raise SuiteError(f"{where}: teacher_checkpoints names {arch!r}, which is no teacher of this experiment")
 
 
-def _check_run(spec: RunSpec, exp: dict) -> None:
+def _check_run(spec: RunSpec, exp: dict, method: MethodSpec) -> None:
     """What a run cannot do (:func:`kdbench.engine.rules.run_problems`: cross-dataset with logit
     methods, ensembles with stage features, an unusable unlabelled stream), before any job runs."""
     try:
-        problems = run_problems(spec)
+        problems = run_problems(spec, method=method)
     except ValueError as e:  # a term refuses parameters it cannot read (e.g. OT layers)
         problems = [str(e)]
     if problems:
         raise SuiteError(f"experiment {exp['name']!r}: {problems[0]}")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One way an experiment runs a method: its table ``column`` (the method, or
+    ``method[key=value,...]`` for a sweep point), the ``overrides`` its runs hash
+    (``RunSpec.method_overrides``) and the ``method`` they train (resolved once, here)."""
+
+    column: str
+    overrides: dict
+    method: MethodSpec
+
+
 def _method_overrides(exp: dict, method: str) -> dict:
-    """Suite-wide term_params for the method's terms, then the method's own overrides."""
-    own = dict(exp.get("method_overrides", {}).get(method, {}))
-    spec = resolve_method(method, own)
-    params = {t: dict(p) for t, p in exp.get("term_params", {}).items() if t in spec.terms}
-    for t, p in (own.get("params") or {}).items():
-        params.setdefault(t, {}).update(p)
-    if params:
-        own["params"] = params
-    return own
+    """The overrides that runs of ``method`` in ``exp`` hash: where a suite value meets the method
+    (the one merge, :func:`kdbench.methods.merge_overrides`), lowest first: the suite's
+    ``term_params`` and the experiment's (each for the method's terms only), the suite's
+    ``methods:`` entry and the experiment's ``method_overrides`` entry. ``term_params: {kd: {T:
+    2}}`` gives ``{"params": {"kd": {"T": 2}}}`` to every method with a ``kd`` term."""
+    suite = exp.get("suite_overrides") or {}
+    own = [(suite.get("methods") or {}).get(method), (exp.get("method_overrides") or {}).get(method)]
+    terms = merge_overrides({"terms": METHODS.get(method).terms}, *own)["terms"]
+    shared = [{"params": {t: p for t, p in (block or {}).items() if t in terms}}
+              for block in (suite.get("term_params"), exp.get("term_params"))]
+    out = merge_overrides(*shared, *own)
+    if "params" in (own[0] or {}):  # a suite `methods:` entry's `params: {}` has always been hashed: ids stay
+        out.setdefault("params", {})
+    return out
 
 
-def _check_validation(exp: dict, where: str) -> None:
+def _check_validation(exp: dict, where: str, terms: set[str]) -> None:
     """``validation`` and ``sweep``: a sweep needs a holdout, and each sweep key must name a term
-    (its loss weight), a term's parameter or ``ce`` that some method of the experiment has."""
+    (its loss weight), a term's parameter or ``ce`` that some method of the experiment has
+    (``terms``: the terms of the experiment's methods)."""
     if exp.get("validation") is not None and exp.get("linear_probe"):
         raise SuiteError(f"{where}: validation and linear_probe cannot be combined (the probe would train and be "
                          f"scored on the probe dataset's test set); tune in an experiment without linear_probe")
@@ -339,7 +369,6 @@ def _check_validation(exp: dict, where: str) -> None:
         raise SuiteError(f"{where}: a sweep needs `validation: {{size: N, seed: S}}`: its runs must be scored on a "
                          f"held-out part of the training set, never on the test set (choosing values by test "
                          f"accuracy is tuning on the test set). Retrain the chosen value without validation")
-    terms = {t for m in exp["methods"] for t in resolve_method(m, _method_overrides(exp, m)).terms}
     choices = ", ".join(sorted(terms)) or "(none: no method of this experiment distils)"
     if "ce" in sweep and not terms:
         raise SuiteError(f"{where}: sweep key 'ce' applies to distillations, and this experiment has none")
@@ -370,36 +399,49 @@ def _format_value(v) -> str:
     return format(v, "g") if isinstance(v, float) else str(v)
 
 
-def _method_variants(exp: dict, method: str) -> list[tuple[str, dict]]:
-    """``(column, overrides)`` of each run variant of ``method``: one, named by the method,
-    without a sweep or when the method has none of the swept terms; else one per point of the
-    grid (cartesian product) of the sweep keys that apply to it, named ``method[key=value,...]``.
+def _method_variants(exp: dict, base: Variant) -> list[Variant]:
+    """Each run variant of ``base`` (a method as the experiment sets it): ``base`` alone without a
+    sweep or when the method has none of the swept terms; else one per point of the grid
+    (cartesian product) of the sweep keys that apply to it, named ``method[key=value,...]``.
     ``ce`` applies to distillations (methods with terms), ``term`` / ``term.param`` to methods
-    with that term. The value enters the run through its method overrides (so its run id)."""
-    base = _method_overrides(exp, method)
-    spec = resolve_method(method, base)
+    with that term. The value enters the run through its method overrides (so its run id): the
+    point is the top layer of :func:`kdbench.methods.merge_overrides`."""
+    spec = base.method
     keys = [k for k in (exp.get("sweep") or {})
             if (k == "ce" and spec.terms) or k.partition(".")[0] in spec.terms]
     if not keys:
-        return [(method, base)]
+        return [base]
     out = []
     for values in itertools.product(*(exp["sweep"][k] for k in keys)):
-        own = {**base, "terms": dict(spec.terms), "params": {t: dict(p) for t, p in (base.get("params") or {}).items()}}
+        point = {"terms": dict(spec.terms), "params": {}}
         for key, v in zip(keys, values):
             term, _, param = key.partition(".")
             if key == "ce":
-                own["ce"] = float(v)
+                point["ce"] = float(v)
             elif param:
-                own["params"].setdefault(term, {})[param] = v
+                point["params"].setdefault(term, {})[param] = v
             else:
-                own["terms"][term] = float(v)
-        if not own["params"]:
-            del own["params"]
-        out.append((f"{method}[{','.join(f'{k}={_format_value(v)}' for k, v in zip(keys, values))}]", own))
+                point["terms"][term] = float(v)
+        own = merge_overrides(base.overrides, point)
+        column = f"{base.column}[{','.join(f'{k}={_format_value(v)}' for k, v in zip(keys, values))}]"
+        out.append(Variant(column, own, resolve_method(base.column, own)))
     return out
 
 
-def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recipe, runs_dir: str):
+def _experiment_methods(exp: dict, where: str) -> dict[str, list[Variant]]:
+    """Method name -> its variants in ``exp`` (``student`` too: the plain runs), each resolved once."""
+    bases = {m: _variant(exp, m) for m in dict.fromkeys([*exp["methods"], "student"])}
+    _check_validation(exp, where, {t for m in exp["methods"] for t in bases[m].method.terms})
+    return {m: _method_variants(exp, b) for m, b in bases.items()}
+
+
+def _variant(exp: dict, method: str) -> Variant:
+    own = _method_overrides(exp, method)
+    return Variant(method, own, resolve_method(method, own))
+
+
+def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], recipe: Recipe, teacher_recipe: Recipe,
+                     runs_dir: str):
     ds = exp["dataset"]
     root = cfg["datasets"][ds]["root"]
     execution = Execution.from_config(exp.get("execution"))
@@ -411,19 +453,17 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
     tds = exp.get("teacher_dataset", ds)  # cross_dataset_distill when it differs
     external = exp.get("teacher_checkpoints", {})
 
-    def overrides(method: str) -> dict:
-        return _method_overrides(exp, method)
-
     def data_id(dataset: str) -> str | None:
         return dataset_identity(dataset, cfg["datasets"][dataset])
 
     validation = exp.get("validation")  # the students' holdout; teachers train on the full training set
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds, validation: dict | None = None) -> Run:
+        plain = methods["student"][0]
         spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
-                       method_overrides=overrides("student"), execution=execution, validation=validation,
+                       method_overrides=plain.overrides, execution=execution, validation=validation,
                        data_id=data_id(dataset))
-        return Run(f"{dataset}/scratch/{arch}/seed{seed}-{spec.config_hash()}", spec, exp["name"])
+        return Run(run_id(spec), spec, exp["name"], method=plain.method)
 
     def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
         """linear_probe: the frozen model of ``src`` gets a new linear layer on each probe dataset."""
@@ -435,7 +475,7 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
             spec = RunSpec(pds, cfg["datasets"][pds]["root"], src.spec.student, "student", seed, recipe=probe_recipe,
                            protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id,
                            execution=execution, data_id=data_id(pds))
-            run = Run(f"{pds}/probe/{src.id}/probe-{spec.config_hash()}", spec, exp["name"], (src.id,))
+            run = Run(run_id(spec), spec, exp["name"], (src.id,))
             yield Cell(exp["name"], pds, t_arch, s_arch, column, seed, run.id), run
 
     for t_arch, s_arch in exp["pairs"]:
@@ -456,19 +496,18 @@ def _experiment_runs(cfg: dict, exp: dict, recipe: Recipe, teacher_recipe: Recip
             ckpts, tids = tuple(f"{runs_dir}/{t.id}/model.pt" for t in teachers), tuple(t.id for t in teachers)
             for ts, t in zip(teacher_seeds, teachers):
                 yield from cell("teacher", ts, t)
-        variants = [(m, col, own) for m in exp["methods"] for col, own in _method_variants(exp, m)]  # sweep values
-        for method, column, own in variants:
-            for seed in cell_seeds(cfg, exp, t_arch, s_arch, column, looks):
-                if not METHODS.get(method).needs_teacher:
-                    yield from cell(column, seed, scratch(s_arch, seed, validation=validation))
-                    continue
-                spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, own, recipe,
-                               teacher_dataset=None if tds == ds else tds, execution=execution,
-                               unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds))
-                _check_run(spec, exp)
-                pair = f"{t_arch}--{s_arch}" if tds == ds else f"{tds}.{t_arch}--{s_arch}"
-                rid = f"{ds}/{pair}/{method}/seed{seed}-{spec.config_hash()}"
-                yield from cell(column, seed, Run(rid, spec, exp["name"], tuple(t.id for t in teachers)))
+        for method in exp["methods"]:
+            for variant in methods[method]:  # one, or one per sweep point
+                for seed in cell_seeds(cfg, exp, t_arch, s_arch, variant.column, looks):
+                    if not METHODS.get(method).needs_teacher:
+                        yield from cell(variant.column, seed, scratch(s_arch, seed, validation=validation))
+                        continue
+                    spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, variant.overrides, recipe,
+                                   teacher_dataset=None if tds == ds else tds, execution=execution,
+                                   unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds))
+                    _check_run(spec, exp, variant.method)
+                    run = Run(run_id(spec), spec, exp["name"], tuple(t.id for t in teachers), variant.method)
+                    yield from cell(variant.column, seed, run)
 
 
 def _teacher_file_id(path: str, exp: dict) -> str:
@@ -513,4 +552,4 @@ def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
         raise SuiteError(f"{where}: {e.args[0]}") from None
     spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], t_arch, "student", 0, protocol="import",
                    init_id=rt.identity())
-    return Run(f"{dataset}/released/{t_arch}/{rt.source}-{spec.config_hash()}", spec, exp["name"])
+    return Run(run_id(spec, rt.source), spec, exp["name"])

@@ -54,7 +54,7 @@ rule fit:
     wildcard_constraints:
         run=FIT_RUNS,
     params:
-        suite=SUITE_FILE,
+        spec=lambda wildcards: f"{RUNS_DIR}/{wildcards.run}/spec.json",  # the planner's (Snakefile: write_specs)
         command=_fit_command,
         launch=lambda wildcards: _launch(_sizes(wildcards.run)),
     threads: _res("threads")
@@ -66,7 +66,7 @@ rule fit:
         runtime=_res("runtime"),  # minutes, at most max_runtime
         nodes=_res("nodes"),  # DDP: torchrun's processes on one node
     shell:
-        "{params.launch} {params.command} --suite {params.suite:q} --run {wildcards.run:q} > {log:q} 2>&1"
+        "{params.launch} {params.command} --spec {params.spec:q} > {log:q} 2>&1"
 
 
 # One job per pack: 1 GPU and one run's threads (never DDP: streamed datasets are not packed),
@@ -88,8 +88,7 @@ for _pack, _runs in PACKS.items():
         log:
             f"{RUNS_DIR}/packs/{_pack}.log",
         params:
-            suite=SUITE_FILE,
-            runs=" ".join(f"--run {shlex.quote(r)}" for r in _runs),
+            specs=" ".join(f"--spec {shlex.quote(f'{RUNS_DIR}/{r}/spec.json')}" for r in _runs),
             fuse=" --fuse" if PACKING["fuse"] else "",
             launch=_launch(_size),
         threads: _size["threads"]
@@ -101,4 +100,4 @@ for _pack, _runs in PACKS.items():
             runtime=_size["runtime"],
             nodes=_size["nodes"],
         shell:
-            "{params.launch} pack --suite {params.suite:q}{params.fuse} {params.runs} > {log:q} 2>&1"
+            "{params.launch} pack{params.fuse} {params.specs} > {log:q} 2>&1"
