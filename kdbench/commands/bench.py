@@ -1,46 +1,61 @@
-"""``kdbench bench``: training throughput of a RepDistiller-style loop vs kdbench's engine.
+"""``kdbench bench``: what a user compares — whole runs and steady-state steps of a RepDistiller-style
+loop vs kdbench's engine, and a packed grid vs the same runs one after another.
 
-On one device, in one invocation, for the same teacher→student pair and method, on CIFAR-shaped
-synthetic data (``make_synthetic``, 100 classes, 32×32 uint8 images):
+On one device, in one invocation, for one teacher→student pair, on CIFAR-shaped synthetic data
+(``make_synthetic``, 100 classes, 32×32 uint8 images):
 
-(a) **reference** — the loop as RepDistiller's ``train_student.py`` writes it: a torch
-    ``Dataset`` of uint8 HWC images with PIL ``RandomCrop(32, padding=4)``,
-    ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` in a ``DataLoader`` with worker
-    processes (shuffle, no pinned memory), eager fp32, batch 64, the teacher under ``no_grad``,
-    ``torch.optim.SGD``, and ``loss.item()`` every step (RepDistiller's meters). CRD samples its
-    16384 negatives per image in the dataset with ``np.random.choice`` (``CIFAR100InstanceSample``:
-    without replacement unless K exceeds the other-class samples), and its memory reads the
-    normalising constants back with ``.item()`` each step (``ContrastMemory``). The loss maths is
-    kdbench's (the same terms), so only the execution differs.
-(b) **engine** — kdbench's own training: engine runs (:class:`kdbench.engine.run.TrainingRun`, on
-    this data and teacher, in a temporary folder) going through the engine's one loop, driven
-    by :class:`kdbench.engine.pack.Lockstep` as ``kdbench pack`` drives it (device-resident data,
-    batched augmentation, no host sync per step), under one or more execution configurations:
-    ``plain`` (eager fp32), ``fast`` (bf16 autocast + channels_last + whole-step CUDA graphs;
-    on CPU: channels_last only), ``fast+cache`` (``fast`` with the exact teacher-output cache; its
-    one-off build time is reported separately — it is shared by every run with that teacher).
-(c) **packed grid** — K runs (``--pack``; seeds × ``--grid-methods``) trained together in one
-    ``Lockstep`` (one teacher forward per step for all K), against running the same K
-    runs one after another with the reference loop; measured twice where the student is fusable
-    (resnet, wrn, vgg): the K students as K models, and fused into one model (``pack+fuse``:
-    grouped convolutions, one kernel sequence for all K; ``--no-fuse`` skips it).
+(a) **reference** — the loop as RepDistiller's ``train_student.py`` writes it: start-up (student,
+    objective, teacher read from its file, ``DataLoader`` of uint8 HWC images with PIL
+    ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` and worker
+    processes, the teacher's test accuracy), then each epoch: steps in eager fp32, the teacher
+    under ``no_grad``, ``torch.optim.SGD``, ``loss.item()`` every step (RepDistiller's meters), a
+    test pass (``validate``: a test ``DataLoader``, ``.item()`` per batch), a checkpoint
+    (``torch.save``); at the end a metrics file. CRD samples its negatives per image in the dataset
+    with ``np.random.choice`` (``CIFAR100InstanceSample``) and its memory reads the normalising
+    constants back with ``.item()`` each step (``ContrastMemory``). The loss maths is kdbench's (the
+    same terms), so only the execution differs.
+(b) **engine** — kdbench's own runs (:class:`kdbench.engine.run.TrainingRun` through the engine's one
+    loop, driven by :class:`kdbench.engine.pack.Lockstep` as ``kdbench pack`` drives it), timed from
+    their construction (loaders, student, teacher read from its file, objective) to their
+    ``metrics.json``: every epoch's test pass and checkpoint, ``model.pt``. Execution configs:
+    ``plain`` (eager fp32), ``fast`` (bf16 autocast + channels_last + whole-step CUDA graphs; on
+    CPU: channels_last only), ``fast+cache`` (``fast`` with the exact teacher-output cache, whose
+    build is part of its run).
+(c) **grid** — K runs (``--pack``; seeds 0..K-1 cycling through ``--grid-methods``) trained together
+    in one ``Lockstep`` (one teacher forward per step for all K; ``pack+fuse``: the K students fused
+    into one model where the student is fusable — resnet, wrn, vgg), against **the same K runs one
+    after another by kdbench** (measured) and against the K reference runs one after another
+    (measured). The packed runs' final weights are compared with the sequential runs' in the same
+    invocation (``identity``: ‖Δw‖ / ‖w‖ over all parameters;
+    unfused packing equals the runs alone up to the teacher's convolutions rounding differently at
+    the larger batch, fused packing up to grouped vs plain convolutions: ``--tolerance``).
 
-Each timing skips ``--warmup`` steps (worker start-up, cuDNN autotuning, graph capture), then
-times ``--steps`` steps with the device synchronised at both ends, inside the runs' first epoch
-(the engine runs get one batch more than ``--images``: a step's turn of the loop ends by preparing
-the next batch, or, after the epoch's last one, by evaluating, which is not timed); figures are steps/s (of one
-run; the grid's is K runs' steps per second). Model-FLOP utilisation = FLOPs per step (teacher
-forward + student forward and backward, counted once with ``FlopCounterMode``: convolutions and
-matmuls) × steps/s ÷ the device's dense bf16 peak (a table by device name, or
-``--peak-tflops``); on CPU there is no peak unless given. Every figure is printed with the
-device name; figures from different devices (H100 vs H200, CPU) are not comparable.
+**Epochs.** Every run (both loops) trains ``--epochs`` epochs of ``--epoch-steps`` steps each
+(default warm-up + timed steps + 1): an epoch is cut to its first steps (:class:`EpochSlice`) so
+that whole runs stay short on any data size, while CRD's memory and negatives cover the whole
+training set. **CRD runs at ``--nce-k``** (default 16384, RepDistiller's): the synthetic training
+set is sized so that every image has that many other-class images (100 classes of
+``ceil(nce_k / 99)`` images: 16600 at 16384).
+
+**Figures.** *Per run*: seconds from construction to the metrics file. *Per step*: steps/s over
+``--steps`` steps after ``--warmup`` steps (worker start-up, cuDNN autotuning, graph capture) inside
+the first epoch, the device synchronised at both ends. Every measurement is repeated ``--repeat``
+times round-robin and printed as min / median / max; a ratio is taken within each round (the
+reference and the engine measured minutes apart, under the same load) and its min / median / max
+over rounds printed. Model-FLOP utilisation = FLOPs per step (teacher forward + student forward and
+backward, ``FlopCounterMode``) × median steps/s ÷ the device's dense bf16 peak (a table by device
+name, or ``--peak-tflops``; none on CPU unless given). Figures from different devices are not
+comparable: each is printed with the device name.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +67,8 @@ import torch
 #: dense bf16 tensor peak (TFLOP/s) by device-name substring, most specific first (performance.md §6.2)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("V100", 125.0))
 CONFIGS = ("plain", "fast", "fast+cache")
+#: relative final-weight difference allowed between packed and sequential runs (see the docstring)
+TOLERANCE = {"pack": 1e-4, "pack+fuse": 1e-4}
 
 
 def device_name(dev: torch.device) -> str:
@@ -72,12 +89,51 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def spread(values: list[float]) -> dict:
+    """min / median / max (and the values, in the order measured)."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "values": list(values)}
+
+
+def show(s: dict, fmt: str = ".2f") -> str:
+    return f"{s['median']:{fmt}} [{s['min']:{fmt}}–{s['max']:{fmt}}]"
+
+
 # ---------------------------------------------------------------- shared set-up
 
-class Setup:
-    """Data, teacher and the constructors both loops use."""
+class EpochSlice:
+    """A training loader whose epochs are its first ``steps`` batches (the same order and
+    augmentation as the whole epoch's start); everything else (labels: CRD's memory and
+    negatives, the teacher cache) is the whole loader's."""
 
-    def __init__(self, args, dev: torch.device):
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, min(steps, len(loader))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def num_samples(self) -> int:
+        return min(self.steps * self.loader.batch_size, self.loader.num_samples)
+
+    def batches(self, generator=None, views: bool = False):
+        return itertools.islice(self.loader.batches(generator, views=views), self.steps)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def crd_images(nce_k: int, classes: int = 100) -> int:
+    """Training images of a balanced set in which every image has ``nce_k`` other-class images."""
+    return classes * math.ceil(nce_k / (classes - 1))
+
+
+class Setup:
+    """Data, the teacher's file and the constructors both loops use. ``args``: ``images``,
+    ``pair``, ``batch``; optional ``epoch_steps`` (None: whole epochs, and the engine gets one
+    batch more than ``images``, so that steps timed up to ``images`` stay inside its epoch),
+    ``nce_k`` (default 16384, at most what the data allows), ``test_per_class`` (default 1)."""
+
+    def __init__(self, args, dev: torch.device, pair: tuple[str, str] | None = None):
         from kdbench.data import DATASETS, LoadedDataset
         from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, ImageSet
         from kdbench.data.synthetic import make_synthetic
@@ -85,14 +141,17 @@ class Setup:
         from kdbench.models import build_model
 
         self.args, self.dev = args, dev
+        self.epoch_steps = getattr(args, "epoch_steps", None)
+        self.nce_k = getattr(args, "nce_k", None) or 16384
         self.mean, self.std = CIFAR100_MEAN, CIFAR100_STD
-        per_class = math.ceil((args.images + args.batch) / 100)
-        train, test = make_synthetic(classes=100, train_per_class=per_class, test_per_class=1, seed=0)
+        n = args.images + (args.batch if self.epoch_steps is None else 0)
+        train, test = make_synthetic(classes=100, train_per_class=math.ceil(n / 100),
+                                     test_per_class=getattr(args, "test_per_class", 1), seed=0)
         self.images, self.labels = train.images[:args.images], train.labels[:args.images]
-        n = args.images + args.batch  # the engine runs': one batch more (the timed steps end inside the epoch)
+        self.test = test
         self.data = LoadedDataset(DATASETS.get("cifar100"), ImageSet(train.images[:n], train.labels[:n], train.classes),
                                   test)
-        self.t_arch, self.s_arch = args.pair
+        self.t_arch, self.s_arch = pair or args.pair
         torch.manual_seed(12345)
         self.teacher = build_model(self.t_arch, 100).to(dev).eval()  # random weights: speed does not depend on them
         for p in self.teacher.parameters():
@@ -100,42 +159,48 @@ class Setup:
         self.folder = tempfile.TemporaryDirectory(prefix="kdbench-bench-")  # the teacher's file, the runs' folders
         self.teacher_file = str(Path(self.folder.name) / "teacher.pt")
         save_model(self.teacher_file, self.teacher, self.t_arch, 100, "cifar100")
-        self.loaders = self.data.loaders(args.batch, 256, dev)
 
-    def runs(self, methods: list[str], execution) -> list:
-        """Engine runs (:class:`~kdbench.engine.run.TrainingRun`) of ``methods`` (seeds 0, 1, ...)
-        under ``execution`` on this data, each with its own copy of the teacher, sharing one pair of
-        loaders, in run folders of their own (the timed steps stay inside the first epoch, which
-        writes no file; ``--verify`` may train past it)."""
+    def loaders(self):
+        train, test = self.data.loaders(self.args.batch, 256, self.dev)
+        return (train if self.epoch_steps is None else EpochSlice(train, self.epoch_steps)), test
+
+    def runs(self, methods: list[str], execution, seeds: list[int] | None = None, epochs: int = 1) -> list:
+        """Engine runs (:class:`~kdbench.engine.run.TrainingRun`) of ``methods`` (seeds ``seeds``,
+        default 0, 1, ...) under ``execution`` on this data, each with its own copy of the teacher,
+        sharing one pair of loaders (built here), in a folder of their own."""
         from kdbench.core import distributed
         from kdbench.core.spec import Recipe, RunSpec
         from kdbench.engine.fast import execution_for
         from kdbench.engine.run import TrainingRun
         folder = Path(tempfile.mkdtemp(dir=self.folder.name))
-        recipe = Recipe.from_config({"epochs": 1, "milestones": [], "batch_size": self.args.batch})
+        recipe = Recipe.from_config({"epochs": epochs, "milestones": [], "batch_size": self.args.batch})
+        loaders = self.loaders()
         runs = []
         for k, m in enumerate(methods):
-            spec = RunSpec("cifar100", self.folder.name, self.s_arch, m, k, self.t_arch, (self.teacher_file,),
+            seed = seeds[k] if seeds else k
+            spec = RunSpec("cifar100", self.folder.name, self.s_arch, m, seed, self.t_arch, (self.teacher_file,),
                            method_overrides=self.overrides(m), recipe=recipe, execution=execution)
             runs.append(TrainingRun(spec, folder / f"run{k}", distributed.init(self.dev),
                                     execution=execution_for(execution, self.dev), data=self.data,
-                                    loaders=self.loaders, progress=False, log_prefix=f"bench {m} s{k}"))
+                                    loaders=loaders, progress=False, log_prefix=f"bench {m} s{seed}"))
         return runs
 
+    def crd_k(self) -> int:
+        """CRD's negatives: ``nce_k``, at most the other-class samples of the smallest class's complement."""
+        return min(self.nce_k, len(self.labels) - int(np.bincount(self.labels).max()))
+
     def overrides(self, method: str) -> dict:
-        """The method overrides of a bench run: CRD's K negatives need K other-class samples
-        (CIFAR-100: 16384 of 49500)."""
         from kdbench.methods import METHODS
         if "crd" not in METHODS.get(method).terms:
             return {}
-        return {"params": {"crd": {"nce_k": min(16384, len(self.labels) - int(np.bincount(self.labels).max()))}}}
+        return {"params": {"crd": {"nce_k": self.crd_k()}}}
 
     def loader(self):
         from kdbench.data.loader import TensorLoader
         return TensorLoader(self.images, self.labels, self.mean, self.std, self.args.batch, True, self.dev)
 
-    def member(self, method: str, seed: int, loader=None):
-        """(student, objective, kdbench SGD) for ``method``, initialised from ``seed``."""
+    def member(self, method: str, seed: int, teacher=None):
+        """(student, objective, params, make kdbench SGD) for ``method``, initialised from ``seed``."""
         from kdbench.engine.optim import SGD
         from kdbench.methods import METHODS, MethodContext, build_objective
         from kdbench.models import build_model, feature_shapes
@@ -144,7 +209,8 @@ class Setup:
         torch.manual_seed(seed)
         student = build_model(self.s_arch, 100).to(self.dev)
         spec = METHODS.get(method).with_overrides(self.overrides(method))
-        ctx = MethodContext(feature_shapes(student), feature_shapes(self.teacher), 100, labels, self.s_arch, self.t_arch)
+        ctx = MethodContext(feature_shapes(student), feature_shapes(teacher or self.teacher), 100, labels,
+                            self.s_arch, self.t_arch)
         objective = build_objective(spec, ctx).to(self.dev)
         params = list(student.parameters()) + list(objective.parameters())
         return student, objective, params, lambda: SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -194,48 +260,91 @@ def _ref_crd(term, s, t, index, contrast_idx):
     return loss
 
 
-def reference_sps(setup: Setup, method: str, steps: int, warmup: int, workers: int) -> float:
-    """Steps/s of the RepDistiller-style loop."""
+class RefTestDataset(torch.utils.data.Dataset):
+    """RepDistiller's test set: ``ToTensor`` + ``Normalize`` per image."""
+
+    def __init__(self, images, labels, mean, std):
+        from torchvision import transforms
+        self.images, self.labels = images, labels
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def _ref_validate(model, loader, dev) -> float:
+    """RepDistiller's ``validate``: eval mode, the loss and accuracy read back per batch."""
+    model.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x).logits
+            torch.nn.functional.cross_entropy(logits, y).item()
+            correct += int((logits.argmax(1) == y).sum().item())
+            n += len(y)
+    return 100.0 * correct / n
+
+
+def reference_run(setup: Setup, method: str, seed: int, epochs: int) -> dict:
+    """One whole run of the RepDistiller-style loop: ``run_s`` (start-up to the metrics file),
+    ``step_s`` (the timed steps of epoch 1)."""
+    from kdbench.engine.teachers import load_teacher
     from kdbench.methods import Batch
     dev, args = setup.dev, setup.args
-    student, objective, params, _ = setup.member(method, 0)
+    folder = Path(tempfile.mkdtemp(dir=setup.folder.name))
+    sync(dev)
+    t0 = time.perf_counter()
+    teacher = load_teacher((setup.teacher_file,), setup.t_arch, 100, dev)
+    student, objective, params, _ = setup.member(method, seed, teacher)
     crd = objective.terms["crd"] if "crd" in objective.terms else None
     data = RefDataset(setup.images, setup.labels, setup.mean, setup.std, crd.nce_k if crd is not None else None)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, num_workers=workers)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, num_workers=args.workers)
+    test = torch.utils.data.DataLoader(RefTestDataset(setup.test.images, setup.test.labels, setup.mean, setup.std),
+                                       batch_size=256, shuffle=False, num_workers=args.workers)
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    teacher = setup.teacher
-    student.train()
-    objective.train()
-    it = iter(loader)
-    t0, meters = None, []
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(dev)
-            t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:  # a new epoch (new workers, as RepDistiller)
-            it = iter(loader)
-            batch = next(it)
-        x, y, index = (b.to(dev) for b in batch[:3])
-        x = x.float()
-        s = student(x)
-        with torch.no_grad():
-            t = teacher(x)
-        b = Batch(x, y, index)
-        loss = objective.spec.ce * torch.nn.functional.cross_entropy(s.logits, y)
-        for name, term in objective.terms.items():
-            value = _ref_crd(term, s, t, index, batch[3].to(dev)) if term is crd else term(s, t, b)
-            loss = loss + objective.spec.terms[name] * value
-        loss_value = loss.item()  # RepDistiller: losses.update(loss.item(), input.size(0))
-        meters.append((s.logits.argmax(1) == y).float().mean())  # RepDistiller's accuracy meter (a tensor)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"reference loop: non-finite loss at step {i}")
+    curve = [{"teacher_acc": _ref_validate(teacher, test, dev)}]  # train_student.py checks the teacher first
+    epoch_steps = min(setup.epoch_steps or len(loader), len(loader))
+    step_s = None
+    for epoch in range(epochs):
+        student.train()
+        objective.train()
+        meters = []
+        for i, batch in enumerate(loader):  # a new epoch: new workers, as RepDistiller
+            if i == epoch_steps:
+                break
+            if epoch == 0 and i == args.warmup:
+                sync(dev)
+                t1 = time.perf_counter()
+            x, y, index = (b.to(dev) for b in batch[:3])
+            s = student(x)
+            with torch.no_grad():
+                t = teacher(x)
+            b = Batch(x, y, index)
+            loss = objective.spec.ce * torch.nn.functional.cross_entropy(s.logits, y)
+            for name, term in objective.terms.items():
+                value = _ref_crd(term, s, t, index, batch[3].to(dev)) if term is crd else term(s, t, b)
+                loss = loss + objective.spec.terms[name] * value
+            loss_value = loss.item()  # RepDistiller: losses.update(loss.item(), input.size(0))
+            meters.append((s.logits.argmax(1) == y).float().mean())  # RepDistiller's accuracy meter (a tensor)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"reference loop: non-finite loss at step {i}")
+            if epoch == 0 and i == args.warmup + args.steps - 1:
+                sync(dev)
+                step_s = time.perf_counter() - t1
+        curve.append({"epoch": epoch + 1, "loss": loss_value, "acc": _ref_validate(student, test, dev)})
+        torch.save({"epoch": epoch + 1, "model": student.state_dict(), "optimizer": optimizer.state_dict()},
+                   folder / "ckpt.pth")
+    (folder / "metrics.json").write_text(json.dumps(curve))
     sync(dev)
-    return steps / (time.perf_counter() - t0)
+    return {"run_s": time.perf_counter() - t0, "step_s": step_s}
 
 
 # ---------------------------------------------------------------- (b) the engine
@@ -252,32 +361,48 @@ def config_execution(config: str, dev: torch.device, compile_mode: str | None):
     return Execution(**ex)
 
 
-def take_rounds(lockstep, n: int) -> None:
-    """``n`` steps of each of ``lockstep``'s runs (:class:`kdbench.engine.pack.Lockstep`); the first
-    error of a run is raised."""
+def take_rounds(lockstep, n: int | None) -> list:
+    """``n`` steps of each of ``lockstep``'s runs (:class:`kdbench.engine.pack.Lockstep`; None: to
+    their end); the first error of a run is raised. The runs' results."""
     results = lockstep.run(n)
     errors = [r for r in results if isinstance(r, Exception)]
     if errors:
         raise errors[0]
+    return results
 
 
-def engine_sps(setup: Setup, method: str, execution, steps: int, warmup: int, pack: list[str] | None = None,
-               fuse: bool = False):
-    """Steps/s of kdbench's loop for one run (or, with ``pack`` = methods of the K members, the
-    packed grid's total steps/s; ``fuse``: with the students fused into one model), and the set-up
-    time of the runs when they use the teacher cache (its build, or finding it built; else None)."""
+def engine_run(setup: Setup, methods: list[str], execution, epochs: int, seeds: list[int] | None = None,
+               fuse: bool = False) -> dict:
+    """The engine runs of ``methods`` trained together (one run: alone) from construction to their
+    ``metrics.json``: ``run_s``, ``step_s`` (the timed steps of epoch 1, all runs), ``finals``
+    (each run's final student and objective parameters)."""
     from kdbench.engine.pack import Lockstep, fusion_groups
-    t0 = time.perf_counter()
-    runs = setup.runs(pack or [method], execution)
+    args = setup.args
     sync(setup.dev)
-    build_s = time.perf_counter() - t0 if runs[0].execution.cache is not None else None
+    t0 = time.perf_counter()
+    runs = setup.runs(methods, execution, seeds, epochs)
     lockstep = Lockstep(runs, fuse_keys=fusion_groups([r.spec for r in runs]) if fuse else None)
-    take_rounds(lockstep, warmup)
+    take_rounds(lockstep, args.warmup)
     sync(setup.dev)
-    t0 = time.perf_counter()
-    take_rounds(lockstep, steps)
+    t1 = time.perf_counter()
+    take_rounds(lockstep, args.steps)
     sync(setup.dev)
-    return len(runs) * steps / (time.perf_counter() - t0), build_s
+    step_s = time.perf_counter() - t1
+    results = take_rounds(lockstep, None)
+    sync(setup.dev)
+    run_s = time.perf_counter() - t0
+    bad = [m.get("failure") for m in results if m.get("status") != "ok"]
+    if bad or not all((r.out / "metrics.json").exists() for r in runs):
+        raise RuntimeError(f"bench: an engine run did not finish: {bad}")
+    finals = [[p.detach().float().clone() for p in (*r.student.parameters(), *r.objective.parameters())] for r in runs]
+    return {"run_s": run_s, "step_s": step_s, "finals": finals}
+
+
+def max_rel_diff(a: list, b: list) -> float:
+    """How far two runs' parameters are apart: ‖a − b‖ / ‖a‖ over all of them (a parameter that
+    starts at zero, a BN bias, is not judged by its own tiny scale)."""
+    num = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b, strict=True))
+    return (num / max(sum(float((x.double() ** 2).sum()) for x in a), 1e-300)) ** 0.5
 
 
 def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
@@ -298,166 +423,211 @@ def flops_per_step(setup: Setup, method: str) -> tuple[float, float]:
     return float(teacher_count.get_total_flops()), float(student_count.get_total_flops())
 
 
-# ---------------------------------------------------------------- (optional) fast vs plain agreement
-
-def agreement(setup: Setup, method: str, execution, steps: int) -> dict:
-    """Train ``steps`` steps from the same state, data and draws with the plain and the given
-    execution; the largest parameter difference relative to the parameter's scale."""
-    from kdbench.engine.pack import Lockstep
-    finals = []
-    for ex in (config_execution("plain", setup.dev, None), execution):
-        [run] = setup.runs([method], ex)
-        take_rounds(Lockstep([run]), steps)
-        finals.append([p.detach().float().clone() for p in [*run.student.parameters(), *run.objective.parameters()]])
-    rel = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(*finals))
-    return {"steps": steps, "max_rel_param_diff": rel}
-
-
 # ---------------------------------------------------------------- the command
+
+def defaults(args, dev: torch.device) -> None:
+    """Fill the device-dependent defaults (CPU: small enough to finish in ~3 minutes on 2 cores)."""
+    cuda = dev.type == "cuda"
+    args.pair = args.pair or ("resnet32x4", "resnet8x4")
+    args.grid_pair = args.grid_pair or (args.pair if cuda else ("resnet20", "resnet8"))
+    args.methods = args.methods or ["kd", "crd"]
+    args.grid_methods = args.grid_methods or args.methods[:1]
+    args.steps = args.steps or (200 if cuda else 2)
+    args.warmup = args.warmup if args.warmup is not None else (20 if cuda else 1)
+    args.epochs = args.epochs or (2 if cuda else 1)
+    args.epoch_steps = args.epoch_steps or args.warmup + args.steps + 1
+    args.repeat = args.repeat or 3
+    args.workers = args.workers if args.workers is not None else (8 if cuda else 2)
+    args.pack = args.pack if args.pack is not None else (12 if cuda else 3)
+    args.configs = args.configs or (list(CONFIGS) if cuda else ["plain"])
+    args.pack_config = args.pack_config or ("fast" if cuda else "plain")
+    crd = any("crd" in _terms(m) for m in [*args.methods, *args.grid_methods])
+    need = max(args.epoch_steps * args.batch, crd_images(args.nce_k) if crd else 0)
+    args.images = args.images or max(50000 if cuda else 0, need)
+    if args.epoch_steps <= args.warmup + args.steps:
+        raise SystemExit(f"--epoch-steps {args.epoch_steps} must exceed --warmup + --steps = "
+                         f"{args.warmup + args.steps} (the timed steps end inside the first epoch)")
+    if args.epoch_steps * args.batch > args.images:
+        raise SystemExit(f"--images {args.images} is fewer than --epoch-steps × batch = "
+                         f"{args.epoch_steps * args.batch}: raise --images or lower --steps")
+
+
+def _terms(method: str):
+    from kdbench.methods import METHODS
+    return METHODS.get(method).terms
+
 
 def run_bench(args) -> dict:
     from kdbench.engine.device import resolve_device
+    from kdbench.engine.fusion import SUPPORTED_ARCHS
     dev = resolve_device(args.device)
-    cuda = dev.type == "cuda"
-    args.pair = args.pair or (("resnet32x4", "resnet8x4") if cuda else ("resnet20", "resnet8"))
-    args.steps = args.steps or (300 if cuda else 24)
-    args.warmup = args.warmup if args.warmup is not None else (30 if cuda else 3)
-    args.workers = args.workers if args.workers is not None else (8 if cuda else 2)
-    args.pack = args.pack or (12 if cuda else 3)
-    args.images = args.images or (50000 if cuda else (args.warmup + args.steps) * args.batch)
-    configs = args.configs or (list(CONFIGS) if cuda else ["plain", "fast"])
-    grid = args.grid_methods or [args.method]
-    if (args.warmup + args.steps) * args.batch > args.images:
-        raise SystemExit(f"--images {args.images} is fewer than (warmup + steps) × batch = "
-                         f"{(args.warmup + args.steps) * args.batch}: raise --images or lower --steps")
-    setup = Setup(args, dev)
+    defaults(args, dev)
+    say = (lambda *a: print(*a, flush=True)) if not args.quiet else (lambda *a: None)
     name = device_name(dev)
     peak = peak_tflops(name, args.peak_tflops)
-    out = {"device": str(dev), "device_name": name, "torch": torch.__version__, "pair": list(args.pair),
-           "method": args.method, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-           "workers": args.workers, "images": args.images, "peak_tflops": peak}
-    say = (lambda *a: print(*a, flush=True)) if not args.quiet else (lambda *a: None)
-    say(f"kdbench bench on {name} ({dev}): {args.pair[0]}→{args.pair[1]}, {args.method}, batch {args.batch}, "
-        f"{args.steps} timed steps after {args.warmup} warm-up steps, {args.images} CIFAR-shaped images")
-    teacher_flops, student_flops = flops_per_step(setup, args.method)
-    flops = teacher_flops + student_flops
-    out["gflop_per_step"] = {"teacher_forward": teacher_flops / 1e9, "student": student_flops / 1e9}
+    setup = Setup(args, dev)
+    gsetup = setup if tuple(args.grid_pair) == tuple(args.pair) else Setup(args, dev, args.grid_pair)
+    common = {"device": str(dev), "device_name": name, "torch": torch.__version__, "batch": args.batch,
+              "steps": args.steps, "warmup": args.warmup, "epochs": args.epochs, "epoch_steps": args.epoch_steps,
+              "repeat": args.repeat, "workers": args.workers, "images": args.images, "peak_tflops": peak}
+    say(f"kdbench bench on {name} ({dev}), batch {args.batch}, {args.images} CIFAR-shaped synthetic images: every run "
+        f"{args.epochs} epoch(s) of {args.epoch_steps} steps (each ending with a test pass and a checkpoint); steps/s "
+        f"over {args.steps} steps after {args.warmup}; {args.repeat} repeats round-robin, shown as median [min–max]")
 
-    def mfu(sps: float, cached: bool = False) -> float | None:
-        """Executed model FLOPs / peak (a cached teacher's forward is not executed, so not counted)."""
-        return None if peak is None else (student_flops if cached else flops) * sps / (peak * 1e12)
-
-    members = [grid[k % len(grid)] for k in range(args.pack)]
-    pack_config = args.pack_config or ("fast" if cuda else "plain")
-    # every measurement, repeated round-robin --repeat times; the best of each is kept (robust to
-    # other load on the machine, which only ever slows a measurement down)
-    jobs = {("reference", m): lambda m=m: (reference_sps(setup, m, args.steps, args.warmup, args.workers), None)
-            for m in dict.fromkeys([args.method, *grid])}
-    jobs.update({("engine", c): lambda c=c: engine_sps(setup, args.method, config_execution(c, dev, args.compile),
-                                                       args.steps, args.warmup) for c in configs})
-    from kdbench.engine.fusion import SUPPORTED_ARCHS
-    grids = ["pack", "pack+fuse"] if args.fuse and setup.s_arch in SUPPORTED_ARCHS else ["pack"]
-    for g in grids:
-        jobs[(g, pack_config)] = lambda g=g: engine_sps(setup, args.method, config_execution(pack_config, dev, args.compile),
-                                                        args.steps, args.warmup, pack=members, fuse=g == "pack+fuse")
-    best: dict[tuple, tuple] = {}
-    for _ in range(args.repeat):
+    members = [args.grid_methods[k % len(args.grid_methods)] for k in range(args.pack)]
+    seeds = list(range(args.pack))
+    pack_ex = config_execution(args.pack_config, dev, args.compile)
+    grids = ["pack", "pack+fuse"] if args.fuse and gsetup.s_arch in SUPPORTED_ARCHS and args.pack > 1 else ["pack"]
+    jobs = {}
+    for m in args.methods:
+        jobs[("reference", m)] = lambda m=m: reference_run(setup, m, 0, args.epochs)
+        for c in args.configs:
+            jobs[("engine", m, c)] = lambda m=m, c=c: engine_run(setup, [m], config_execution(c, dev, args.compile),
+                                                                args.epochs)
+    if args.pack:
+        def sequential(run):
+            parts = [run(k) for k in range(args.pack)]
+            return {"run_s": sum(p["run_s"] for p in parts), "step_s": sum(p["step_s"] for p in parts),
+                    "finals": [f for p in parts for f in p.get("finals", [])]}
+        jobs[("sequential",)] = lambda: sequential(lambda k: engine_run(gsetup, [members[k]], pack_ex, args.epochs, [k]))
+        jobs[("sequential_reference",)] = lambda: sequential(lambda k: reference_run(gsetup, members[k], k, args.epochs))
+        for g in grids:
+            jobs[(g,)] = lambda g=g: engine_run(gsetup, members, pack_ex, args.epochs, seeds, fuse=g == "pack+fuse")
+    samples: dict[tuple, list[dict]] = {key: [] for key in jobs}
+    for r in range(args.repeat):
         for key, job in jobs.items():
-            sps, build_s = job()
-            # the cache is built once per process (later repeats find it): keep the first build time
-            first_build = best[key][1] if key in best else build_s
-            if key not in best or sps > best[key][0]:
-                best[key] = (sps, first_build)
-    ref = {m: best[("reference", m)][0] for m in dict.fromkeys([args.method, *grid])}
-    out["repeat"] = args.repeat
-    out["reference_sps"] = ref[args.method]
-    out["reference_sps_by_method"] = ref
-    out["reference_mfu"] = mfu(ref[args.method])
-    say(f"  reference loop ({args.workers} workers, PIL, fp32, .item() per step): {ref[args.method]:8.2f} steps/s"
-        + (f"   MFU {100 * mfu(ref[args.method]):.2f}%" if peak else ""))
-    out["engine"] = {}
-    for config in configs:
-        ex = config_execution(config, dev, args.compile)
-        sps, build_s = best[("engine", config)]
-        row = {"execution": ex.__dict__, "sps": sps, "ratio": sps / ref[args.method], "mfu": mfu(sps, build_s is not None),
-               "cache_build_s": build_s}
-        out["engine"][config] = row
-        say(f"  engine {config:11s} {sps:8.2f} steps/s  ×{row['ratio']:.2f} vs reference"
-            + (f"   MFU {100 * row['mfu']:.2f}%" if peak else "") + (f"   (cache built in {build_s:.1f} s)" if build_s else ""))
-    ex = config_execution(pack_config, dev, args.compile)
-    sequential = len(members) / sum(1 / ref[m] for m in members)  # one reference run after another
-    for g in grids:
-        grid_sps, build_s = best[(g, pack_config)]
-        out[g] = {"k": len(members), "methods": members, "execution": ex.__dict__, "config": pack_config,
-                  "fused": g == "pack+fuse", "sps": grid_sps, "sequential_reference_sps": sequential,
-                  "ratio": grid_sps / sequential,
-                  "mfu": mfu(grid_sps, build_s is not None) if set(members) == {args.method} else None,
-                  "cache_build_s": build_s}
-        label = "packed grid" + (", students fused" if g == "pack+fuse" else "")
-        say(f"  {label} of {len(members)} runs ({pack_config}): {grid_sps:8.2f} run-steps/s vs "
-            f"{sequential:.2f} one reference run after another: ×{grid_sps / sequential:.2f}"
-            + (f"   MFU {100 * out[g]['mfu']:.2f}%" if peak and out[g]["mfu"] else ""))
-    if args.verify:
-        out["agreement"] = {c: agreement(setup, args.method, config_execution(c, dev, args.compile), args.verify)
-                            for c in configs if c != "plain"}
-        for c, a in out["agreement"].items():
-            say(f"  agreement plain vs {c} after {a['steps']} steps: max relative parameter difference "
-                f"{a['max_rel_param_diff']:.2e}")
-    say(f"  (device: {name}; FLOPs/step {flops / 1e9:.2f} G = teacher forward {teacher_flops / 1e9:.2f} G + student "
-        f"{student_flops / 1e9:.2f} G" + (f"; peak {peak} TFLOP/s bf16 dense)" if peak else ")"))
+            samples[key].append(job())
+            say(f"  (repeat {r + 1}/{args.repeat}) {' '.join(key)}: {samples[key][-1]['run_s']:.1f} s")
+
+    def figures(key, steps_per_round: int) -> dict:
+        rows = samples[key]
+        out = {"run_s": spread([x["run_s"] for x in rows])}
+        if all(x["step_s"] for x in rows):
+            out["sps"] = spread([steps_per_round / x["step_s"] for x in rows])
+        return out
+
+    def ratios(slow_key, fast_key, into: dict, label: str) -> None:
+        """Per round: the slow one's time / the fast one's (run and step)."""
+        slow, fast = samples[slow_key], samples[fast_key]
+        into[f"run_ratio_vs_{label}"] = spread([s["run_s"] / f["run_s"] for s, f in zip(slow, fast)])
+        if all(s["step_s"] for s in slow) and all(f["step_s"] for f in fast):  # the same run-steps on both sides
+            into[f"step_ratio_vs_{label}"] = spread([s["step_s"] / f["step_s"] for s, f in zip(slow, fast)])
+
+    out = {**common, "methods": {}}
+    for m in args.methods:
+        t_flops, s_flops = flops_per_step(setup, m)
+        mfu = (lambda sps, cached=False: None if peak is None else
+               (s_flops if cached else t_flops + s_flops) * sps / (peak * 1e12))
+        res = {**common, "pair": list(args.pair), "method": m,
+               "gflop_per_step": {"teacher_forward": t_flops / 1e9, "student": s_flops / 1e9}}
+        if "crd" in _terms(m):
+            res["nce_k"] = setup.crd_k()
+        res["reference"] = ref = figures(("reference", m), args.steps)
+        ref["mfu"] = mfu(ref["sps"]["median"]) if "sps" in ref else None
+        say(f" {m} {args.pair[0]}→{args.pair[1]}" + (f" (nce_k {res['nce_k']})" if "nce_k" in res else "") + ":")
+        say(f"  reference loop ({args.workers} workers, PIL, fp32, .item() per step): run {show(ref['run_s'], '.1f')} s, "
+            f"{show(ref['sps'])} steps/s" + (f"   MFU {100 * ref['mfu']:.2f}%" if peak else ""))
+        res["engine"], res["agreement"] = {}, {}
+        for c in args.configs:
+            ex = config_execution(c, dev, args.compile)
+            row = {"execution": ex.__dict__, **figures(("engine", m, c), args.steps)}
+            ratios(("reference", m), ("engine", m, c), row, "reference")
+            row["mfu"] = mfu(row["sps"]["median"], ex.teacher_cache != "none")
+            res["engine"][c] = row
+            say(f"  engine {c:10s} run {show(row['run_s'], '.1f')} s  ×{show(row['run_ratio_vs_reference'])} per run;"
+                f"  {show(row['sps'])} steps/s  ×{show(row['step_ratio_vs_reference'])} per step"
+                + (f"   MFU {100 * row['mfu']:.2f}%" if peak else ""))
+            if c != "plain" and "plain" in args.configs:
+                d = max(max_rel_diff(p["finals"][0], q["finals"][0])
+                        for p, q in zip(samples[("engine", m, "plain")], samples[("engine", m, c)]))
+                res["agreement"][c] = {"rel_param_diff": d}
+                say(f"  final weights, plain vs {c}: relative parameter difference {d:.2e}")
+        say(f"  (FLOPs/step {(t_flops + s_flops) / 1e9:.2f} G = teacher forward {t_flops / 1e9:.2f} G + student "
+            f"{s_flops / 1e9:.2f} G" + (f"; peak {peak} TFLOP/s bf16 dense)" if peak else ")"))
+        out["methods"][m] = res
+    if args.pack:
+        grid = {"k": args.pack, "methods": members, "pair": list(args.grid_pair), "config": args.pack_config,
+                "execution": pack_ex.__dict__, "sequential": figures(("sequential",), args.pack * args.steps),
+                "sequential_reference": figures(("sequential_reference",), args.pack * args.steps)}
+        say(f" grid of {args.pack} runs ({', '.join(dict.fromkeys(members))} seeds 0–{args.pack - 1}, "
+            f"{args.grid_pair[0]}→{args.grid_pair[1]}, {args.pack_config}):")
+        say(f"  one after another, kdbench:   {show(grid['sequential']['run_s'], '.1f')} s, "
+            f"{show(grid['sequential']['sps'])} run-steps/s")
+        say(f"  one after another, reference: {show(grid['sequential_reference']['run_s'], '.1f')} s, "
+            f"{show(grid['sequential_reference']['sps'])} run-steps/s")
+        for g in grids:
+            row = {"fused": g == "pack+fuse", **figures((g,), args.pack * args.steps)}
+            ratios(("sequential",), (g,), row, "sequential")
+            ratios(("sequential_reference",), (g,), row, "reference")
+            d = max(max(max_rel_diff(a, b) for a, b in zip(p["finals"], q["finals"]))
+                    for p, q in zip(samples[("sequential",)], samples[(g,)]))
+            row["identity"] = {"rel_param_diff": d, "tolerance": TOLERANCE[g], "within": d <= TOLERANCE[g]}
+            grid[g] = row
+            say(f"  {'packed, students fused' if row['fused'] else 'packed':22s}  {show(row['run_s'], '.1f')} s: "
+                f"×{show(row['run_ratio_vs_sequential'])} per run vs kdbench one after another, "
+                f"×{show(row['run_ratio_vs_reference'])} vs reference; {show(row['sps'])} run-steps/s: "
+                f"×{show(row['step_ratio_vs_sequential'])} per step vs kdbench one after another")
+            say(f"    final weights vs the same runs one after another: relative difference ‖Δ‖/‖w‖ {d:.2e} "
+                f"({'within' if row['identity']['within'] else 'OUTSIDE'} the stated rounding {TOLERANCE[g]:g})")
+        out["grid"] = grid
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="kdbench bench",
-        description="Throughput of a RepDistiller-style training loop vs kdbench's engine (single run, each "
-                    "execution config, and a packed grid) on one device, on CIFAR-shaped synthetic data. "
-                    "Prints steps/s, ratios and model-FLOP utilisation with the device name.")
+        description="Whole runs and steady-state steps of a RepDistiller-style training loop vs kdbench's engine, "
+                    "and a packed grid vs the same runs one after another, on one device, on CIFAR-shaped synthetic "
+                    "data; every figure median [min–max] over repeats, with the device name.")
+    pair = lambda s: tuple(s.split(","))  # noqa: E731
+    names = lambda s: s.split(",")  # noqa: E731
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--pair", type=lambda s: tuple(s.split(",")),
-                   help="TEACHER,STUDENT architectures (default resnet32x4,resnet8x4 on GPU; resnet20,resnet8 on CPU, "
-                        "where resnet32x4 takes ~1.5 s a step on 2 cores)")
-    p.add_argument("--method", default="kd", help="distillation method (default kd; e.g. crd, fitnet)")
-    p.add_argument("--steps", type=int, help="timed steps per measurement (default 300 on GPU, 24 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 30 on GPU, 3 on CPU)")
+    p.add_argument("--pair", type=pair, help="TEACHER,STUDENT architectures (default resnet32x4,resnet8x4)")
+    p.add_argument("--methods", type=names, help="distillation methods, comma-separated (default kd,crd)")
+    p.add_argument("--nce-k", type=int, default=16384, help="CRD's negatives (default 16384, RepDistiller's; the "
+                   "data is sized for it)")
+    p.add_argument("--epochs", type=int, help="epochs of every run (default 2 on GPU, 1 on CPU)")
+    p.add_argument("--epoch-steps", type=int, help="steps of each epoch (default warmup + steps + 1)")
+    p.add_argument("--steps", type=int, help="timed steps of epoch 1 (default 200 on GPU, 2 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps before them (default 20 on GPU, 1 on CPU)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64, RepDistiller's)")
     p.add_argument("--workers", type=int, help="reference DataLoader workers (default 8 on GPU, 2 on CPU)")
-    p.add_argument("--images", type=int, help="training images (default 50000 on GPU, (warmup+steps)×batch on CPU)")
-    p.add_argument("--configs", type=lambda s: s.split(","),
-                   help=f"engine configs, comma-separated from {', '.join(CONFIGS)} "
-                        "(default all on GPU, plain,fast on CPU; fast = bf16 + channels_last + CUDA graphs on GPU, "
-                        "channels_last on CPU)")
+    p.add_argument("--images", type=int, help="training images (default 50000 on GPU and at least what CRD's "
+                   "nce_k and the epochs need)")
+    p.add_argument("--configs", type=names,
+                   help=f"engine configs, comma-separated from {', '.join(CONFIGS)} (default all on GPU, plain on CPU; "
+                        "fast = bf16 + channels_last + CUDA graphs on GPU, channels_last on CPU)")
     p.add_argument("--compile", choices=["none", "graph", "compile"], help="override the fast configs' compile mode")
-    p.add_argument("--pack", type=int, help="runs in the packed grid (default 12 on GPU, 3 on CPU)")
-    p.add_argument("--pack-config", choices=CONFIGS, help="engine config of the packed grid (default fast on GPU, plain on CPU)")
+    p.add_argument("--pack", type=int, help="runs in the grid (default 12 on GPU, 3 on CPU; 0: no grid)")
+    p.add_argument("--grid-pair", type=pair, help="TEACHER,STUDENT of the grid (default --pair on GPU, "
+                   "resnet20,resnet8 on CPU, where a resnet32x4 step takes seconds)")
+    p.add_argument("--pack-config", choices=CONFIGS, help="engine config of the grid (default fast on GPU, plain on CPU)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
-                   help="measure the packed grid only without horizontal fusion (by default it is measured both ways "
-                        "when the student is fusable: resnet, wrn, vgg)")
-    p.add_argument("--grid-methods", type=lambda s: s.split(","),
-                   help="methods the grid cycles through (default: --method); seeds differ per run")
-    p.add_argument("--verify", type=int, default=0, metavar="N",
-                   help="also train N steps with plain and each fast config from the same state and report how far "
-                        "the parameters drift apart")
-    p.add_argument("--repeat", type=int, default=1, help="repeat every measurement R times round-robin and keep "
-                   "the best (default 1; use 3 on a shared machine)")
+                   help="measure the packed grid only without horizontal fusion (by default also fused when the "
+                        "student is fusable: resnet, wrn, vgg)")
+    p.add_argument("--grid-methods", type=names, help="methods the grid cycles through (default: the first of --methods)")
+    p.add_argument("--repeat", type=int, help="repeats of every measurement, round-robin (default 3)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: bf16 dense peak by device name)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
     args = p.parse_args(argv)
-    if args.pair is not None and len(args.pair) != 2:
-        p.error("--pair takes TEACHER,STUDENT")
+    for name in ("pair", "grid_pair"):
+        if getattr(args, name) is not None and len(getattr(args, name)) != 2:
+            p.error(f"--{name.replace('_', '-')} takes TEACHER,STUDENT")
     from kdbench.methods import METHODS
     from kdbench.models import MODELS
-    for m in [args.method, *(args.grid_methods or [])]:
+    for m in [*(args.methods or []), *(args.grid_methods or [])]:
         METHODS.get(m)  # unknown names raise with the valid choices
-    for a in args.pair or ():
+    for a in [*(args.pair or ()), *(args.grid_pair or ())]:
         MODELS.get(a)
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(c not in CONFIGS for c in args.configs or []):
         p.error(f"--configs: valid configs are {', '.join(CONFIGS)}")
+    for name in ("steps", "epochs", "epoch_steps", "repeat", "nce_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} takes a whole number >= 1")
     out = run_bench(args)
     if args.json:
         from kdbench.core.io import atomic_write_json
