@@ -1,5 +1,7 @@
 """OT-KD terms (kdbench/methods/ot.py): REMD and IPOT against loops and an exact OT solver."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,12 @@ def loop_cost(x, y):
     return np.array([[1 - np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)) for v in y] for u in x])
 
 
+def centred_cost(x, y):
+    """The terms' default cost (center=True): the cosine cost of each side's rows minus their mean."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return loop_cost(x - x.mean(axis=0), y - y.mean(axis=0))
+
+
 def loop_remd(c):
     b = len(c)
     rows = sum(min(c[i][j] for j in range(b)) for i in range(b))
@@ -76,9 +84,17 @@ def test_cost_and_remd_golden_values():
     c = cosine_cost(x, y)
     np.testing.assert_allclose(c.numpy(), loop_cost(x.numpy(), y.numpy()), rtol=1e-12, atol=1e-12)
     assert remd_cost(c).item() == pytest.approx(loop_remd(c.numpy()), rel=1e-12)
-    term = REMD(ctx(), layers="pooled")
-    got = term(feats(x.float(), rand(B, 3, 4, 4, seed=3).float()), feats(y.float(), rand(B, 3, 4, 4, seed=4).float()), BATCH)
-    assert got.item() == pytest.approx(loop_remd(c.numpy()), rel=1e-5)
+    s, t = feats(x.float(), rand(B, 3, 4, 4, seed=3).float()), feats(y.float(), rand(B, 3, 4, 4, seed=4).float())
+    raw = REMD(ctx(), layers="pooled", center=False)(s, t, BATCH)  # the paper's cosine of the raw vectors
+    assert raw.item() == pytest.approx(loop_remd(c.numpy()), rel=1e-5)
+    centred = REMD(ctx(), layers="pooled")(s, t, BATCH)  # the default: both sides centred over the batch
+    assert centred.item() == pytest.approx(loop_remd(centred_cost(x.numpy(), y.numpy())), rel=1e-5)
+    assert abs(centred.item() - raw.item()) > 0.01  # the two costs differ on these inputs
+    # a shift common to the batch (the mean direction post-ReLU maps share) moves the raw cost, not the centred one
+    shift = torch.full((1, 5), 3.0)
+    moved = feats(x.float() + shift, s.stages[1]), feats(y.float() + shift, t.stages[1])
+    assert REMD(ctx(), layers="pooled")(*moved, BATCH).item() == pytest.approx(centred.item(), rel=1e-5)
+    assert REMD(ctx(), layers="pooled", center=False)(*moved, BATCH).item() < raw.item() - 0.1
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -106,12 +122,14 @@ def test_ipot_term_is_plan_times_cost_with_gradient_through_cost_only():
     stage = rand(B, 3, 4, 4, seed=9).float()
     term = IPOT(ctx(), beta=0.5, n_outer=50, n_inner=1, layers="pooled")
     loss = term(feats(x, stage), feats(y, stage), BATCH)
-    c = cosine_cost(x.detach().double(), y.detach().double())
+    yc = y.detach().double() - y.detach().double().mean(0)
+    c = cosine_cost(x.detach().double() - x.detach().double().mean(0), yc)
     plan = ipot_plan(c, 0.5, 50, 1)
     assert loss.item() == pytest.approx((plan * c).sum().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(loop_ipot(centred_cost(x.detach().numpy(), y.detach().numpy())), rel=1e-5)
     loss.backward()
     x_ = x.detach().double().requires_grad_()
-    (plan * cosine_cost(x_, y.detach().double())).sum().backward()  # the plan is a constant
+    (plan * cosine_cost(x_ - x_.mean(0), yc)).sum().backward()  # the plan is a constant; the student's mean is not
     torch.testing.assert_close(x.grad.double(), x_.grad, rtol=1e-4, atol=1e-6)
     assert y.grad is None
 
@@ -142,11 +160,11 @@ def test_unequal_widths_get_a_student_side_projection_and_the_teacher_stays_raw(
     loss = term(feats(x, fs), feats(y, ft), BATCH)
     # independent: W x + b on the student; 2×2 block means then a per-pixel W·v + b on the student map
     w, bias = lin.weight.detach().double().numpy(), lin.bias.detach().double().numpy()
-    want = loop_remd(loop_cost(x.detach().double().numpy() @ w.T + bias, y.detach().double().numpy()))
+    want = loop_remd(centred_cost(x.detach().double().numpy() @ w.T + bias, y.detach().double().numpy()))
     cw, cb = conv.weight.detach().double().numpy()[:, :, 0, 0], conv.bias.detach().double().numpy()
     pooled_s = avg_pool(fs.detach().double().numpy(), 2)
     mapped = np.einsum("oc,bchw->bohw", cw, pooled_s) + cb[None, :, None, None]
-    want += loop_remd(loop_cost(mapped.reshape(B, -1), ft.detach().double().numpy().reshape(B, -1)))
+    want += loop_remd(centred_cost(mapped.reshape(B, -1), ft.detach().double().numpy().reshape(B, -1)))
     assert loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
     assert x.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0 and y.grad is None and ft.grad is None
@@ -162,7 +180,7 @@ def test_a_larger_teacher_map_is_pooled_not_projected():
     fs, ft = rand(B, 3, 2, 2, seed=5), rand(B, 3, 4, 4, seed=6)
     pooled = torch.zeros(B, 5)
     got = term(feats(pooled, fs.float()), feats(pooled, ft.float()), BATCH).item()
-    want = loop_ipot(loop_cost(fs.numpy().reshape(B, -1), avg_pool(ft.numpy(), 2).reshape(B, -1)))
+    want = loop_ipot(centred_cost(fs.numpy().reshape(B, -1), avg_pool(ft.numpy(), 2).reshape(B, -1)))
     assert got == pytest.approx(want, rel=1e-4)
 
 
@@ -181,7 +199,8 @@ def three_stage_feats(shape, seed):
 @pytest.mark.parametrize("cls", [REMD, IPOT])
 def test_multi_layer_sum_golden(cls, layers, names):
     """The default is the poster's Σ_l over the stage outputs after the stem (stages[1:]); the sum
-    is recomputed here with loops (REMD) / the numpy IPOT iteration, each map flattened per sample."""
+    is recomputed here with loops (REMD) / the numpy IPOT iteration, each map flattened per sample
+    and centred over the batch."""
     sh = three_stage_shapes((2, 3, 4, 5), (8, 8, 4, 2), 7)
     term = cls(MethodContext(sh, sh, 10, torch.zeros(8, dtype=torch.long)), layers=layers)
     s, t = three_stage_feats(sh, 30), three_stage_feats(sh, 60)
@@ -189,7 +208,7 @@ def test_multi_layer_sum_golden(cls, layers, names):
     want = 0.0
     for k in names:
         a, b = (s.pooled, t.pooled) if k == "pooled" else (s.stages[k], t.stages[k])
-        want += golden(loop_cost(a.double().flatten(1).numpy(), b.double().flatten(1).numpy()))
+        want += golden(centred_cost(a.double().flatten(1).numpy(), b.double().flatten(1).numpy()))
     assert term(s, t, BATCH).item() == pytest.approx(want, rel=1e-4)
     assert REMD(MethodContext(sh, sh, 10, torch.zeros(8, dtype=torch.long))).layers == ["stage:1", "stage:2", "stage:3"]
 
@@ -320,8 +339,157 @@ def test_the_projection_learns_when_the_student_carries_the_teachers_information
     torch.manual_seed(0)
     term = REMD(collapse_ctx(), layers="pooled")
     before = train_own_parameters(term, 0, informative=True)
-    after = train_own_parameters(term, 150, informative=True)
+    after = train_own_parameters(term, 600, informative=True)  # centred, it starts slower: ~0.85 at 400 steps
     assert before > floor(T_POOLED) > after, (before, after)
+
+
+# ------------------------------------------------ the collapse experiment on realistic features
+# N(0, I) teacher features are zero-mean; real post-ReLU maps are not. Measured (issue 26): on real
+# runs the teacher's maps have a mean pairwise cosine of 0.83–0.92. On the embedded synthetic data
+# (10 classes, 300 test images; /tmp script, numbers in the issue-26 report), resnet8x4 (resnet32x4's
+# stage shapes) trained 3 epochs (93% test accuracy): maps ≥ 0, 52–54% zeros, mean pairwise cosine
+# 0.38–0.39 at the compared (pooled) size, between-class share of the centred variance 0.52–0.78;
+# resnet32x4 at initialisation: cosine 0.75–0.82. On those real maps a ShuffleV2 student's
+# projections trained alone (150 steps) took the raw cost to 0.14 (resnet32x4 at init) and 0.41
+# (trained resnet8x4) of its start, the centred cost to 0.88 and 0.74 (0.60 after 2000 steps).
+#
+# Here: the two deepest compared layers of resnet32x4 → ShuffleV2 at their real shapes (student
+# 232×8×8 and 464×4×4 through 1×1 projections onto the teacher's 128 and 256 channels), every
+# map relu(common + prototype[class] + noise), a fixed per-unit common level 4·N(0, 1), class
+# prototypes 1.5·N(0, 1) (10 classes), unit noise: nonnegative, ~50% zeros, mean pairwise cosine
+# ~0.86, between-class share ~0.66 (checked below). The student's frozen maps come from their own
+# generator with their own labels: nothing in them tells the teacher's batch apart, so whatever
+# the projections gain is absorbed, not learnt.
+REAL_S, REAL_T, K = ((232, 8, 8), (464, 4, 4)), ((128, 8, 8), (256, 4, 4)), 10
+
+
+class PostReLU:
+    """Batches of post-ReLU-like maps of ``shapes``: relu(common + prototype[label] + noise)."""
+
+    def __init__(self, shapes, seed, common=4.0, prototype=1.5):
+        g = torch.Generator().manual_seed(seed)
+        self.shapes = shapes
+        self.common = [common * torch.randn(torch.Size(sh).numel(), generator=g) for sh in shapes]
+        self.prototypes = [prototype * torch.randn(K, torch.Size(sh).numel(), generator=g) for sh in shapes]
+
+    def __call__(self, labels, g, prototypes=None):
+        protos = self.prototypes if prototypes is None else prototypes
+        return [torch.relu(c + p[labels] + torch.randn(len(labels), c.numel(), generator=g)).view(len(labels), *sh)
+                for c, p, sh in zip(self.common, protos, self.shapes)]
+
+
+def realistic_ctx():
+    def sh(maps):
+        stages = (torch.Size([2, 4, 4]), torch.Size([2, 4, 4]), *(torch.Size(m) for m in maps))
+        return FeatureShapes(stages, stages, torch.Size([4]), torch.Size([K]))
+    return MethodContext(sh(REAL_S), sh(REAL_T), K, torch.zeros(8, dtype=torch.long))
+
+
+def map_feats(maps):
+    stem = torch.zeros(len(maps[0]), 2, 4, 4)
+    return Features([stem, stem, *maps], [], torch.zeros(len(maps[0]), 4), torch.zeros(len(maps[0]), K))
+
+
+TEACHER_MAPS, STUDENT_MAPS = PostReLU(REAL_T, seed=11), PostReLU(REAL_S, seed=12)
+
+
+def train_realistic(term, steps, student=None):
+    """SGD (RepDistiller's lr 0.05, momentum 0.9, wd 5e-4) on the term's parameters for ``steps``
+    fresh batches; ``student``: trainable class prototypes of the student's maps, fed the teacher's
+    labels (a student that has the information) and trained too (Adam, lr 0.05: the cosine's
+    gradient is ~1/‖x‖, too small for plain SGD on raw maps). Returns the mean cost over 4
+    fresh batches before and after."""
+    opt = torch.optim.SGD(term.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    s_opt = torch.optim.Adam(student, lr=0.05) if student else None
+    g = torch.Generator().manual_seed(3)
+    batch = Batch(torch.zeros(CB, 3, 4, 4), torch.zeros(CB, dtype=torch.long), torch.arange(CB))
+
+    def draw():
+        y = torch.randint(0, K, (CB,), generator=g)
+        y_s = y if student else torch.randint(0, K, (CB,), generator=g)
+        return map_feats(STUDENT_MAPS(y_s, g, student)), map_feats(TEACHER_MAPS(y, g))
+
+    def mean_cost():
+        with torch.no_grad():
+            return sum(term(*draw(), batch).item() for _ in range(4)) / 4
+
+    before = mean_cost()
+    for _ in range(steps):
+        loss = term(*draw(), batch)
+        opt.zero_grad()
+        if s_opt:
+            s_opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if s_opt:
+            s_opt.step()
+    return before, mean_cost()
+
+
+def test_realistic_maps_have_the_statistics_of_post_relu_maps():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, K, (256,), generator=g)
+    for maps in (TEACHER_MAPS(y, g), STUDENT_MAPS(y, g)):
+        for m in maps:
+            flat = m.flatten(1)
+            v = torch.nn.functional.normalize(flat, dim=1)
+            cos = ((v @ v.t()).sum() - len(v)) / (len(v) ** 2 - len(v))
+            c = flat - flat.mean(0)
+            between = sum((c[y == k].mean(0) ** 2).sum() * (y == k).sum() for k in range(K)) / (c ** 2).sum()
+            zeros = (flat == 0).float().mean()
+            assert flat.min() >= 0 and 0.4 < zeros < 0.6 and 0.8 <= cos < 0.95 and 0.5 < between < 0.8, (cos, between, zeros)
+
+
+@pytest.mark.parametrize("cls", [REMD, IPOT])
+def test_projection_alone_cannot_absorb_the_cost_of_realistic_maps(cls):
+    """Issue 26's acceptance: the OT term's own parameters (the student-side projections) trained
+    alone on frozen, uninformative realistic maps keep ≥ 50% of the initial cost (measured: REMD
+    0.64, IPOT 0.77 after 150 steps; REMD 0.51 after 600). The raw cosine (``center=False``, the
+    design before) lets them absorb it: below 30% within 60 steps (measured 0.14–0.15 at 150)."""
+    torch.manual_seed(0)
+    term = cls(realistic_ctx(), layers=["stage:2", "stage:3"])
+    assert [(a.map.in_channels, a.map.out_channels) for a in term.adapters.values()] == [(232, 128), (464, 256)]
+    before, after = train_realistic(term, 150)
+    assert 1.8 < before < 2.05 and after >= 0.5 * before, (before, after)
+    torch.manual_seed(0)
+    raw_before, raw_after = train_realistic(cls(realistic_ctx(), layers=["stage:2", "stage:3"], center=False), 60)
+    assert raw_after < 0.3 * raw_before, (raw_before, raw_after)
+
+
+@pytest.mark.parametrize("cls", [REMD, IPOT])
+def test_training_a_student_that_has_the_information_lowers_the_cost(cls):
+    """The centred cost is not stuck at a floor: a student whose maps follow the teacher's labels,
+    trained with the projections, takes it well below what the projections alone reach (measured:
+    0.36 / 0.40 of the initial cost for REMD / IPOT)."""
+    torch.manual_seed(0)
+    student = [torch.nn.Parameter(p.clone()) for p in STUDENT_MAPS.prototypes]
+    before, after = train_realistic(cls(realistic_ctx(), layers=["stage:2", "stage:3"]), 150, student)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_center_is_validated_and_ot_run_ids_hash_it(tmp_path):
+    """``center`` enters every OT run's hashed overrides (OTLoss.hashed_defaults), so OT runs made
+    before it (raw cosine) are not reused; other methods' runs keep their ids, and writing the
+    default explicitly names the same run."""
+    with pytest.raises(ValueError, match="valid: true"):
+        REMD(ctx(), center="yes")
+    exp = {"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]], "seeds": [0],
+           "methods": ["kd", "remd", "ipot_crd_kd"]}
+    suite = load_suite(write_suite(tmp_path / "s.yaml", tmp_path / "data", experiments=[exp]))
+    explicit = load_suite(write_suite(tmp_path / "e.yaml", tmp_path / "data", experiments=[exp],
+                                      term_params={"remd": {"center": True}}))
+    raw = load_suite(write_suite(tmp_path / "r.yaml", tmp_path / "data", experiments=[exp],
+                                 term_params={"remd": {"center": False}}))
+    distill = {r.spec.method: r for r in suite.runs.values() if r.kind == "distill"}
+    assert distill["kd"].spec.method_overrides == {}
+    assert distill["remd"].spec.method_overrides == {"params": {"remd": {"center": True}}}
+    assert distill["ipot_crd_kd"].spec.method_overrides == {"params": {"ipot": {"center": True}}}
+    assert set(explicit.runs) == set(suite.runs)
+    changed = set(suite.runs) ^ set(raw.runs)
+    assert {raw.runs.get(r, suite.runs.get(r)).spec.method for r in changed} == {"remd"}
+    # the pre-centring id of a run is the one of its spec without the filled-in default
+    old = replace(distill["remd"].spec, method_overrides={})
+    assert distill["remd"].id.endswith(distill["remd"].spec.config_hash()) and old.config_hash() != distill["remd"].spec.config_hash()
 
 
 def test_ot_on_stages_is_refused_for_teacher_ensembles(tmp_path):

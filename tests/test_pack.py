@@ -117,7 +117,7 @@ def test_unpackable_runs_are_refused_with_the_reason(tiny, tmp_path):
 
 
 def test_pack_command_trains_suite_runs(tmp_path):
-    suite_file = write_suite(tmp_path / "s.yaml", tmp_path / "data")
+    suite_file = write_suite(tmp_path / "s.yaml", tmp_path / "data", pack={"size": 2, "fuse": True})  # --fuse: fused ids
     ensure_synthetic("cifar100", str(tmp_path / "data"), {"classes": 5, "train_per_class": 20, "test_per_class": 10, "seed": 0})
     suite = load_suite(suite_file)
     teachers = [r for r in suite.runs.values() if r.kind == "train"]

@@ -78,14 +78,15 @@ def test_packs_group_order_and_chunk_distillations(tmp_path):
 
 def test_packs_are_stable_and_leave_run_ids_alone(tmp_path):
     suite = grid_suite(tmp_path, [MAIN, *OTHERS])
-    packed_suite = grid_suite(tmp_path, list(reversed([MAIN, *OTHERS])), "packed.yaml", pack={"size": 4, "fuse": True})
+    # packing alone leaves ids alone; fusion is in the ids (tests/test_fusion_identity.py)
+    packed_suite = grid_suite(tmp_path, list(reversed([MAIN, *OTHERS])), "packed.yaml", pack={"size": 4})
     assert packed_suite.packs(4) == suite.packs(4)  # same runs, same ids, whatever the suite's order
     assert {r: x.spec for r, x in packed_suite.runs.items()} == {r: x.spec for r, x in suite.runs.items()}
     one_more = grid_suite(tmp_path, [{**MAIN, "seeds": [0, 1, 2, 3]}], "more.yaml")
     assert not set(one_more.packs(4)) & set(suite.packs(4))  # other members, other ids
 
     assert suite.pack_options({}) == {"size": 1, "fuse": False}
-    assert packed_suite.pack_options({}) == {"size": 4, "fuse": True}
+    assert packed_suite.pack_options({}) == {"size": 4, "fuse": False}
     assert packed_suite.pack_options({"pack_size": 12, "pack_fuse": "false"}) == {"size": 12, "fuse": False}
     with pytest.raises(SuiteError, match="pack_size is a whole number >= 1"):
         suite.pack_options({"pack_size": 0})
@@ -144,8 +145,8 @@ def test_dry_run_shows_pack_jobs_instead_of_fit_jobs(tmp_path, subprocess_env):
     command = f"kdbench pack {specs} > {tmp_path}/runs/packs/{pack_id}.log"
     assert command in log
     assert "--fuse" not in log and " distill --" not in log and "pack --suite" not in log
-    fused = snakemake(tmp_path, "-n", "-p", "--config", f"suite_file={suite_file}", "pack_size=2", "pack_fuse=true",
-                      env=subprocess_env)
+    fused_file = write_suite(tmp_path / "fused.yaml", tmp_path / "data", pack={"size": 2, "fuse": True})
+    fused = snakemake(tmp_path, "-n", "-p", "--config", f"suite_file={fused_file}", env=subprocess_env)
     assert fused.returncode == 0 and f"pack --fuse --spec {tmp_path}/runs/" in fused.stdout + fused.stderr
 
 

@@ -140,13 +140,18 @@ def pack_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--fuse", action="store_true",
                         help="fuse the students of runs that share an architecture (resnet, wrn, vgg) into one model "
-                             "with grouped convolutions (horizontal fusion): results equal to float rounding")
+                             "with grouped convolutions (horizontal fusion); only runs whose ids say fused (suite "
+                             "pack: {fuse: true}), which are fused with or without it")
     args = parser.parse_args(argv)
     jobs = job_specs(parser, args)
     torch_threads(args.threads or jobs[0][0]["threads"])
+    ids = [record["run"] for record, _, _ in jobs]
+    unfused = [record["run"] for record, spec, _ in jobs if not spec.execution.fuse]
+    if args.fuse and unfused:  # fusion is in the run id (kdbench.planning.suite._fused)
+        raise SystemExit(f"--fuse: the ids of {', '.join(unfused)} name unfused runs, and a fused run differs from "
+                         f"an unfused one; set `pack: {{size: N, fuse: true}}` in the suite (new run ids) or drop --fuse")
     metrics = fit_packed([spec for _, spec, _ in jobs], [run_dir for _, _, run_dir in jobs],
-                         device=args.device or jobs[0][0]["device"], run_ids=[record["run"] for record, _, _ in jobs],
-                         fuse=args.fuse)
+                         device=args.device or jobs[0][0]["device"], run_ids=ids, fuse=not unfused)
     for m in metrics:
         print(json.dumps({k: m.get(k) for k in ("run", "status", "failure", "acc_last", "acc_best", "wall_time_s")}))
     return 0

@@ -113,6 +113,11 @@ class Execution:
       round them (different results): hashed.
     - ``cache_dir``: where teacher caches are kept between processes (None: in memory for this
       process only). A path: not hashed.
+    - ``fuse``: the student may be trained horizontally fused with its pack's other students of its
+      architecture (``kdbench/engine/fusion.py``). Grouped kernels round differently, and in
+      float32 the difference grows to seed noise within a few epochs, so ``True`` is hashed
+      (``False`` is not: unfused ids stay). Set by the suite's ``pack: {fuse: true}`` only
+      (``kdbench.planning.suite``), never from a suite's ``execution`` block.
     """
 
     precision: str = "fp32"
@@ -120,8 +125,11 @@ class Execution:
     compile: str = "none"
     teacher_cache: str = "none"
     cache_dir: str | None = None
+    fuse: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"execution.fuse: expected true or false, not {self.fuse!r}")
         for key, valid in (("precision", PRECISIONS), ("compile", COMPILE_MODES), ("teacher_cache", CACHE_DTYPES)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"execution.{key}: unknown value {getattr(self, key)!r}; valid: {', '.join(valid)}")
@@ -144,6 +152,8 @@ class Execution:
             out["precision"] = self.precision
         if self.teacher_cache not in ("none", "fp32"):
             out["teacher_cache"] = self.teacher_cache
+        if self.fuse:
+            out["fuse"] = True
         return out
 
 

@@ -94,13 +94,18 @@ class Suite:
         of theirs is conditional on that one teacher run (captions say so)."""
         return {c.experiment for c in self.cells if c.column == "teacher" and self.runs[c.run].kind == "train"}
 
+    def fused_experiments(self) -> set[str]:
+        """Experiments with runs trained fused (``pack: {fuse: true}``, :func:`_fused`): captions say so."""
+        return {c.experiment for c in self.cells if self.runs[c.run].spec.execution.fuse}
+
     def synthetic_datasets(self) -> dict[str, dict]:
         return {n: d for n, d in self.config["datasets"].items() if "synthetic" in d}
 
     def pack_options(self, overrides: dict | None = None) -> dict:
-        """The suite's ``pack: {size, fuse}``, where Snakemake's ``--config pack_size=N
-        pack_fuse=true`` (``overrides``) wins: turning packing on is a choice of machine, not of
-        suite, and changes no result beyond float rounding."""
+        """The suite's ``pack: {size, fuse}``, where Snakemake's ``--config pack_size=N``
+        (``overrides``) wins: packing is a choice of machine, not of suite, and changes no result
+        beyond float rounding. Fusion is in the run ids (:func:`_fused`), so ``pack_fuse`` may only
+        repeat the suite's own ``fuse``, and a fusing suite needs packs of 2 or more."""
         own, overrides = self.config.get("pack") or {}, overrides or {}
         size, fuse = overrides.get("pack_size", own.get("size", 1)), overrides.get("pack_fuse", own.get("fuse", False))
         if isinstance(fuse, str) and fuse.lower() in ("true", "false"):
@@ -108,6 +113,11 @@ class Suite:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1 or not isinstance(fuse, bool):
             raise SuiteError(f"pack_size={size!r} pack_fuse={fuse!r}: pack_size is a whole number >= 1 (1: one job "
                              f"per run), pack_fuse is true or false")
+        if fuse != bool(own.get("fuse", False)) or (fuse and size < 2):  # fusion is in the run ids (_fused)
+            raise SuiteError(f"pack_fuse={fuse} pack_size={size} with the suite's pack: {own}: fusion is part of the "
+                             f"run ids (fused runs differ from unfused ones by about seed noise), so only the suite "
+                             f"decides it: set `pack: {{size: N, fuse: true}}` (N >= 2) in the suite, or drop "
+                             f"pack_fuse from --config")
         return {"size": size, "fuse": fuse}
 
     def packs(self, size: int) -> dict[str, list[str]]:
@@ -138,6 +148,32 @@ class Suite:
                 if len(chunk) > 1:
                     packs[_pack_id(chunk)] = [r.id for r in chunk]
         return packs
+
+
+def _hashed_defaults(terms, overrides: dict) -> dict:
+    """``overrides`` with the defaults that the loss classes of ``terms`` list in ``hashed_defaults``
+    filled in (parameters added after runs were named that change the loss: OT's ``center``), so a
+    changed loss gets new run ids while methods without such terms keep theirs; an explicit value wins."""
+    fill = {t: LOSSES.get(t).hashed_defaults for t in sorted(terms) if getattr(LOSSES.get(t), "hashed_defaults", None)}
+    if not fill:
+        return overrides
+    given = overrides.get("params") or {}
+    return {**overrides, "params": {t: {**fill.get(t, {}), **given.get(t, {})} for t in {**fill, **given}}}
+
+
+def _fused(spec: RunSpec, cfg: dict) -> RunSpec:
+    """``spec`` marked ``execution.fuse`` (hashed: a new run id) where the suite's ``pack: {fuse:
+    true}`` lets ``kdbench pack --fuse`` fuse it: a packable distillation whose student is an
+    architecture :mod:`kdbench.engine.fusion` supports. Teachers, plain students and other runs
+    keep their ids. One left alone of its architecture in its pack trains unfused under the
+    fused id: a separate id, never one shared with a run of the other kind."""
+    from dataclasses import replace
+
+    from kdbench.engine.fusion import SUPPORTED_ARCHS
+
+    if (cfg.get("pack") or {}).get("fuse") and spec.student in SUPPORTED_ARCHS and unpackable(spec) is None:
+        return replace(spec, execution=replace(spec.execution, fuse=True))
+    return spec
 
 
 def write_specs(suite: Suite, run_ids=None) -> int:
@@ -437,6 +473,7 @@ def _experiment_methods(exp: dict, where: str) -> dict[str, list[Variant]]:
 
 def _variant(exp: dict, method: str) -> Variant:
     own = _method_overrides(exp, method)
+    own = _hashed_defaults(own.get("terms") or METHODS.get(method).terms, own)  # sweeps build on it
     return Variant(method, own, resolve_method(method, own))
 
 
@@ -505,6 +542,7 @@ def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], re
                     spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, variant.overrides, recipe,
                                    teacher_dataset=None if tds == ds else tds, execution=execution,
                                    unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds))
+                    spec = _fused(spec, cfg)
                     _check_run(spec, exp, variant.method)
                     run = Run(run_id(spec), spec, exp["name"], tuple(t.id for t in teachers), variant.method)
                     yield from cell(variant.column, seed, run)
