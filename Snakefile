@@ -35,7 +35,19 @@ def check_config(config, schema=f"{workflow.basedir}/workflow/schemas/config.sch
 
 
 check_config(config)
-SUITE_FILE = config.get("suite_file") or f"{workflow.basedir}/workflow/suites/{config.get('suite', 'smoke')}.yaml"
+
+
+def suite_file_of(config):
+    """--config suite_file=PATH, or suite=NAME (default smoke): workflow/suites/NAME.yaml."""
+    from kdbench.planning.suite_files import suite_file
+
+    try:
+        return str(suite_file(config.get("suite_file") or config.get("suite", "smoke")))
+    except FileNotFoundError as e:
+        raise SystemExit(f"kdbench: {e}") from None
+
+
+SUITE_FILE = suite_file_of(config)
 SUITE = load_suite(SUITE_FILE)
 RUNS_DIR = SUITE.runs_dir
 RESULTS = config.get("results_dir", f"results/{SUITE.name}")

@@ -221,16 +221,31 @@ MODULE_COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """``kdbench``: a closed pipe (``kdbench list-runs | head``) ends the command quietly."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # the reader went away: say nothing more, as `ls | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in MODULE_COMMANDS:
         import importlib
         module, _, func = MODULE_COMMANDS[argv[0]][0].partition(":")
-        return getattr(importlib.import_module(module), func or "main")(argv[1:])
+        from kdbench.core.io import OutputError
+        try:
+            return getattr(importlib.import_module(module), func or "main")(argv[1:])
+        except OutputError as e:  # a full disk, a read-only folder: one line, the file, the cause, the fix
+            print(f"kdbench {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+    from kdbench import __version__
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark reproduction suite.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"kdbench {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def with_suite(sp):
-        sp.add_argument("--suite", required=True, help="suite YAML file (workflow/suites/*.yaml)")
+        sp.add_argument("--suite", required=True, help="suite YAML file, or a suite name (crd = workflow/suites/crd.yaml)")
         return sp
 
     jobs = {"train-teacher": ("train", "train a model from scratch (teachers and plain students)"),
@@ -262,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=help_text, add_help=False)
 
     args = p.parse_args(argv)
+    if args.cmd is None:  # bare `kdbench`: what it can do
+        p.print_help()
+        return 0
     handlers = {name: (lambda a, kind=kind, sp=job_parsers[name]: cmd_fit(a, kind, sp))
                 for name, (kind, _) in jobs.items()}
     handlers.update({"aggregate": cmd_aggregate, "list-runs": cmd_list_runs, "validate": cmd_validate,

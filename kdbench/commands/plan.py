@@ -21,16 +21,12 @@ KINDS = ("train", "distill", "probe", "import")
 
 
 def suite_path(name: str) -> Path:
-    """A suite file, or ``workflow/suites/<name>.yaml`` here or in kdbench's checkout."""
-    if Path(name).is_file():
-        return Path(name)
-    folders = [Path("workflow/suites"), Path(__file__).resolve().parents[2] / "workflow" / "suites"]
-    for folder in folders:
-        if (folder / f"{name}.yaml").is_file():
-            return folder / f"{name}.yaml"
-    known = sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")})
-    raise SystemExit(f"kdbench plan: error: no suite file {name!r} and no suite named {name!r} in workflow/suites/; "
-                     f"suite names: {', '.join(known) or '(none found)'}, or give a suite file's path")
+    """A suite file, or ``workflow/suites/<name>.yaml`` (:func:`kdbench.planning.suite_files.suite_file`)."""
+    from kdbench.planning.suite_files import suite_file
+    try:
+        return suite_file(name)
+    except FileNotFoundError as e:
+        raise SystemExit(f"kdbench plan: error: {e}") from None
 
 
 def table_experiments(suite) -> dict[str, list[str]]:

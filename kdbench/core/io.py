@@ -14,8 +14,10 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: `kdbench --help` and the small commands never load it
+    import torch
 
 
 def current_umask() -> int:
@@ -159,6 +161,8 @@ def read_json_state(path: str | Path) -> tuple[dict | None, str]:
 def atomic_torch_save(path: str | Path, obj) -> None:
     # through a file object, torch names the archive's records archive/... (not after the random
     # temporary file), so equal content gives equal bytes and an equal SHA-256 (teacher checks)
+    import torch
+
     with atomic_file(path) as f:
         torch.save(obj, f)
 
@@ -192,6 +196,8 @@ def cpu_name() -> str:
 
 def provenance(device: torch.device) -> dict:
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     from kdbench import __version__
 

@@ -37,6 +37,7 @@ from kdbench.core.names import did_you_mean
 from kdbench.core.plugins import import_modules
 from kdbench.planning.budget import budget, cell_seeds
 from kdbench.planning.budget import read_state as read_looks
+from kdbench.planning.suite_files import suite_file
 from kdbench.planning.checks import SuiteError, check_file, check_suite
 from kdbench.planning.checks import check_name as _check_name
 
@@ -209,7 +210,10 @@ def _pack_id(runs: list[Run]) -> str:
 def load_suite(path: str | Path, check_files: bool = False) -> Suite:
     """Load and check a suite; ``check_files``: also require every dataset root and imported
     teacher file its runs read to exist (the pipeline checks this before any job)."""
-    path = Path(path)
+    try:
+        path = suite_file(path)
+    except FileNotFoundError as e:
+        raise SuiteError(str(e)) from None
     suite = build_suite(flatten(read_suite_file(path), path), path)
     check_suite(suite, check_files)
     return suite
