@@ -5,7 +5,9 @@
 ``<table>.md``  markdown tables laid out methods × pairs, cells ``mean ± half-width (n)``: the
                 plain seed aggregate of every table, in kdbench's names (a paper table's layout,
                 published values and paired tests are ``kdbench tables``' output under ``paper/``).
-Failed runs (non-finite loss) and missing runs are counted and shown, never averaged.
+Failed runs (non-finite loss) and missing runs are counted and shown, never averaged. A plain
+table with ``reproduces: <reference>`` also prints kdbench-vs-reference-implementation verdicts
+(:mod:`kdbench.report.reference`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from kdbench.core.io import atomic_write_bytes, read_json_state
 from kdbench.planning.suite import Suite
 from kdbench.stats.ci import mean_ci
 from kdbench.report.forest import row_text, seed_forest_rows
-from kdbench.report.paper_layout import fusion_note
 from kdbench.report.records import imported_accuracy, imported_teachers, run_status
+from kdbench.report.reference import reference_text
 from kdbench.stats.verdict import default_margin
 
 METRICS = ("acc_last", "acc_best")
@@ -119,10 +121,10 @@ def aggregate(suite: Suite, out_dir: str | Path) -> dict[str, Path]:
         paper = any(k in t for k in ("published", "like", "rows"))  # its paper layout: kdbench tables
         caption = "" if paper else t.get("caption", "")
         text = markdown_table(summary, t["experiments"], t.get("metric", "acc_last"), caption)
-        fused = fusion_note(suite, t["experiments"])
-        text += f"\n{fused}\n" if fused else ""
         if not paper:
             text += comparisons_text(records, summary, t)
+        if not paper and t.get("reproduces"):
+            text += reference_text(records, t, table_margin(summary, t), data_root(suite, t))
         if paper:
             text += f"\nPlain seed aggregate in kdbench's names; the paper's layout with published values: paper/{t['name']}.md\n"
         atomic_write_bytes(path, text.encode())
@@ -135,12 +137,23 @@ def comparisons_text(records: pd.DataFrame, summary: pd.DataFrame, table: dict) 
     rows = seed_forest_rows(records, table)
     if not rows:
         return ""
-    datasets = summary[summary.experiment.isin(table["experiments"])].dataset
-    margin = float(table.get("margin") or default_margin(datasets.iloc[0] if len(datasets) else "",
-                                                         table.get("metric", "acc_last")))
+    margin = table_margin(summary, table)
     ref = table.get("reference", "student")
     body = [[r.group, r.label, row_text(r, margin)] for r in rows]
     return (f"\nPaired with `{ref}` (same seeds): mean difference [95% t-interval], n, p Holm-adjusted over "
             f"this table's comparisons; decided = differs (adjusted p ≤ 0.05) or equivalent (90% interval "
             f"inside ±{margin:g}), else undecided. Forest plot: {table['name']}_forest.png\n\n"
             + tabulate(body, ["pair", "comparison", "difference"], tablefmt="github") + "\n")
+
+
+def table_margin(summary: pd.DataFrame, table: dict) -> float:
+    """The table's δ: its ``margin``, else its dataset's default."""
+    datasets = summary[summary.experiment.isin(table["experiments"])].dataset
+    return float(table.get("margin") or default_margin(datasets.iloc[0] if len(datasets) else "",
+                                                       table.get("metric", "acc_last")))
+
+
+def data_root(suite: Suite, table: dict) -> str:
+    """The data root of the table's (first) experiment's dataset."""
+    exp = next(e for e in suite.config["experiments"] if e["name"] == table["experiments"][0])
+    return suite.config["datasets"][exp["dataset"]]["root"]

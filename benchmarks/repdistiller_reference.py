@@ -1,0 +1,245 @@
+"""Run unmodified RepDistiller on a suite's synthetic files and record the reference numbers.
+
+    python benchmarks/repdistiller_reference.py --repdistiller /tmp/repdistiller \\
+        [--suite workflow/suites/smoke.yaml] [--experiment main] [--workdir /tmp/repdistiller-runs]
+
+writes ``kdbench/reference/repdistiller_<suite>.csv`` (one row per run: method, run index, last-
+and best-epoch top-1) and ``repdistiller_<suite>.json`` (provenance: RepDistiller's commit, the
+SHA-256 of every data file, the synthetic parameters, recipe, command lines, CPU, torch version).
+The suite's ``main`` table prints kdbench-vs-RepDistiller verdicts against them
+(:mod:`kdbench.report.reference`); docs/default_reference.md says how the reference was made.
+
+RepDistiller's files are never edited or copied: each run is a fresh process that imports the
+checkout and runs ``train_teacher.py`` / ``train_student.py`` as ``__main__`` with these run-time
+adaptations, all outside its code:
+
+* its CIFAR-100 loader reads ``./data/cifar-100-python`` (``get_data_folder`` on an unknown host):
+  the run folder's ``data`` links to kdbench's synthetic files, and torchvision's MD5 checks of the
+  official archive (``CIFAR100._check_integrity`` and ``check_integrity`` of the meta file) pass;
+* kdbench writes the pickles' keys as bytes (``b"data"``: what the official files give under
+  ``encoding="bytes"``, kdbench's reader); torchvision reads them under ``encoding="latin1"`` and
+  expects str keys: its ``pickle.load`` gets the keys decoded;
+* ``n_cls = 100`` is fixed in both scripts, kdbench's head has one output per class in the files:
+  the model constructors are given the files' class count instead;
+* ``tensorboard_logger`` (not installed here, logging only) is a no-op module;
+* RepDistiller has no seed option: the harness seeds ``random``, NumPy and torch with the run index
+  before the script starts, so its runs are repeated runs (n runs with their sd), not paired with
+  kdbench's seeds (different initialisations and data orders);
+* torch ≥ 2.6 loads ``weights_only`` by default, and the teacher checkpoint (written by the same
+  harness run) holds a NumPy scalar: ``torch.load`` gets ``weights_only=False``;
+* one CPU thread and ``--num_workers 0``; the teacher checkpoint the students read is
+  ``ckpt_epoch_<epochs>.pth`` (``--save_freq`` = epochs: the last epoch, as kdbench's teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kdbench.data.synthetic_files import ensure_synthetic  # noqa: E402
+from kdbench.planning.suite import load_suite  # noqa: E402
+
+#: kdbench method -> RepDistiller train_student.py arguments (its scripts/run_cifar_distill.sh).
+DISTILL_ARGS = {"kd": ["--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0"],
+                "at": ["--distill", "attention", "-r", "1", "-a", "0", "-b", "1000"]}
+ACC = re.compile(r"^ \* Acc@1 ([0-9.]+) Acc@5 ([0-9.]+)")
+
+# Run inside the child process: adapt the environment (never RepDistiller's files), then run the script.
+BOOT = r"""
+import os, random, runpy, sys, types
+checkout, script, seed, classes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.argv = [script] + sys.argv[5:]
+sys.path.insert(0, checkout)
+import numpy as np, torch, torchvision.datasets as tvd, torchvision.datasets.cifar as tvc
+torch.set_num_threads(1)
+random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+class _Logger:
+    def __init__(self, *a, **k): pass
+    def log_value(self, *a, **k): pass
+sys.modules["tensorboard_logger"] = types.SimpleNamespace(Logger=_Logger)
+tvd.CIFAR100._check_integrity = lambda self: True
+_load = torch.load
+torch.load = lambda *a, **k: _load(*a, **{"weights_only": False, **k})
+tvc.check_integrity = lambda *a, **k: True
+class _StrKeys:  # kdbench's pickles have bytes keys (the official ones read so under encoding="bytes")
+    def load(self, f, **kw):
+        d = __import__("pickle").load(f, **kw)
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+tvc.pickle = _StrKeys()
+import models
+for name, build in list(models.model_dict.items()):
+    models.model_dict[name] = (lambda b: lambda num_classes=100, **kw: b(num_classes=classes, **kw))(build)
+runpy.run_path(os.path.join(checkout, script), run_name="__main__")
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def data_checksums(root: str | Path) -> dict[str, str]:
+    """{file: sha256} of the CIFAR-100 files under ``root`` (what both implementations read)."""
+    base = Path(root) / "cifar-100-python"
+    return {f"cifar-100-python/{n}": sha256(base / n) for n in ("train", "test", "meta")}
+
+
+def recipe_args(recipe, arch: str) -> list[str]:
+    """RepDistiller's options for kdbench's ``recipe`` (its lr for ``arch``: both use 0.01 for the same
+    small archs); the last four are execution only (workers, checkpoint frequency)."""
+    return ["--epochs", str(recipe.epochs), "--learning_rate", str(recipe.base_lr(arch)),
+            "--lr_decay_epochs", ",".join(str(m) for m in recipe.milestones), "--lr_decay_rate", str(recipe.lr_decay),
+            "--weight_decay", str(recipe.weight_decay), "--momentum", str(recipe.momentum),
+            "--batch_size", str(recipe.batch_size), "--num_workers", "0", "--save_freq", str(recipe.epochs)]
+
+
+def test_accuracies(log: str) -> list[float]:
+    """Top-1 of every validation in a RepDistiller log, in order. Its training loop and ``validate``
+    both end with `` * Acc@1 ..``; a validation's follows its ``Test: [0/..]`` line (printed for
+    batch 0 whatever the print frequency), a training epoch's its ``Epoch: [..]`` lines."""
+    accs, in_test = [], False
+    for line in log.splitlines():
+        if line.startswith("Test: ["):
+            in_test = True
+        elif line.startswith("Epoch: ["):
+            in_test = False
+        elif (m := ACC.match(line)) and in_test:
+            accs.append(float(m.group(1)))
+            in_test = False
+    return accs
+
+
+def run_script(checkout: Path, folder: Path, script: str, seed: int, classes: int, data_root: Path,
+               args: list[str]) -> dict:
+    """One RepDistiller run in ``folder`` (its ./data links to ``data_root``): accuracy after each epoch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "data"
+    if not link.exists():
+        link.symlink_to(Path(data_root).resolve())
+    cmd = [sys.executable, "-c", BOOT, str(checkout), script, str(seed), str(classes), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
+    (folder / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{script} {' '.join(args)} failed (rc {proc.returncode}); see {folder / 'log.txt'}:\n"
+                           + proc.stderr[-2000:])
+    accs = test_accuracies(proc.stdout)
+    return {"accs": accs, "wall_s": round(time.time() - start, 1),
+            "command": " ".join([script, *args]) + f"  (seed {seed})"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repdistiller", required=True, type=Path, help="a checkout of HobbitLong/RepDistiller")
+    ap.add_argument("--commit", help="its commit (default: git rev-parse HEAD in the checkout)")
+    ap.add_argument("--suite", default=str(ROOT / "workflow/suites/smoke.yaml"))
+    ap.add_argument("--experiment", default="main")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/repdistiller-runs"))
+    ap.add_argument("--out", type=Path, help="CSV to write (default kdbench/reference/repdistiller_<suite>.csv)")
+    a = ap.parse_args(argv)
+    checkout = a.repdistiller.resolve()
+    for script in ("train_teacher.py", "train_student.py"):
+        if not (checkout / script).is_file():
+            raise SystemExit(f"{checkout} is no RepDistiller checkout: {script} missing")
+    commit = a.commit or subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                                        text=True).stdout.strip()
+    if not commit:
+        raise SystemExit(f"{checkout}: not a git checkout; give its commit with --commit")
+
+    suite = load_suite(a.suite)
+    cells = [c for c in suite.cells if c.experiment == a.experiment]
+    if not cells:
+        raise SystemExit(f"experiment {a.experiment!r} not in {a.suite}; valid: {', '.join(suite.experiment_runs)}")
+    ds = cells[0].dataset
+    params = suite.config["datasets"][ds]["synthetic"]
+    data_root = (a.workdir / "data").resolve()  # the folder holding cifar-100-python/
+    ensure_synthetic(ds, str(data_root), params)
+    classes = params.get("classes", 10)
+    student_cells = [c for c in cells if c.column != "teacher"]
+    methods = list(dict.fromkeys(c.column for c in student_cells))
+    unknown = [m for m in methods if m != "student" and m not in DISTILL_ARGS]
+    if unknown:
+        raise SystemExit(f"no RepDistiller arguments for {unknown}; known: student, {', '.join(DISTILL_ARGS)}")
+    spec_of = {c.run: suite.runs[c.run].spec for c in cells}
+    teacher_cell = next(c for c in cells if c.column == "teacher")
+    t_spec = spec_of[teacher_cell.run]
+    s_spec = spec_of[student_cells[0].run]
+    seeds = sorted({c.seed for c in student_cells})
+
+    rows, commands = [], []
+    t_folder = a.workdir / "teacher"
+    t = run_script(checkout, t_folder, "train_teacher.py", teacher_cell.seed, classes, data_root,
+                   ["--model", teacher_cell.teacher, "--trial", str(teacher_cell.seed), *recipe_args(t_spec.recipe, teacher_cell.teacher)])
+    rows.append(_row(a.experiment, teacher_cell, "teacher", teacher_cell.seed, t))
+    commands.append(t["command"])
+    t_ckpt = next((t_folder / "save" / "models").glob(f"{teacher_cell.teacher}_*")) / f"ckpt_epoch_{t_spec.recipe.epochs}.pth"
+    for method in methods:
+        for seed in seeds:
+            folder = a.workdir / f"{method}-{seed}"
+            base = recipe_args(s_spec.recipe, teacher_cell.student)
+            if method == "student":
+                r = run_script(checkout, folder, "train_teacher.py", seed, classes, data_root,
+                               ["--model", teacher_cell.student, "--trial", str(seed), *base])
+            else:
+                r = run_script(checkout, folder, "train_student.py", seed, classes, data_root,
+                               ["--path_t", str(t_ckpt), "--model_s", teacher_cell.student, *DISTILL_ARGS[method],
+                                "--trial", str(seed), *base])
+                r["accs"] = r["accs"][1:]  # the first validation is the teacher's
+            rows.append(_row(a.experiment, teacher_cell, method, seed, r))
+            commands.append(r["command"])
+            print(method, seed, rows[-1]["acc_last"], flush=True)
+
+    out = a.out or ROOT / "kdbench" / "reference" / f"repdistiller_{suite.name}.csv"
+    pd.DataFrame(rows).to_csv(out, index=False)
+    provenance = {
+        "what": f"unmodified RepDistiller on the {suite.name} suite's synthetic files, experiment {a.experiment}",
+        "repdistiller": {"repository": "https://github.com/HobbitLong/RepDistiller", "commit": commit},
+        "suite": Path(a.suite).name, "experiment": a.experiment, "dataset": ds, "synthetic": params,
+        "data_sha256": data_checksums(data_root),
+        "recipe": {"student": recipe_args(s_spec.recipe, teacher_cell.student)[:-4],
+                   "teacher": recipe_args(t_spec.recipe, teacher_cell.teacher)[:-4]},
+        "runs": "seeds set by the harness (random, numpy, torch.manual_seed) before the script: repeated runs, "
+                "not paired with kdbench's seeds",
+        "commands": commands, "harness": "benchmarks/repdistiller_reference.py",
+        "cpu": _cpu(), "python": platform.python_version(), "torch": _torch_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _row(experiment: str, cell, method: str, seed: int, r: dict) -> dict:
+    if not r["accs"]:
+        raise RuntimeError(f"{method} run {seed}: no test accuracy in RepDistiller's output ({r['command']})")
+    return {"experiment": experiment, "teacher": cell.teacher, "student": cell.student, "method": method,
+            "run": seed, "acc_last": r["accs"][-1], "acc_best": max(r["accs"]), "epochs": len(r["accs"]),
+            "wall_s": r["wall_s"]}
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+if __name__ == "__main__":
+    main()
