@@ -18,6 +18,7 @@ from snakemake.utils import validate
 
 from kdbench.planning.suite import SuiteError, load_suite, write_specs
 from kdbench.planning.checks import check_files_exist
+from kdbench.teachers.released import check_released_teachers
 
 
 def check_config(config, schema=f"{workflow.basedir}/workflow/schemas/config.schema.yaml"):
@@ -78,6 +79,7 @@ onstart:
     # before any job (a dry run plans without): every real dataset root and imported teacher file exists
     try:
         check_files_exist(SUITE)
+        check_released_teachers(SUITE, TEACHERS_DIR, config.get("fetch_teachers", "auto"))
     except SuiteError as e:
         raise SystemExit(f"kdbench: {e}")
     # the plan: each run's resolved spec in RUNS_DIR/<id>/spec.json, which its job reads instead of

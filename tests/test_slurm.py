@@ -70,7 +70,8 @@ def test_paper_suite_submission_requests_what_the_site_and_the_runs_need(cluster
     suite = load_suite(REPO / "workflow/suites/paper.yaml")
     ready = [r for r, run in suite.runs.items() if not run.needs and run.kind != "import"]  # need nothing
     out = open(tmp / "snakemake.log", "w")  # a file, not a pipe: nobody reads a pipe while it runs
-    proc = subprocess.Popen(snakemake_cmd(work, site, "--config", "suite=paper", "--jobs", "1000"), env=env,
+    proc = subprocess.Popen(snakemake_cmd(work, site, "--config", "suite=paper", "fetch_teachers=download",
+                                          "--jobs", "1000"), env=env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:  # bounded: every job stays RUNNING, so the submissions stop at the runs that need nothing
         deadline = time.time() + 400
@@ -151,3 +152,29 @@ def test_a_config_typo_a_suite_as_configfile_and_a_missing_dataset_fail_before_a
                           timeout=300)
     assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
     assert submissions(tmp / "slurm") == []
+
+
+def test_missing_released_teachers_fail_the_pre_flight_listing_every_file_and_submit_nothing(cluster):
+    """The CRD suite distils 875 runs from 5 released teachers: without their files and without a
+    download source (this machine has no network; fetch_teachers=never says the same without the
+    probe), the pre-flight refuses before any job, naming each file and where to get it."""
+    tmp, site, env = cluster
+    work = tmp / "work"
+    for root in ("cifar100", "cifar10", "svhn", "stl10", "tinyimagenet", "imagenet"):
+        (work / "data" / root).mkdir(parents=True)
+    from kdbench.planning.suite import load_suite
+    from kdbench.teachers.released import released_teacher
+    suite = load_suite(REPO / "workflow/suites/crd.yaml")
+    files = {released_teacher(r.spec.dataset, r.spec.student).file for r in suite.runs.values() if r.kind == "import"}
+    assert len(files) >= 5
+    (work / "teachers" / next(iter(sorted(files)))).parent.mkdir(parents=True)
+    present = sorted(files)[0]
+    (work / "teachers" / present).write_bytes(b"x")  # one already here: not listed
+    for mode in ("never", "auto"):
+        done = subprocess.run(snakemake_cmd(work, site, "--config", "suite=crd", f"fetch_teachers={mode}"), env=env,
+                              capture_output=True, text=True, timeout=600)
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and f"{len(files) - 1} released teacher file(s)" in out, out[-3000:]
+        assert all(f"teachers/{f}" in out for f in files - {present}) and f"teachers/{present}" not in out
+        assert "fetch-teachers --suite" in out and "--list" in out and "Traceback" not in out
+        assert submissions(tmp / "slurm") == []

@@ -142,6 +142,7 @@ def obtain(rt: ReleasedTeacher, teachers_dir: str | Path, resume: str) -> tuple[
     target.parent.mkdir(parents=True, exist_ok=True)
     tried = []
     for url in rt.urls:
+        print(f"fetching {rt.arch} ({rt.dataset}) from {url} ...", flush=True)  # a line while it tries
         try:
             download(url, target)
             return target, url
@@ -149,6 +150,7 @@ def obtain(rt: ReleasedTeacher, teachers_dir: str | Path, resume: str) -> tuple[
             tried.append(f"{url} ({type(e).__name__}: {e})")
     if rt.archive:
         url, member = rt.archive
+        print(f"fetching {rt.arch} ({rt.dataset}) from {url}#{member} ...", flush=True)
         try:
             _from_archive(url, member, target, Path(teachers_dir) / "archives" / Path(url).name)
             return target, f"{url}#{member}"
@@ -185,6 +187,61 @@ def import_released(rt: ReleasedTeacher, run_dir: str | Path, teachers_dir: str 
                "provenance": provenance(resolve_device(device, say=False))}
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+#: what the pre-flight does about released teachers whose files are not here yet (--config fetch_teachers=)
+FETCH_MODES = ("auto", "download", "never")
+
+
+def sources_reachable(rt: ReleasedTeacher, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to any of ``rt``'s download hosts opens within ``timeout`` seconds
+    (name lookup included: it runs in a thread, as getaddrinfo has no timeout of its own)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    hosts = {(u.hostname, u.port or (443 if u.scheme == "https" else 80))
+             for u in map(urlsplit, [*rt.urls, *([rt.archive[0]] if rt.archive else [])])}
+    found = threading.Event()
+
+    def connect(host, port):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            found.set()
+        except OSError:
+            pass
+
+    for host, port in hosts:
+        threading.Thread(target=connect, args=(host, port), daemon=True).start()
+    return found.wait(timeout)
+
+
+def check_released_teachers(suite, teachers_dir: str | Path = TEACHERS_DIR, mode: str = "auto") -> None:
+    """The pipeline's pre-flight for released teachers: each import run not yet imported needs its
+    raw file in ``teachers_dir`` or a download. ``auto``: refuse (SuiteError) when a file is missing
+    and no download source answers; ``never``: refuse whenever one is missing; ``download``: leave it
+    to the jobs. The refusal lists every missing file with where to put it, in one message."""
+    from kdbench.core.io import read_json
+    from kdbench.planning.checks import SuiteError
+
+    if mode not in FETCH_MODES:
+        raise SuiteError(f"fetch_teachers={mode!r}: valid values are {', '.join(FETCH_MODES)}")
+    missing = []
+    for rid, run in suite.runs.items():
+        if run.kind != "import" or (read_json(Path(suite.run_dir(rid)) / "metrics.json") or {}).get("status") == "ok":
+            continue
+        rt = released_teacher(run.spec.dataset, run.spec.student)
+        if not (Path(teachers_dir) / rt.file).is_file():
+            missing.append(rt)
+    if not missing or mode == "download" or (mode == "auto" and sources_reachable(missing[0])):
+        return
+    why = "no download source answered within 5 s" if mode == "auto" else "fetch_teachers=never"
+    resume = f"snakemake again (or `kdbench fetch-teachers --suite {suite.path}`)"
+    lines = [by_hand(rt, Path(teachers_dir) / rt.file, resume) for rt in dict.fromkeys(missing)]
+    raise SuiteError(f"{len(lines)} released teacher file(s) are not in {teachers_dir}/ and cannot be downloaded "
+                     f"here ({why}); no job was started. `kdbench fetch-teachers --suite {suite.path} --list` "
+                     f"lists them; by hand:\n  " + "\n  ".join(lines)
+                     + "\n(--config fetch_teachers=download lets the jobs try anyway.)")
 
 
 def describe(suite, run_id: str, teachers_dir: str = TEACHERS_DIR) -> str:

@@ -28,5 +28,6 @@ if IMPORT_RUNS:
         # on the login node, where clusters allow downloads (compute nodes often have no network);
         # the accuracy check of one test set runs on its CPU if it has no GPU
         localrule: True
+        retries: 0  # a download that failed fails again at once; the pre-flight checked a source answers
         shell:
             "kdbench fetch-teachers --suite {params.suite:q} --run {wildcards.run:q} --dir {params.dir:q} > {log:q} 2>&1"
