@@ -22,6 +22,7 @@ from kdbench.core.io import atomic_write_bytes, read_json_state
 from kdbench.planning.suite import Suite
 from kdbench.stats.ci import mean_ci
 from kdbench.report.forest import row_text, seed_forest_rows
+from kdbench.report.paper_layout import fusion_note
 from kdbench.report.records import imported_accuracy, imported_teachers, run_status
 from kdbench.report.reference import reference_text
 from kdbench.stats.verdict import default_margin
@@ -121,6 +122,8 @@ def aggregate(suite: Suite, out_dir: str | Path) -> dict[str, Path]:
         paper = any(k in t for k in ("published", "like", "rows"))  # its paper layout: kdbench tables
         caption = "" if paper else t.get("caption", "")
         text = markdown_table(summary, t["experiments"], t.get("metric", "acc_last"), caption)
+        fused = fusion_note(suite, t["experiments"])
+        text += f"\n{fused}\n" if fused else ""
         if not paper:
             text += comparisons_text(records, summary, t)
         if not paper and t.get("reproduces"):
