@@ -83,18 +83,19 @@ def test_steps_per_epoch_is_the_loaders_length():
 
 
 def test_smoke_golden_counts(smoke):
-    """By hand: 800 training images at batch 64 = 13 steps per epoch (12 full + 32). ``main``: the
-    5-epoch teacher (65) + 5 students and 10 distillations of 6 epochs (15 × 78) = 16 runs, 1,235
-    steps. ``methods``: the teacher (shared with main), a 3-epoch student (39), 40 distillations
-    of 3 epochs (1,560) of which AB/FT/FSP and their +KD add a 1-epoch init stage (6 × 13) = 42 runs,
-    1,742 steps. ``fig4_e2`` adds teacher seed 1 (65), student seed 1 (39), kd and fkd × 2 seeds
-    (4 × 39): 63 runs, 1,235 + 1,742 − 65 + 260 = 3,172 steps in all."""
+    """By hand: 600 training images (20 classes × 30) at batch 64 = 10 steps per epoch (9 full + 24).
+    ``main``: the 30-epoch resnet20 teacher (300) + 5 students and 5 KD distillations of 30 epochs
+    (10 × 300) = 11 runs, 3,300 steps, none shared (``methods`` has a resnet14 teacher).
+    ``methods``: the 5-epoch resnet14 teacher (50), a 3-epoch student (30), 40 distillations of 3
+    epochs (1,200) of which AB/FT/FSP and their +KD add a 1-epoch init stage (6 × 10) = 42 runs,
+    1,340 steps. ``fig4_e2`` adds teacher seed 1 (50), student seed 1 (30), kd and fkd × 2 seeds
+    (4 × 30): 59 runs, 3,300 + 1,340 + 200 = 4,840 steps in all."""
     p = plan(smoke, "h100", 8)
     main, methods, total = p["tables"]["main"], p["tables"]["methods"], p["total"]
-    assert (main["runs"], main["by_kind"]["train"], main["by_kind"]["distill"], main["steps"]) == (16, 6, 10, 1235)
-    assert main["shared"] == 1  # its teacher, which `methods` reads too
-    assert (methods["runs"], methods["by_kind"]["train"], methods["steps"]) == (42, 2, 1742)
-    assert (total["runs"], total["by_kind"]["train"], total["by_kind"]["distill"], total["steps"]) == (63, 9, 54, 3172)
+    assert (main["runs"], main["by_kind"]["train"], main["by_kind"]["distill"], main["steps"]) == (11, 6, 5, 3300)
+    assert main["shared"] == 0
+    assert (methods["runs"], methods["by_kind"]["train"], methods["steps"]) == (42, 2, 1340)
+    assert (total["runs"], total["by_kind"]["train"], total["by_kind"]["distill"], total["steps"]) == (59, 10, 49, 4840)
     assert "(in no table)" not in p["tables"]
 
 
@@ -167,7 +168,7 @@ def test_ddp_gpu_hours_by_hand(paper, procs):
 
 
 def test_model_cost_of_a_cifar_distillation_by_hand(smoke):
-    """One smoke KD run (13 steps per epoch, 6 epochs, 1,000 test images in batches of 256): each
+    """One smoke KD run (10 steps per epoch, 30 epochs, 1,000 test images in batches of 256): each
     step max(FLOPs / sustained, 4 ms), at 1 GFLOP per image; each epoch's test pass 3 full batches
     and one of 232, each max(FLOPs / sustained, 1.5 ms)."""
     run = next(r for r in smoke.runs.values() if r.experiment == "main" and r.spec.method == "kd")
@@ -175,7 +176,7 @@ def test_model_cost_of_a_cifar_distillation_by_hand(smoke):
         c = cost.run_cost(smoke, run, cost.run_plan(smoke, run), cost.GPUS[gpu], flops=flat_flops)
         step = max(4 * 64e9 / sustained, 4e-3)
         test = 3 * max(256e9 / sustained, 1.5e-3) + max(232e9 / sustained, 1.5e-3)
-        assert c.wall_s == pytest.approx(6 * 13 * step + 6 * test, rel=1e-12), gpu
+        assert c.wall_s == pytest.approx(30 * 10 * step + 30 * test, rel=1e-12), gpu
         assert c.source == "model" and c.measured_steps == 0
 
 
@@ -197,7 +198,7 @@ def test_wall_time_is_the_packing_lower_bound(smoke):
         cost.wall_hours(10.0, 1.0, 4, 2)
 
 
-def _record(tmp_path, gpu, device_name, sps, pair=("resnet14", "resnet8"), method="kd", dry=False):
+def _record(tmp_path, gpu, device_name, sps, pair=("resnet20", "resnet8"), method="kd", dry=False):
     result = {"device": "cuda", "device_name": device_name, "pair": list(pair), "method": method, "batch": 64,
               "engine": {"plain": {"sps": sps}, "fast": {"sps": 10 * (sps if not isinstance(sps, dict) else 1)}}}
     report = {"dry": dry, "steps": {"environment": {"device_name": device_name},
@@ -208,14 +209,14 @@ def _record(tmp_path, gpu, device_name, sps, pair=("resnet14", "resnet8"), metho
 
 @pytest.mark.parametrize("sps", [250.0, {"min": 200.0, "median": 250.0, "max": 260.0}])
 def test_measured_steps_where_a_record_matches(smoke, tmp_path, sps):
-    """A record of KD resnet14 → resnet8 at batch 64 costs exactly those runs' main-stage steps (at
+    """A record of KD resnet20 → resnet8 at batch 64 costs exactly those runs' main-stage steps (at
     1 / 250 s); every other run, and every test pass, stays the model's."""
     records = _record(tmp_path, "h100", "NVIDIA H100 80GB HBM3", sps)
     measured = cost.device_records("h100", records)
-    assert [(m.pair, m.method, m.seconds_per_step) for m in measured] == [(("resnet14", "resnet8"), "kd", 1 / 250)]
-    kd = [r for r in smoke.runs.values() if r.spec.method == "kd" and r.spec.teacher == "resnet14"
+    assert [(m.pair, m.method, m.seconds_per_step) for m in measured] == [(("resnet20", "resnet8"), "kd", 1 / 250)]
+    kd = [r for r in smoke.runs.values() if r.spec.method == "kd" and r.spec.teacher == "resnet20"
           and len(r.spec.teacher_ckpts) == 1]
-    assert len(kd) == 6  # main's 5 seeds and methods' one; fig4_e2's kd has a 2-teacher ensemble
+    assert len(kd) == 5  # main's 5 seeds (methods' and fig4_e2's kd distil from resnet14)
     assert measured[0].applies(kd[0], 1, 32) and not measured[0].applies(kd[0], 1, 64)  # 64-px images
     assert not measured[0].applies(kd[0], 2, 32)  # DDP
     for run in smoke.runs.values():
@@ -249,7 +250,7 @@ def test_a_hint_stage_is_planned(smoke):
     run = next(r for r in smoke.runs.values() if r.spec.method == "fitnet")
     overrides = {**run.spec.method_overrides, "params": {"fitnet": {"hint_epochs": 2}}}
     hinted = replace(run, spec=replace(run.spec, method_overrides=overrides))
-    assert cost.run_plan(smoke, hinted).steps == cost.run_plan(smoke, run).steps + 2 * 13
+    assert cost.run_plan(smoke, hinted).steps == cost.run_plan(smoke, run).steps + 2 * 10
     assert cost.run_plan(smoke, hinted).steps == recount(smoke, hinted)[1]
 
 
@@ -277,7 +278,7 @@ def test_suite_names_resolve_as_snakemake_does(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("name: x\n")
     assert suite_path(str(own)) == own
-    with pytest.raises(SystemExit, match="suite names: .*paper.*smoke"):
+    with pytest.raises(SystemExit, match="Suite names: .*paper.*smoke"):
         suite_path("papr")
 
 
@@ -287,9 +288,9 @@ def test_command_prints_the_plan_and_help_imports_no_torch(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     total = next(line for line in r.stdout.splitlines() if line.startswith("total"))
-    assert total.split()[4:10] == ["63", "9", "54", "0", "0", "42"] and "3,172" in total
+    assert total.split()[4:10] == ["59", "10", "49", "0", "0", "42"] and "4,840" in total
     assert "A100" in r.stdout and "every cost is the model's" in r.stdout
-    assert json.loads((tmp_path / "p.json").read_text())["total"]["steps"] == 3172
+    assert json.loads((tmp_path / "p.json").read_text())["total"]["steps"] == 4840
     code = ("import sys\nfrom kdbench.commands.cli import main\ntry:\n    main(['plan', '--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     h = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True)
