@@ -167,6 +167,19 @@ def atomic_torch_save(path: str | Path, obj) -> None:
         torch.save(obj, f)
 
 
+def atomic_save_figure(fig, path: str | Path) -> Path:
+    """Write the matplotlib figure ``fig`` to the PNG ``path`` whole (no time stamp in it, so equal
+    figures give equal bytes), and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:  # a reader never sees half a PNG
+        fig.savefig(f, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def git_sha() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the kdbench checkout, or (None, None) outside a git tree."""
     here = Path(__file__).resolve().parent

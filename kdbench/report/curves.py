@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from kdbench.core.io import atomic_file
+from kdbench.core.io import atomic_save_figure
 
 BANDS = ("range", "sd", "ci95")
 
@@ -92,9 +92,4 @@ def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path
                  fontsize=8.5, x=0.01, y=1 - 0.05 / (1.9 * nrow + 0.8), ha="left", va="top")
     fig.supxlabel("epoch", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:  # a reader never sees half a PNG
-        fig.savefig(f, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path)

@@ -26,7 +26,7 @@ import math
 import sys
 from pathlib import Path
 
-from kdbench.core.io import atomic_file
+from kdbench.core.io import atomic_save_figure
 from kdbench.report.curves import BANDS, CellCurves, draw_curves, epoch_accuracies
 from kdbench.report.forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
 from kdbench.report.paper_tables import METRICS, CellStat, TableResult, compute_tables, table_specs
@@ -56,14 +56,7 @@ def _shade_impossible(ax) -> None:
 
 def draw(res: TableResult, path: str | Path) -> Path:
     """Draw ``res`` (a table with a ``figure`` spec) into the PNG file ``path``."""
-    import matplotlib.pyplot as plt
-    fig = figure(res)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:  # a reader never sees half a PNG
-        fig.savefig(f, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return atomic_save_figure(figure(res), path)
 
 
 def figure(res: TableResult):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from kdbench.core.io import atomic_file
+from kdbench.core.io import atomic_save_figure
 from kdbench.stats.paired import holm, paired_test
 
 
@@ -135,12 +135,7 @@ def draw_forest(rows: list[ForestRow], margin: float, path: str | Path, title: s
     if note_lines:
         fig.text(0.01, 0.05 / height, "\n".join(note_lines), fontsize=6.5, va="bottom")
     fig.subplots_adjust(left=0.2, right=0.58, top=1 - top / height, bottom=bottom / height)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:  # a reader never sees half a PNG
-        fig.savefig(f, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 # ---- seed tables (kdbench aggregate's tables): each method against the table's reference ----------
