@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 16): every CUDA path of kdbench in one ~8-minute run.
+"""The prepared GPU check (issues 16, 28): every CUDA path of kdbench in one ~8-minute run.
 
     benchmarks/gpu_check.sh [--dry]          # writes $OUT/gpu_check.json and $OUT/gpu_check.log
 
@@ -14,14 +14,19 @@ recorded, and the next still runs):
    (seeds 0 and 1: the seed noise) vs the fast configuration (bf16, channels_last, CUDA graph,
    fp32 teacher cache, seed 0), and fp32 with the CUDA graph alone vs plain (the same maths: the
    curves and weights must agree to float32 rounding).
-4. ``bench``: ``kdbench bench`` single runs (KD with every config and the 12-run packed grid,
-   fused and unfused, vs the sequential reference loop; then CRD and FitNet).
-5. ``projection``: GPU-hours of CRD Tables 1+2 (workflow/suites/crd.yaml: pairs × methods × 5
-   seeds, 240 epochs of 782 steps) at the reference loop's, the engine's and the packed grid's
-   measured steps/s.
+4. ``bench``: ``kdbench bench``, one process per job: KD with every config and the 12-run grid
+   (packed, fused and unfused, vs the same runs one after another by kdbench and by the reference
+   loop), then CRD (nce_k 16384) and FitNet; whole runs and steps, median [min–max] over repeats.
+   Then the record ``results/gpu/<gpu kind>.json`` (this report: what ``kdbench plan`` reads,
+   :func:`kdbench.planning.cost.read_bench_record`) and ``.md`` (a summary) are written.
+5. ``projection``: ``kdbench plan --gpu <kind> --records results/gpu`` of the paper suite's CRD
+   Tables 1+2 and of the whole ``paper`` suite (per-GPU hours, each run once), from the record
+   just written (the engine's measured plain steps where they apply, the planner's model elsewhere).
 
 ``--dry`` (or ``KDBENCH_GPU_CHECK_DRY=1``): the same steps on the CPU at tiny sizes (resnet8
-models, a few steps), so that the script is exercised by the tests (tests/test_gpu_check.py).
+models, a few steps), so that the script is exercised by the tests (tests/test_gpu_check.py); its
+record goes to ``<out>/results/gpu/cpu.json`` (marked dry: the planner refuses it) and its
+projection is the planner's model alone.
 
 The device image (Python 3.12, torch 2.11) has no jsonschema, which kdbench.planning.suite imports: the
 engine, ``kdbench bench`` and most tests run without it, but test modules that load suites
@@ -48,20 +53,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: (step, time limit in seconds on the GPU, in dry mode): 8 minutes in all on the GPU. The dry run
 #: takes ~30 s on 2 idle cores; its limits only guard against a hang on a loaded CI machine.
-STEPS = (("environment", 30, 120), ("cuda_tests", 120, 240), ("fast_path", 120, 240), ("bench", 200, 240),
-         ("projection", 10, 10))
+STEPS = (("environment", 30, 120), ("cuda_tests", 100, 240), ("fast_path", 60, 240), ("bench", 260, 400),
+         ("projection", 30, 120))
+#: the bench step's jobs' own limits (GPU), within the step's: KD with the 12-run grid, CRD, FitNet
+BENCH_LIMITS = {"kd": 170, "crd": 50, "fitnet": 40}
 
-#: CRD Tables 1+2 (workflow/suites/crd.yaml) at RepDistiller's recipe
-CRD_SUITE, TABLES, SEEDS, EPOCHS, STEPS_PER_EPOCH = "workflow/suites/crd.yaml", ("crd_table1", "crd_table2"), 5, 240, 782
+#: the projection: the paper suite's CRD Tables 1+2, then the whole suite
+PLAN_SUITE, CRD_TABLES = "paper", "crd_table1,crd_table2"
 
 
 def sizes(dry: bool) -> dict:
     if dry:
         return {"device": "cpu", "pair": ["resnet8", "resnet8"], "classes": 5, "train_per_class": 16,
-                "test_per_class": 4, "epochs": 1, "fast_precision": "fp32",
-                "bench": ["--steps", "1", "--warmup", "1", "--images", "128", "--workers", "0"]}
+                "test_per_class": 4, "epochs": 1, "fast_precision": "fp32"}
     return {"device": "cuda", "pair": ["resnet32x4", "resnet8x4"], "classes": 100, "train_per_class": 64,
-            "test_per_class": 20, "epochs": 3, "fast_precision": "bf16", "bench": []}
+            "test_per_class": 20, "epochs": 3, "fast_precision": "bf16"}
 
 
 # ---------------------------------------------------------------- the steps (each in a child process)
@@ -163,53 +169,97 @@ def fast_path(dry: bool) -> dict:
 def bench(dry: bool) -> dict:
     z = sizes(dry)
     if dry:  # each path once, at the smallest sizes
-        jobs = {"kd": ["--method", "kd", "--configs", "plain,fast", "--pack", "2", "--verify", "1"],
-                "crd": ["--method", "crd", "--configs", "plain", "--no-fuse", "--pack", "1"],
-                "fitnet": ["--method", "fitnet", "--configs", "plain", "--no-fuse", "--pack", "1"]}
-    else:  # KD: every config, the 12-run grid fused and unfused, 20 steps plain vs fast; CRD, FitNet: shorter
-        jobs = {"kd": ["--method", "kd", "--verify", "20"],
-                "crd": ["--method", "crd", "--configs", "plain,fast", "--no-fuse", "--pack", "2", "--steps", "100"],
-                "fitnet": ["--method", "fitnet", "--configs", "plain,fast", "--no-fuse", "--pack", "2", "--steps", "100"]}
+        common = ["--steps", "1", "--warmup", "1", "--epochs", "1", "--repeat", "1", "--workers", "0",
+                  "--nce-k", "100", "--grid-pair", ",".join(z["pair"])]
+        jobs = {"kd": ["--methods", "kd", "--configs", "plain,fast", "--pack", "2"],
+                "crd": ["--methods", "crd", "--configs", "plain", "--pack", "0"],
+                "fitnet": ["--methods", "fitnet", "--configs", "plain", "--pack", "0"]}
+    else:  # KD: every config and the 12-run grid, fused and unfused; CRD (nce_k 16384), FitNet: plain and fast
+        common = ["--steps", "30", "--warmup", "10", "--epochs", "1", "--repeat", "2"]
+        jobs = {"kd": ["--methods", "kd", "--pack", "12"],
+                "crd": ["--methods", "crd", "--configs", "plain,fast", "--pack", "0", "--steps", "50"],
+                "fitnet": ["--methods", "fitnet", "--configs", "plain,fast", "--pack", "0", "--steps", "50"]}
     out = {}
     for name, extra in jobs.items():
         path = Path(tempfile.mkdtemp()) / f"{name}.json"
         cmd = [sys.executable, "-m", "kdbench.commands.bench", "--device", z["device"], "--pair", ",".join(z["pair"]),
-               "--json", str(path), *extra, *z["bench"]]
+               "--json", str(path), *common, *extra]
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
-        print(" ".join(cmd), "\n", r.stdout[-8000:], r.stderr[-4000:], flush=True)
-        out[name] = {"returncode": r.returncode, "wall_s": time.time() - t0,
-                     "result": json.loads(path.read_text()) if path.exists() else None,
-                     "error": r.stderr[-2000:] if r.returncode else None}
+        try:
+            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env(),
+                               timeout=240 if dry else BENCH_LIMITS[name])
+            code, stdout, stderr = r.returncode, r.stdout, r.stderr
+        except subprocess.TimeoutExpired as e:
+            code, stdout, stderr = "timed out", _text(e.stdout), _text(e.stderr)
+        print(" ".join(cmd), "\n", stdout[-8000:], stderr[-4000:], flush=True)
+        res = json.loads(path.read_text()) if path.exists() else None
+        # one result per method (what kdbench.planning.cost.read_bench_record reads), the grid apart
+        out[name] = {"returncode": code, "wall_s": time.time() - t0, "printed": stdout[-6000:],
+                     "result": res["methods"][name] if res else None, "error": stderr[-2000:] if code else None}
+        if res and "grid" in res:
+            out["grid"] = {"returncode": code, "result": res["grid"]}
     out["ok"] = all(v["returncode"] == 0 for v in out.values())
     return out
 
 
-def projection(dry: bool, results: dict) -> dict:
-    """GPU-hours of CRD Tables 1+2 at the measured steps/s of the KD benchmark (CRD's own where
-    measured), for the reference loop, one engine run at a time (fast config) and packed grids."""
-    import yaml
-
-    suite = yaml.safe_load((REPO / CRD_SUITE).read_text())
-    runs = sum(len(e["pairs"]) * len(e["methods"]) * SEEDS for e in suite["experiments"]
-               if e["name"].startswith(TABLES))
-    kd = (((results.get("bench") or {}).get("kd") or {}).get("result")) or {}
-    if not kd:
-        return {"ok": False, "error": "no KD benchmark result to project from", "runs": runs}
-    steps = runs * EPOCHS * STEPS_PER_EPOCH
-    sps = {"reference": kd["reference_sps"],
-           "engine_fast": (kd["engine"].get("fast+cache") or kd["engine"].get("fast") or kd["engine"]["plain"])["sps"]}
-    for g in ("pack", "pack+fuse"):
-        if g in kd:
-            sps[g] = kd[g]["sps"]  # run-steps per second of the grid
-    hours = {k: steps / v / 3600 for k, v in sps.items()}
-    return {"runs": runs, "steps": steps, "steps_per_s": sps, "gpu_hours": hours,
-            "speedup_vs_reference": {k: hours["reference"] / h for k, h in hours.items()},
-            "note": "every run at the KD pair's speed (resnet32x4→resnet8x4); the tables' pairs differ in size"
-                    + ("; DRY: CPU figures at toy sizes, not a projection" if dry else ""), "ok": True}
+def gpu_kind(device_name: str) -> str:
+    """The planner's GPU kind of a device name (``NVIDIA H100 80GB HBM3`` → ``h100``), else the
+    name as a file name."""
+    from kdbench.planning.cost import GPUS
+    low = device_name.lower()
+    return next((k for k in GPUS if k in low), "".join(c if c.isalnum() else "_" for c in low).strip("_") or "unknown")
 
 
-STEP_FUNCS = {"environment": environment, "cuda_tests": cuda_tests, "fast_path": fast_path, "bench": bench}
+def record_paths(report: dict, out: Path) -> tuple[Path, str]:
+    """Where the record goes (``results/gpu`` of the checkout; dry: under ``out``) and its GPU kind."""
+    if report["dry"]:
+        return out / "results" / "gpu", "cpu"
+    return REPO / "results" / "gpu", gpu_kind((report["steps"].get("environment") or {}).get("device_name") or "")
+
+
+def write_record(report: dict, folder: Path, kind: str) -> None:
+    """``<folder>/<kind>.json`` (the report) and ``.md`` (its summary)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{kind}.json").write_text(json.dumps(report, indent=1, default=str))
+    env = report["steps"].get("environment") or {}
+    lines = [f"# GPU check: {env.get('device_name') or 'no GPU'}" + (" (DRY: CPU, toy sizes)" if report["dry"] else ""),
+             "", f"started {report['started']}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+             f"nvidia-smi: {env.get('nvidia_smi')}", "", "| step | status | seconds |", "|---|---|---|"]
+    lines += [f"| {n} | {s.get('status')} | {s.get('seconds', '')} |" for n, s in report["steps"].items()]
+    for name, job in ((report["steps"].get("bench") or {}).items()):
+        if isinstance(job, dict) and job.get("printed"):
+            lines += ["", f"## bench {name}", "", "```", job["printed"].strip(), "```"]
+    proj = report["steps"].get("projection") or {}
+    for name in ("crd_tables", "paper"):
+        if proj.get(name):
+            t = proj[name]["total"]
+            lines += ["", f"## projection: {name} on {proj['gpu']}", "",
+                      f"{t['runs']} runs, {t['steps']:,} steps, {t['gpu_hours']:,.1f} GPU-hours per GPU "
+                      f"({t['measured_steps']:,} steps from measured step costs), wall {t['wall_hours']:,.1f} h at "
+                      f"{t['wall_gpus']} GPUs"]
+    (folder / f"{kind}.md").write_text("\n".join(lines) + "\n")
+
+
+def projection(dry: bool, records: str, kind: str) -> dict:
+    """``kdbench plan`` of CRD Tables 1+2 and of the whole paper suite on ``kind`` from ``records``."""
+    gpu = kind if not dry else "h100"  # dry: the record is refused, and h100.json is not there: the model alone
+    out = {"gpu": gpu, "records": records}
+    for name, extra in (("crd_tables", ["--tables", CRD_TABLES]), ("paper", [])):
+        path = Path(tempfile.mkdtemp()) / f"{name}.json"
+        cmd = [sys.executable, "-m", "kdbench.commands.plan", "--suite", PLAN_SUITE, "--gpu", gpu, "--records",
+               records, "--json", str(path), *extra]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
+        print(" ".join(cmd), "\n", r.stdout, r.stderr[-3000:], flush=True)
+        out[name] = json.loads(path.read_text()) if r.returncode == 0 and path.exists() else None
+        out[f"{name}_printed"] = r.stdout
+        if r.returncode:
+            out[f"{name}_error"] = r.stderr[-2000:]
+    out["ok"] = out["crd_tables"] is not None and out["paper"] is not None
+    return out
+
+
+STEP_FUNCS = {"environment": environment, "cuda_tests": cuda_tests, "fast_path": fast_path, "bench": bench,
+              "projection": projection}
 
 
 # ---------------------------------------------------------------- helpers
@@ -217,6 +267,10 @@ STEP_FUNCS = {"environment": environment, "cuda_tests": cuda_tests, "fast_path":
 def _child_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "PYTHONUNBUFFERED": "1"}
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def _max_rel(a: list[float], b: list[float]) -> float:
@@ -234,10 +288,11 @@ def _weights_rel(a: Path, b: Path) -> float | None:
     return (num / sum((sb[k].double() ** 2).sum().item() for k in fl)) ** 0.5
 
 
-def run_step(name: str, dry: bool, limit: float, log) -> dict:
+def run_step(name: str, dry: bool, limit: float, log, extra: tuple = ()) -> dict:
     """One step in a child process with a time limit; its output goes to the log."""
     part = Path(tempfile.mkdtemp()) / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--part", str(part)] + (["--dry"] if dry else [])
+    cmd = ([sys.executable, str(Path(__file__).resolve()), "--step", name, "--part", str(part), *extra]
+           + (["--dry"] if dry else []))
     t0 = time.time()
     log.write(f"\n===== {name} (limit {limit:.0f} s) =====\n")
     log.flush()
@@ -260,11 +315,13 @@ def main(argv: list[str] | None = None) -> int:
                    "(default $OUT, else .)")
     p.add_argument("--step", choices=[s for s, *_ in STEPS], help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
+    p.add_argument("--records", help=argparse.SUPPRESS)
+    p.add_argument("--kind", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.step:  # a child: one step, its result to --part
         sys.path.insert(0, str(REPO))
         try:
-            res = STEP_FUNCS[a.step](a.dry)
+            res = STEP_FUNCS[a.step](a.dry, *((a.records, a.kind) if a.step == "projection" else ()))
         except Exception:
             res = {"ok": False, "error": traceback.format_exc()[-4000:]}
             traceback.print_exc()
@@ -275,17 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     report = {"dry": a.dry, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": {}}
     with open(out / "gpu_check.log", "w") as log:
         for name, gpu_s, dry_s in STEPS:
-            if name == "projection":
-                try:
-                    report["steps"][name] = {"status": "ok", **projection(a.dry, report["steps"])}
-                except Exception:
-                    report["steps"][name] = {"status": "error", "error": traceback.format_exc()[-4000:]}
-            else:
-                report["steps"][name] = run_step(name, a.dry, dry_s if a.dry else gpu_s, log)
+            extra = ()
+            if name == "projection":  # the planner reads the record the bench step's figures are in
+                folder, kind = record_paths(report, out)
+                write_record(report, folder, kind)
+                extra = ("--records", str(folder), "--kind", kind)
+            report["steps"][name] = run_step(name, a.dry, dry_s if a.dry else gpu_s, log, extra)
             print(f"{name:12s} {report['steps'][name]['status']}", flush=True)
             (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))  # after every step
     report["ok"] = all(s["status"] == "ok" for s in report["steps"].values())
+    folder, kind = record_paths(report, out)
+    report["record"] = str(folder / f"{kind}.json")
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    write_record(report, folder, kind)
+    print(f"gpu_check: record {folder / kind}.json|md")
     print(f"gpu_check: {'all steps ok' if report['ok'] else 'SOME STEPS FAILED'}; {out / 'gpu_check.json'}")
     return 0 if report["ok"] else 1
 

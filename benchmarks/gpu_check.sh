@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 16): see benchmarks/gpu_check.py. Run from anywhere:
+# The prepared GPU check (issues 16, 28): see benchmarks/gpu_check.py; it writes results/gpu/<gpu kind>.json|md
+# (what `kdbench plan --gpu <kind>` reads). Run from anywhere:
 #   OUT=/some/dir benchmarks/gpu_check.sh          # on the GPU machine (~8 minutes)
 #   benchmarks/gpu_check.sh --dry --out /tmp/gc    # tiny sizes on the CPU (also KDBENCH_GPU_CHECK_DRY=1)
 # kdbench runs from this checkout (PYTHONPATH), with whatever torch the machine has.
