@@ -7,31 +7,26 @@ An experiment may declare its seeds as a budget instead of a list::
 
 ``looks`` are the pre-declared cumulative seed counts at which the results are examined (``min``,
 if given, must equal ``looks[0]``). Every cell (method × teacher → student pair) starts with seeds
-``0 … looks[0]−1``. After the runs of look k have finished, :func:`next_look` (``kdbench
-next-look``) tests every comparison still open — each method − ``reference`` per pair, paired by
-seed, and each reproduction verdict of a paper table (not a stand-in) over the experiment's runs:
-Δ = reproduced − published with its Welch standard error (:mod:`kdbench.stats.verdict`) — and
-gives the next look's seeds only to the cells it could not decide (a comparison's both sides, so
-they stay paired); decided cells keep theirs.
+``0 … looks[0]−1``. After the runs of look k have finished, :func:`next_look` (``kdbench looks
+--next``) tests the experiment's family — the tables' primary families on its runs (the papers'
+claims; every method − ``reference`` per pair, paired by seed, only where no claim covers the
+experiment) and each reproduction verdict of a paper table (not a stand-in): Δ = reproduced −
+published with its Welch standard error (:mod:`kdbench.stats.verdict`) — and gives the next
+look's seeds only to the cells it could not decide (a comparison's both sides, so they stay
+paired); decided cells keep theirs.
 
-**Decision at look k.** The nominal two-sided level α_k of look k comes from a Lan–DeMets
-alpha-spending function of the information fraction t_k = looks[k] / looks[-1], so that the
-whole sequence of looks keeps the family-wise error at ``alpha``:
-
-* ``obrien_fleming`` (default): α(t) = 4 − 4Φ(z_{1−α/4}/√t) (each side spends the one-sided
-  O'Brien–Fleming-type function at α/2) — almost nothing is spent at the early looks, so the
-  last look is tested at nearly the full α;
-* ``pocock``: α(t) = α·ln(1 + (e − 1)·t) — about equal levels at every look.
-
-The boundaries c_k (|Z| ≥ c_k stops) are found by numerical integration of the Brownian-motion
-sub-densities over the continuation region (Armitage–McPherson–Rowe recursion), and α_k =
-2(1 − Φ(c_k)). Within a look, Holm's procedure at level α_k runs over the look's open
-comparisons, once for the paired t-test of "no difference" and once for the TOST of "a
-difference of at least δ" (two one-sided paired t-tests against ±δ). A comparison is decided
-when either rejects: ``differs`` (the difference is real) or ``equivalent (±δ)``; otherwise it
-is ``undecided`` and, before the last look, gets more seeds. Choice: the normal-theory boundary
-is used as the t-test's nominal level (the usual group-sequential t approximation), and
-stopping for equivalence spends the same α_k as stopping for a difference.
+**Decision at look k** (:mod:`kdbench.stats.sequential`). A Lan–DeMets alpha-spending function
+of the information fraction t_k = looks[k] / looks[-1] (``obrien_fleming``, the default:
+α(t) = 4 − 4Φ(z_{1−α/4}/√t), almost nothing spent early; ``pocock``: α(t) = α·ln(1 + (e − 1)·t))
+gives each look the α it spends, α(t_k) − α(t_{k−1}), and the look tests at that level: valid
+for t-tests at any seed count. Holm's step-down runs over the whole family at every look, once
+for the paired t-test of "no difference" and once for the TOST of "a difference of at least δ":
+tests closed earlier keep their place (a rejected one stays rejected), and the j-th smallest open
+p is compared with the level of a design spending α/r (r hypotheses still unrejected). A
+comparison is decided when either rejects: ``differs`` (a reproduction only when |Δ| ≥ δ too, as
+its verdict) or ``equivalent (±δ)``; otherwise it is ``undecided`` and, before the last look, gets
+more seeds. Choice: stopping for equivalence spends the same α as stopping for a difference. A
+first look that cannot stop (O'Brien–Fleming at 3 seeds) is warned before any run.
 
 **State.** ``<runs_dir>/looks/<suite>.json`` records, per experiment, the declaration, the
 look reached, the seeds of every cell and every decision; :func:`cell_seeds` reads it when the
@@ -147,7 +142,7 @@ def _next_look(suite, write: bool) -> dict[str, dict]:
         unfinished = rec[~rec.status.isin(["ok", "failed"])]
         if len(unfinished):
             raise ValueError(f"experiment {exp['name']!r}: {len(unfinished)} run(s) of the current look have not "
-                             f"finished (e.g. {unfinished.run.iloc[0]}); run snakemake first, then kdbench next-look")
+                             f"finished (e.g. {unfinished.run.iloc[0]}); run snakemake first, then kdbench looks --next")
         st = state.get(exp["name"]) or {"looks": b["looks"], "spending": b["spending"], "alpha": b["alpha"],
                                         "look": 0, "seeds": {}, "decisions": []}
         k = st["look"]
@@ -198,7 +193,7 @@ def _next_look(suite, write: bool) -> dict[str, dict]:
 
 
 def report(state: dict) -> str:
-    """The looks of every budgeted experiment, for a reader (also ``kdbench next-look``'s output)."""
+    """The looks of every budgeted experiment, for a reader (also ``kdbench looks --next``'s output)."""
     lines = []
     for name, st in state.items():
         levels = nominal_levels(st["looks"], st["alpha"], st["spending"])
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="kdbench looks",
         description="Seeds as a budget (experiments with seeds: {min, looks, ...}): run the pipeline, decide every "
-                    "open comparison at the current look (alpha spending, Holm within the look), give the next "
+                    "open comparison at the current look (alpha spending, Holm over the whole family at every look), give the next "
                     "look's seeds to the undecided cells only, and repeat until nothing is added. With --next: "
                     "only take the next look (after `snakemake`), writing <runs_dir>/looks/<suite>.json and .md.")
     p.add_argument("--suite", required=True, help="suite YAML file")
