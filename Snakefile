@@ -17,8 +17,7 @@
 from snakemake.utils import validate
 
 from kdbench.planning.suite import SuiteError, load_suite, write_specs
-from kdbench.planning.checks import check_files_exist
-from kdbench.teachers.released import check_released_teachers
+from kdbench.planning.checks import check_files_exist, check_released_teachers
 
 
 def check_config(config, schema=f"{workflow.basedir}/workflow/schemas/config.schema.yaml"):

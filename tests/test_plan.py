@@ -298,3 +298,12 @@ def test_command_prints_the_plan_and_help_imports_no_torch(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kdbench.commands.cli", "plan", "--suite", "smoke", "--tables", "nope"],
                          cwd=REPO, env=child_env(), capture_output=True, text=True)
     assert bad.returncode != 0 and "its tables: main, methods" in bad.stderr
+
+
+def test_a_bench_json_file_is_a_record_too(tmp_path):
+    """``kdbench bench --json`` writes {"methods": {method: result}, "grid": ...}: read like gpu_check's."""
+    result = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "pair": ["resnet20", "resnet8"],
+              "method": "kd", "batch": 64, "engine": {"plain": {"sps": {"min": 90.0, "median": 100.0, "max": 110.0}}}}
+    (tmp_path / "h100.json").write_text(json.dumps({"methods": {"kd": result}, "grid": {}}))
+    [m] = cost.device_records("h100", tmp_path)
+    assert (m.pair, m.method, m.seconds_per_step) == (("resnet20", "resnet8"), "kd", 1 / 100)

@@ -26,6 +26,11 @@ ALLOWED = {
         "as above",
     ("kdbench/data/tinyimagenet.py", '(base / "val" / "val_annotations.txt").write_text("".join(lines))'): "as above",
     ("kdbench/data/synthetic_files.py", 'with open(root_path / LOCK, "a") as lock:'): "a lock file: no content",
+    ("kdbench/commands/bench.py",
+     'torch.save({"epoch": epoch + 1, "model": student.state_dict(), "optimizer": optimizer.state_dict()},'):
+        "kdbench bench's reference loop writes as RepDistiller's train_student.py does (a plain per-epoch "
+        "torch.save), into a scratch folder of its own: the write is what is timed, and nobody reads the file",
+    ("kdbench/commands/bench.py", '(folder / "metrics.json").write_text(json.dumps(curve))'): "as above",
 }
 
 

@@ -212,7 +212,7 @@ MODULE_COMMANDS = {
     "fetch-teachers": ("kdbench.commands.cli:fetch_teachers_main", "download, check and import a suite's released teachers"),
     "probe": ("kdbench.engine.fit:probe_main", "linear probe of a frozen student on another dataset"),
     "export": ("kdbench.commands.export", "write a trained run's model as a RepDistiller-style checkpoint"),
-    "bench": ("kdbench.commands.bench", "throughput: reference RepDistiller-style loop vs kdbench's engine"),
+    "bench": ("kdbench.commands.bench", "whole runs and steps: a RepDistiller-style loop vs kdbench's engine; a packed grid vs the same runs one by one"),
     "pack": ("kdbench.commands.cli:pack_main", "train several runs that share a teacher together on one device"),
     "looks": ("kdbench.commands.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),
     "resume": ("kdbench.planning.resume", "continue a killed snakemake pipeline: unlock, then rerun incomplete jobs"),

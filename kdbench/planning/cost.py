@@ -251,6 +251,8 @@ def read_bench_record(path: str | Path) -> list[Measured]:
         raise ValueError(f"bench record {path} is a dry run (CPU figures at toy sizes): use a GPU run's report")
     if "engine" in rec:
         results = [rec]
+    elif "methods" in rec:  # `kdbench bench --json`: {"methods": {method: result}, "grid": ...}
+        results = list(rec["methods"].values())
     else:
         bench = (rec.get("steps") or {}).get("bench") or {}
         results = [v["result"] for v in bench.values() if isinstance(v, dict) and v.get("result")]

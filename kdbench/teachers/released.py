@@ -216,34 +216,6 @@ def sources_reachable(rt: ReleasedTeacher, timeout: float = 5.0) -> bool:
     return found.wait(timeout)
 
 
-def check_released_teachers(suite, teachers_dir: str | Path = TEACHERS_DIR, mode: str = "auto") -> None:
-    """The pipeline's pre-flight for released teachers: each import run not yet imported needs its
-    raw file in ``teachers_dir`` or a download. ``auto``: refuse (SuiteError) when a file is missing
-    and no download source answers; ``never``: refuse whenever one is missing; ``download``: leave it
-    to the jobs. The refusal lists every missing file with where to put it, in one message."""
-    from kdbench.core.io import read_json
-    from kdbench.planning.checks import SuiteError
-
-    if mode not in FETCH_MODES:
-        raise SuiteError(f"fetch_teachers={mode!r}: valid values are {', '.join(FETCH_MODES)}")
-    missing = []
-    for rid, run in suite.runs.items():
-        if run.kind != "import" or (read_json(Path(suite.run_dir(rid)) / "metrics.json") or {}).get("status") == "ok":
-            continue
-        rt = released_teacher(run.spec.dataset, run.spec.student)
-        if not (Path(teachers_dir) / rt.file).is_file():
-            missing.append(rt)
-    if not missing or mode == "download" or (mode == "auto" and sources_reachable(missing[0])):
-        return
-    why = "no download source answered within 5 s" if mode == "auto" else "fetch_teachers=never"
-    resume = f"snakemake again (or `kdbench fetch-teachers --suite {suite.path}`)"
-    lines = [by_hand(rt, Path(teachers_dir) / rt.file, resume) for rt in dict.fromkeys(missing)]
-    raise SuiteError(f"{len(lines)} released teacher file(s) are not in {teachers_dir}/ and cannot be downloaded "
-                     f"here ({why}); no job was started. `kdbench fetch-teachers --suite {suite.path} --list` "
-                     f"lists them; by hand:\n  " + "\n  ".join(lines)
-                     + "\n(--config fetch_teachers=download lets the jobs try anyway.)")
-
-
 def describe(suite, run_id: str, teachers_dir: str = TEACHERS_DIR) -> str:
     """``released <raw file> sha256 <hex>`` of an import run: the SHA-256 recorded when it was
     imported, else the pinned one, else that it is not fetched yet."""
