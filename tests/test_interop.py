@@ -65,7 +65,11 @@ def test_suite_imports_register_names_before_they_are_checked(tmp_path, subproce
     done = subprocess.run([sys.executable, "-c", code, str(good)], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "2", done.stderr[-2000:]  # the teacher and the distillation
     done = subprocess.run([sys.executable, "-c", code, str(plain)], env=env, capture_output=True, text=True)
-    assert "suitenet" in done.stderr and "resnet8" in done.stderr  # unknown, with the valid names
+    assert "unknown method 'suitekd'" in done.stderr and "Valid methods: ab" in done.stderr  # with the valid names
+    plain_model = write_suite(tmp_path / "plain_model.yaml", tmp_path / "data",
+                              experiments=[{**exp, "methods": ["kd"]}])
+    done = subprocess.run([sys.executable, "-c", code, str(plain_model)], env=env, capture_output=True, text=True)
+    assert "suitenet" in done.stderr and "resnet8" in done.stderr  # the unknown architecture, with the valid names
     with pytest.raises(SuiteError, match="imports: module 'kdb_nope' cannot be imported"):
         load_suite(missing)
 

@@ -142,7 +142,7 @@ def test_job_killed_at_its_time_limit_resumes_to_the_uninterrupted_metrics(clust
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config", "suit=paper"], "unknown --config key(s) suit; valid keys: ddp_procs, max_runtime"),
+    (["--config", "suit=paper"], "unknown --config key(s) suit; valid keys: ddp_procs, fetch_teachers, max_runtime"),
     (["--configfile", str(REPO / "workflow/suites/crd.yaml")], "run a suite with --config suite_file=PATH"),
     (["--config", "suite=paper"], "dataset 'cifar100': its root data/cifar100 does not exist"),  # no data here
 ])

@@ -15,6 +15,7 @@ from kdbench.core import distributed
 from kdbench.engine import fit as train
 from kdbench.engine.checkpoint import load_model, save_model
 from kdbench.engine.fast import Runtime
+from kdbench.engine.step import Eager
 from kdbench.engine.rules import check_packable
 from kdbench.core.seeding import derive_seed, generator
 from kdbench.core.spec import Execution, Recipe, RunSpec
@@ -176,8 +177,8 @@ def test_one_step_equals_a_hand_written_step(stl, tmp_path, terms_on, bn):
 
 def test_trains_end_to_end_deterministically_and_resumes_exactly(stl, tmp_path, monkeypatch):
     sizes = []
-    answer = Runtime.teacher_features
-    monkeypatch.setattr(Runtime, "teacher_features",
+    answer = Eager.teacher_features  # the teacher pass of every execution (Runtime's calls it too)
+    monkeypatch.setattr(Eager, "teacher_features",
                         lambda self, t, reqs: sizes.append(reqs[0].x.shape[0]) or answer(self, t, reqs))
     with pytest.warns(UserWarning, match="teacher_cache skipped"):
         straight = fit(spec(stl, teacher_cache="fp32"), tmp_path / "a", "cpu", run_id="r", progress=False)

@@ -252,6 +252,10 @@ def read_suite_file(path: Path) -> dict:
                     msg += f" ({e.schema['description']})"
             lines.append(f"  {where}: {msg}")
         raise SuiteError(f"{path} is not a valid suite:\n" + "\n".join(lines))
+    try:  # external models and methods register their names before check_file checks any
+        import_modules(cfg.get("imports") or [], str(path))
+    except ImportError as e:
+        raise SuiteError(str(e)) from e
     check_file(cfg, path)
     return cfg
 
