@@ -239,7 +239,6 @@ def trace_files(action) -> set[str]:
 #: a suite value's road, measured by trace_files: the planner (reads, checks, merges, writes it) ...
 PLANNING_ROAD = {"kdbench/planning/checks.py": "check_file validates term_params",
                  "kdbench/planning/suite.py": "flatten, _method_overrides (the one merge site), write_specs",
-                 "kdbench/planning/budget.py": "cell_seeds reads the experiment (seeds) that holds it",
                  "kdbench/methods/base.py": "merge_overrides; resolve_method, once per method variant",
                  "kdbench/core/spec.py": "job_record",
                  "kdbench/core/io.py": "atomic_write_json of spec.json"}
@@ -252,9 +251,10 @@ JOB_ROAD = {"kdbench/core/spec.py": "read_job_record (from commands/cli.py, whic
 
 def test_a_suite_value_reaches_its_loss_by_the_road_stated_here(tmp_path, monkeypatch):
     """term_params: {kd: {T: ...}} in a suite → the planner → spec.json → the job → the KD loss's
-    temperature, through exactly the files stated above: 8 in all, 5 in the job. Before issue 23
-    (the same trace): 8 in all, and the job passed 8, planning/suite, checks and budget among them,
-    as each job planned its whole suite again."""
+    temperature, through exactly the files stated above: 7 in all, 5 in the job (the seed budget
+    is handed only the experiment's name and seeds, not the dict that holds the value). Before
+    issue 23 (the same trace): 8 in all, and the job passed 8, planning/suite, checks and budget
+    among them, as each job planned its whole suite again."""
     import torch
 
     from kdbench.commands.cli import main
@@ -286,3 +286,4 @@ def test_a_suite_value_reaches_its_loss_by_the_road_stated_here(tmp_path, monkey
     assert temperatures == [SENTINEL]
     assert planning == set(PLANNING_ROAD)
     assert job == set(JOB_ROAD)
+    assert len(planning | job) <= 7, sorted(planning | job)

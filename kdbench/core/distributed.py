@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # torch is imported where used: the launcher must start fast
     import torch
     from torch import nn
 
+#: the one statement of it: every pack (``kdbench pack``) is one process on one device
+NO_DDP = "a pack trains its runs in one process on one device, never under DDP (torchrun)"
 
 @dataclass
 class DistContext:

@@ -13,6 +13,7 @@ import os
 from kdbench.data import DATASETS, check_stream_split
 from kdbench.methods import METHODS, MethodSpec, resolve_method
 from kdbench.methods.base import label_free_methods
+from kdbench.core.distributed import NO_DDP
 from kdbench.core.spec import RunSpec
 
 STAGE_FIELDS = frozenset({"stages", "preact"})
@@ -76,8 +77,6 @@ def check_run(spec: RunSpec, ddp: bool = False) -> None:
 
 # ---------------------------------------------------------------- packing
 
-#: the one statement of it: every pack is one process on one device
-NO_DDP = "a pack trains its runs in one process on one device, never under DDP (torchrun)"
 
 
 def teacher_key(spec: RunSpec) -> tuple:

@@ -154,24 +154,25 @@ def cell_key(teacher: str, student: str, column: str) -> str:
     return f"{teacher}--{student}/{column}"
 
 
-def cell_seeds(cfg: dict, exp: dict, teacher: str, student: str, column: str, state: dict | None = None) -> list[int]:
+def cell_seeds(exp: dict, teacher: str, student: str, column: str, state: dict, state_file: str) -> list[int]:
     """The seeds of one cell: the experiment's list, or under a budget 0 … n−1 with n the cell's
-    count in the looks state (``looks[0]`` before the first decision)."""
+    count in the looks ``state`` (``looks[0]`` before the first decision). ``exp`` needs only the
+    experiment's ``name`` and ``seeds``; ``state_file`` is where the state lives (for the message)."""
     b = budget(exp)
     if b is None:
         return list(exp["seeds"])
-    st = (read_state(cfg) if state is None else state).get(exp["name"])
+    st = state.get(exp["name"])
     declared = (st or {}).get("declaration")
     if declared is not None and declared != b:
         changed = ", ".join(f"{k} {declared.get(k)!r} → {b.get(k)!r}" for k in sorted(set(declared) | set(b))
                             if declared.get(k) != b.get(k))
         raise ValueError(f"experiment {exp['name']!r}: its seed budget changed after looks were taken ({changed}); a "
-                         f"sequential design is fixed in advance. Restore it, or delete {state_path(cfg)} to start "
+                         f"sequential design is fixed in advance. Restore it, or delete {state_file} to start "
                          f"the looks again")
     if st is not None and (st["looks"], st["spending"], st["alpha"]) != (b["looks"], b["spending"], b["alpha"]):
         raise ValueError(f"experiment {exp['name']!r}: its seed budget changed after looks were taken "
                          f"({st['looks']}, {st['spending']}, α {st['alpha']} → {b['looks']}, {b['spending']}, "
                          f"α {b['alpha']}); a sequential design is fixed in advance. Restore it, or delete "
-                         f"{state_path(cfg)} to start the looks again")
+                         f"{state_file} to start the looks again")
     n = (st or {}).get("seeds", {}).get(cell_key(teacher, student, column), b["looks"][0])
     return list(range(n))

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from kdbench.core.distributed import NO_DDP
+
 # ---------------------------------------------------------------- job resources (rule fit)
 
 #: GPU-seconds per training sample and epoch, including the teacher's forward and the test pass —
@@ -63,7 +65,7 @@ def job_resources(run, suite_config: dict, config: dict | None = None) -> dict:
     if isinstance(run, (list, tuple)):
         each = [job_resources(r, suite_config, config) for r in run]
         if any(e["nproc"] > 1 for e in each):
-            raise ValueError("a pack trains in one process: runs that need DDP (streamed datasets) cannot be packed")
+            raise ValueError(f"runs that need DDP (streamed datasets) cannot be packed: {NO_DDP}")
         estimate = 15 + sum(e["estimate"] - 15 for e in each)
         return {**each[0], "mem_mb": max(e["mem_mb"] for e in each) + 500 * (len(each) - 1),
                 **_capped(estimate, cap)}

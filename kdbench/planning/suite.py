@@ -37,6 +37,7 @@ from kdbench.core.names import did_you_mean
 from kdbench.core.plugins import import_modules
 from kdbench.planning.budget import budget, cell_seeds
 from kdbench.planning.budget import read_state as read_looks
+from kdbench.planning.budget import state_path as looks_path
 from kdbench.planning.suite_files import suite_file
 from kdbench.planning.checks import SuiteError, check_file, check_suite
 from kdbench.planning.checks import check_name as _check_name
@@ -488,8 +489,9 @@ def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], re
     root = cfg["datasets"][ds]["root"]
     execution = Execution.from_config(exp.get("execution"))
     try:  # seeds as a budget: each cell's seeds so far (kdbench.commands.looks)
-        looks = read_looks(cfg) if budget(exp) else {}
-        cell_seeds(cfg, exp, "", "", "", looks)
+        declared = {"name": exp["name"], "seeds": exp["seeds"]}  # all the budget reads of the experiment
+        looks, looks_file = (read_looks(cfg), str(looks_path(cfg))) if budget(declared) else ({}, "")
+        cell_seeds(declared, "", "", "", looks, looks_file)
     except ValueError as e:
         raise SuiteError(f"{cfg.get('name')}: {e}") from None
     tds = exp.get("teacher_dataset", ds)  # cross_dataset_distill when it differs
@@ -540,7 +542,7 @@ def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], re
                 yield from cell("teacher", ts, t)
         for method in exp["methods"]:
             for variant in methods[method]:  # one, or one per sweep point
-                for seed in cell_seeds(cfg, exp, t_arch, s_arch, variant.column, looks):
+                for seed in cell_seeds(declared, t_arch, s_arch, variant.column, looks, looks_file):
                     if not METHODS.get(method).needs_teacher:
                         yield from cell(variant.column, seed, scratch(s_arch, seed, validation=validation))
                         continue
