@@ -4,6 +4,7 @@
 #   snakemake --cores 2 --config suite=crd        # workflow/suites/crd.yaml
 #   snakemake --cores 2 --config suite_file=my.yaml
 #   snakemake --cores 2 --config pack_size=12     # distillations 12 per job (kdbench pack), see train.smk
+#   snakemake --cores 2 --config suite=crd tables=crd_table1,crd_table2   # these tables and the runs they read
 #
 # The suite is validated (schema + registry names) when this file is parsed, before any job, and
 # planned once: every run's resolved spec is written to runs/<id>/spec.json, the one file a job reads.
@@ -47,8 +48,22 @@ def suite_file_of(config):
         raise SystemExit(f"kdbench: {e}") from None
 
 
+def selection_of(config, suite):
+    """--config tables=A,B: only these tables, their figures and the runs they read
+    (kdbench.report.selection); None (every table) without it."""
+    if not config.get("tables"):
+        return None
+    from kdbench.report.selection import select_tables
+
+    try:
+        return select_tables(suite, [t.strip() for t in str(config["tables"]).split(",") if t.strip()])
+    except SuiteError as e:
+        raise SystemExit(f"kdbench: {e}") from None
+
+
 SUITE_FILE = suite_file_of(config)
 SUITE = load_suite(SUITE_FILE)
+SELECTION = selection_of(config, SUITE)
 RUNS_DIR = SUITE.runs_dir
 RESULTS = config.get("results_dir", f"results/{SUITE.name}")
 
@@ -68,7 +83,7 @@ rule all:
     input:
         # every run is a target too: Snakemake 9 does not recompute a deleted intermediate file
         # whose downstream outputs exist, and a deleted run must be recomputed (then its tables)
-        all_metrics(),
+        all_metrics(),  # (with --config tables=...: the runs those tables read, see common.smk)
         table_outputs(),
         SEED_FIGURES,
         paper_outputs(),

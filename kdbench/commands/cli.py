@@ -80,7 +80,7 @@ def cmd_make_data(args) -> int:
 def cmd_aggregate(args) -> int:
     from kdbench.report.aggregate import aggregate
     suite = _suite(args)
-    for name, path in aggregate(suite, args.out or f"results/{suite.name}").items():
+    for name, path in aggregate(suite, args.out or f"results/{suite.name}", args.table).items():
         print(f"{name}: {path}")
     return 0
 
@@ -260,6 +260,7 @@ def _main(argv: list[str]) -> int:
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
     agg = with_suite(sub.add_parser("aggregate", help="seed-aggregated tables under results/<suite>/"))
     agg.add_argument("--out", help="output folder (default results/<suite name>)")
+    agg.add_argument("--table", action="append", help="only this table's <table>.md (repeatable; no runs.csv, summary.csv)")
     with_suite(sub.add_parser("list-runs", help="print the suite's run ids"))
     va = with_suite(sub.add_parser("validate", help="check a suite file (and the files it needs) and count its runs"))
     va.add_argument("--no-files", action="store_true",

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", nargs="?", help="the student's run folder (runs/<run id>) holding metrics.json and model.pt")
     p.add_argument("--teacher", action="append", help="a teacher run folder or model file; repeat for an ensemble")
     p.add_argument("--suite", help="instead of RUN: write every kernel-gap record of this suite's paper tables")
+    p.add_argument("--table", action="append", help="with --suite: only the records of this paper table (repeatable)")
     p.add_argument("--out", help="write the JSON record here (default: print it)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, default=256, help="test batch size (does not change the result)")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from kdbench.report.paper_tables import diagnostic_targets
         from kdbench.planning.suite import load_suite
         suite, cache = load_suite(args.suite), {}
-        for path, (run, teachers) in diagnostic_targets(suite).items():
+        for path, (run, teachers) in diagnostic_targets(suite, args.table).items():
             rec = diagnose(suite.run_dir(run), teachers, args.device, args.batch_size, cache)
             _write(rec, path)
             print(f"{path}: {rec['status']}", file=sys.stderr)

@@ -109,15 +109,18 @@ def markdown_table(summary: pd.DataFrame, experiments: list[str], metric: str, c
     return f"{cap}\n\n" + tabulate(body, header, tablefmt="github") + "\n"
 
 
-def aggregate(suite: Suite, out_dir: str | Path) -> dict[str, Path]:
+def aggregate(suite: Suite, out_dir: str | Path, only: list[str] | None = None) -> dict[str, Path]:
+    """runs.csv, summary.csv and every table's ``<table>.md``; ``only``: these tables' .md alone."""
     out = Path(out_dir)
     records = run_records(suite)
     summary = summarise(records)
-    written = {"runs": out / "runs.csv", "summary": out / "summary.csv"}
-    atomic_write_bytes(written["runs"], records.to_csv(index=False).encode())
-    atomic_write_bytes(written["summary"], summary.to_csv(index=False, float_format="%.4f").encode())
+    written = {}
+    if only is None:
+        written = {"runs": out / "runs.csv", "summary": out / "summary.csv"}
+        atomic_write_bytes(written["runs"], records.to_csv(index=False).encode())
+        atomic_write_bytes(written["summary"], summary.to_csv(index=False, float_format="%.4f").encode())
     tables = suite.config.get("tables") or [{"name": "summary", "experiments": list(suite.experiment_runs)}]
-    for t in tables:
+    for t in (t for t in tables if only is None or t["name"] in only):
         path = out / f"{t['name']}.md"
         paper = any(k in t for k in ("published", "like", "rows"))  # its paper layout: kdbench tables
         caption = "" if paper else t.get("caption", "")

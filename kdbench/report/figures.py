@@ -29,6 +29,7 @@ from pathlib import Path
 from kdbench.core.io import atomic_save_figure
 from kdbench.report.curves import BANDS, CellCurves, draw_curves, epoch_accuracies
 from kdbench.report.forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
+from kdbench.report.paper_layout import is_paper_table
 from kdbench.report.paper_tables import METRICS, CellStat, TableResult, compute_tables, table_specs
 
 
@@ -201,16 +202,17 @@ def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
                        f"Δ {METRICS[metric][0]}" + ("" if metric.startswith("kernel_gap") else " (pp)"), note)
 
 
-def is_paper_table(table: dict) -> bool:
-    return any(k in table for k in ("published", "like", "rows"))
+def _seed_tables(suite, only: list[str] | None) -> list[dict]:
+    return [t for t in suite.config.get("tables") or [] if only is None or t["name"] in only]
 
 
-def seed_figure_names(suite) -> list[str]:
+def seed_figure_names(suite, only: list[str] | None = None) -> list[str]:
     """The seed-table figures ``kdbench figures --seed-tables`` writes (file names): a forest plot
     of every seed table (not a paper table: those are under paper/) and the learning curves of
-    every table that is not a stand-in (a stand-in shows runs another table already draws)."""
+    every table that is not a stand-in (a stand-in shows runs another table already draws);
+    ``only``: of these tables."""
     out = []
-    for t in suite.config.get("tables") or []:
+    for t in _seed_tables(suite, only):
         if not is_paper_table(t):
             out.append(f"{t['name']}_forest.png")
         if "stand_in" not in t:
@@ -252,11 +254,11 @@ def seed_curve_cells(suite, records, table: dict) -> list[CellCurves]:
     return out
 
 
-def write_seed_figures(suite, out_dir: str | Path, band: str = "range") -> list[Path]:
+def write_seed_figures(suite, out_dir: str | Path, band: str = "range", only: list[str] | None = None) -> list[Path]:
     """The forest plots and learning curves of :func:`seed_figure_names` under ``out_dir``."""
     from kdbench.report.aggregate import run_records
     records, out = run_records(suite), []
-    for t in suite.config.get("tables") or []:
+    for t in _seed_tables(suite, only):
         title = t["name"] + ("  [STAND-IN]" if "stand_in" in t else "")
         if not is_paper_table(t):
             metric = seed_metric(t)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", required=True, help="suite YAML file (workflow/suites/*.yaml)")
     p.add_argument("--out", help="output folder (default results/<suite name>/paper, or results/<suite name> "
                                  "with --seed-tables)")
-    p.add_argument("--table", action="append", help="only this paper table (repeatable)")
+    p.add_argument("--table", action="append", help="only this table (repeatable; a paper table, or with --seed-tables a seed table)")
     p.add_argument("--seed-tables", action="store_true", help="the seed tables' forest plots and learning curves")
     p.add_argument("--band", choices=BANDS, default="range",
                    help="learning-curve band over seeds: range (min-max, default), sd (±1 sd), ci95 (t-interval)")
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         suite = load_suite(args.suite)
         if args.seed_tables:
-            paths = write_seed_figures(suite, args.out or f"results/{suite.name}", args.band)
+            paths = write_seed_figures(suite, args.out or f"results/{suite.name}", args.band, args.table)
         else:
             paths = write_figures(suite, args.out or f"results/{suite.name}/paper", args.table)
     except (SuiteError, ValueError) as e:

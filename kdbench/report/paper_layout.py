@@ -263,9 +263,14 @@ def _stand_in_note(cfg: dict, suite: Suite, groups: list[Group]) -> str:
             f"from suite {suite.name!r} ({sources}), not from the paper's setting.{' ' + note + '.' if note else ''}")
 
 
+def is_paper_table(table: dict) -> bool:
+    """A ``tables:`` item with a paper layout (``published``, ``like`` or ``rows``), not only seeds."""
+    return any(k in table for k in ("published", "like", "rows"))
+
+
 def table_specs(suite: Suite, only: list[str] | None = None) -> list[TableSpec]:
-    """Specs of the suite's paper tables (those with ``published``, ``like`` or ``rows``)."""
-    tables = [t for t in suite.config.get("tables", []) if any(k in t for k in ("published", "like", "rows"))]
+    """Specs of the suite's paper tables (:func:`is_paper_table`)."""
+    tables = [t for t in suite.config.get("tables", []) if is_paper_table(t)]
     if only:
         unknown = set(only) - {t["name"] for t in tables}
         if unknown:

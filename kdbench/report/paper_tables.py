@@ -323,10 +323,10 @@ def compute(spec: TableSpec, suite: Suite, records: Records | None = None) -> Ta
     return next(r for r in compute_tables(suite, records, others + [spec]) if r.spec is spec)
 
 
-def diagnostic_targets(suite: Suite) -> dict[str, tuple[str, list[str]]]:
-    """``kdbench kernel-gap`` records the paper tables read: {path: (run id, teachers)}."""
+def diagnostic_targets(suite: Suite, only: list[str] | None = None) -> dict[str, tuple[str, list[str]]]:
+    """``kdbench kernel-gap`` records the paper tables (``only``: these) read: {path: (run id, teachers)}."""
     out, rec = {}, Records(suite)
-    for spec in table_specs(suite):
+    for spec in table_specs(suite, only):
         for g, _, column in spec.cells():
             if column == "teacher_ensemble":
                 src = ensemble_source(suite, group_cells(rec, g, "teacher"))

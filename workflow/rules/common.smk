@@ -41,12 +41,25 @@ def inputs_of(run_id):
 
 
 def all_metrics():
-    return [f"{RUNS_DIR}/{r}/metrics.json" for r in SUITE.runs]
+    """Every run's metrics.json; with --config tables=...: those of the runs the tables read
+    (SELECTION, kdbench.report.selection), which the table jobs then read alone."""
+    return [f"{RUNS_DIR}/{r}/metrics.json" for r in SUITE.runs if SELECTION is None or r in SELECTION.runs]
 
 
 def table_outputs():
+    """`kdbench aggregate`'s outputs: runs.csv, summary.csv and each table's seed aggregate, or with
+    --config tables=... only those tables' (`--table`, no suite-wide CSVs)."""
+    if SELECTION is not None:
+        return [f"{RESULTS}/{n}.md" for n in SELECTION.tables]
     names = [t["name"] for t in SUITE.config.get("tables", [])] or ["summary"]
     return [f"{RESULTS}/runs.csv", f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{n}.md" for n in names]
+
+
+def table_args(names) -> str:
+    """The `--table NAME ...` of a table or figure job under --config tables=... ("" for every table)."""
+    import shlex
+
+    return "" if SELECTION is None else "".join(f" --table {shlex.quote(n)}" for n in names)
 
 
 def spec_param(obj) -> str:

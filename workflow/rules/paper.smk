@@ -5,10 +5,14 @@ from kdbench.report.paper_tables import diagnostic_targets, table_specs
 
 PAPER_DIR = f"{RESULTS}/paper"
 _PAPER_SPECS = table_specs(SUITE)
-PAPER_TABLES = [s.name for s in _PAPER_SPECS]
-PAPER_FIGURES = [s.name for s in _PAPER_SPECS if s.figure]
-PAPER_FORESTS = [s.name for s in _PAPER_SPECS if s.reference]  # <table>_forest.png (kdbench figures)
-DIAGNOSTICS = diagnostic_targets(SUITE)  # record path -> (run id, teacher run folders or model files)
+_WRITTEN = [s for s in _PAPER_SPECS if SELECTION is None or s.name in SELECTION.paper]  # --config tables=...
+PAPER_TABLES = [s.name for s in _WRITTEN]
+PAPER_FIGURES = [s.name for s in _WRITTEN if s.figure]
+PAPER_FORESTS = [s.name for s in _WRITTEN if s.reference]  # <table>_forest.png (kdbench figures)
+# record path -> (run id, teacher run folders or model files); with a selection, those of the tables
+# whose tests the chosen ones show (SELECTION.family: a test's adjusted p is its owner table's)
+_DIAGNOSED = None if SELECTION is None else list(SELECTION.family)
+DIAGNOSTICS = diagnostic_targets(SUITE, _DIAGNOSED) if _DIAGNOSED != [] else {}
 DEVICE_ARG = SUITE.config.get("device", "auto")
 
 
@@ -58,7 +62,7 @@ if DIAGNOSTICS:
             runtime=120,
             nodes=1,
         shell:
-            gpu_env(GPU) + "kdbench kernel-gap --suite {params.suite:q} --device {params.device} > {log:q} 2>&1"
+            gpu_env(GPU) + "kdbench kernel-gap --suite {params.suite:q} --device {params.device}" + table_args(_DIAGNOSED) + " > {log:q} 2>&1"
 
 
 if PAPER_TABLES:
@@ -78,7 +82,7 @@ if PAPER_TABLES:
             f"{LOGS}/paper_tables.log",
         localrule: True
         shell:
-            "kdbench tables --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
+            "kdbench tables --suite {params.suite:q} --out {params.out:q}" + table_args(PAPER_TABLES) + " > {log:q} 2>&1"
 
 
 if PAPER_FIGURES or PAPER_FORESTS:
@@ -97,7 +101,7 @@ if PAPER_FIGURES or PAPER_FORESTS:
             f"{LOGS}/paper_figures.log",
         localrule: True
         shell:
-            "kdbench figures --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
+            "kdbench figures --suite {params.suite:q} --out {params.out:q}" + table_args(sorted(set(PAPER_FIGURES) | set(PAPER_FORESTS))) + " > {log:q} 2>&1"
 
 
 rule paper:

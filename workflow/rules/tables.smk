@@ -3,7 +3,7 @@
 # report(...) puts them in `snakemake --report report.html`, with the captions in workflow/report/.
 from kdbench.report.figures import seed_figure_names
 
-SEED_FIGURES = [f"{RESULTS}/{n}" for n in seed_figure_names(SUITE)]
+SEED_FIGURES = [f"{RESULTS}/{n}" for n in seed_figure_names(SUITE, SELECTION and list(SELECTION.tables))]
 
 
 def _seed_reported(path):
@@ -24,19 +24,21 @@ rule aggregate:
         suite=SUITE_FILE,
         out=_output_dir,
     shell:
-        "kdbench aggregate --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
+        "kdbench aggregate --suite {params.suite:q} --out {params.out:q}" + table_args(SELECTION and SELECTION.tables) + " > {log:q} 2>&1"
 
 
-rule seed_figures:
-    input:
-        all_metrics(),
-    output:
-        [_seed_reported(f) for f in SEED_FIGURES],
-    params:
-        spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric, margin or reference redraws them
-        suite=SUITE_FILE,
-        out=_output_dir,
-    log:
-        f"{LOGS}/seed_figures.log",
-    shell:
-        "kdbench figures --seed-tables --suite {params.suite:q} --out {params.out:q} > {log:q} 2>&1"
+if SEED_FIGURES:
+
+    rule seed_figures:
+        input:
+            all_metrics(),
+        output:
+            [_seed_reported(f) for f in SEED_FIGURES],
+        params:
+            spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric, margin or reference redraws them
+            suite=SUITE_FILE,
+            out=_output_dir,
+        log:
+            f"{LOGS}/seed_figures.log",
+        shell:
+            "kdbench figures --seed-tables --suite {params.suite:q} --out {params.out:q}" + table_args(SELECTION and SELECTION.tables) + " > {log:q} 2>&1"
