@@ -11,7 +11,8 @@ import torch
 from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, read_cifar
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import CheckpointError, load_model, read_file
-from kdbench.teachers.imported import import_teacher, main
+from kdbench.commands.teachers import import_teacher_main as main
+from kdbench.teachers.imported import import_teacher
 from kdbench.models import build_model
 
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import write_suite
 from kdbench.commands import looks
-from kdbench.commands.cli import fetch_teachers_main
+from kdbench.commands.teachers import fetch_teachers_main, import_teacher_main
 from kdbench.commands.export import export_run
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import save_model
@@ -95,9 +95,9 @@ def test_import_teacher(tmp_path):
     a = repdistiller_ckpt(tmp_path / "a/resnet8_vanilla/ckpt_epoch_240.pth", build_model("resnet8", 100))
     b = repdistiller_ckpt(tmp_path / "b/resnet8_vanilla/ckpt_epoch_240.pth", build_model("resnet8", 100))
     out = tmp_path / "teachers" / "t.pt"
-    assert imported.main([str(a), str(out)]) == 0
-    check(tmp_path, [out], "t.pt", lambda: imported.main([str(b), str(out)]),
-          lambda: imported.main([str(b), str(out)]))
+    assert import_teacher_main([str(a), str(out)]) == 0
+    check(tmp_path, [out], "t.pt", lambda: import_teacher_main([str(b), str(out)]),
+          lambda: import_teacher_main([str(b), str(out)]))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from kdbench.data import load_dataset
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.engine.checkpoint import read_file, save_model
 from kdbench.engine.fit import fit  # a linear_probe spec trains a ProbeRun
-from kdbench.engine.fit import probe_main as main
+from kdbench.commands.cli import probe_main as main
 from kdbench.core.seeding import derive_seed, generator
 from kdbench.core.spec import Recipe, RunSpec
 from kdbench.models import build_model

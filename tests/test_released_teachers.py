@@ -16,7 +16,7 @@ from conftest import REPO, write_suite
 from kdbench.data.cifar import CIFAR100_MEAN, CIFAR100_STD, read_cifar
 from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.teachers import imported as it
-from kdbench.commands.cli import fetch_teachers_main
+from kdbench.commands.teachers import fetch_teachers_main
 from kdbench.teachers import released
 from kdbench.engine.checkpoint import CheckpointError, load_model
 from kdbench.core.io import file_sha256, read_json
@@ -231,7 +231,7 @@ def test_pipeline_plans_the_teacher_import_before_distillations(tmp_path):
     suite = write_suite(tmp_path / "s.yaml", tmp_path / "data", experiments=[
         {"name": "main", "dataset": "cifar100", "pairs": [["resnet32x4", "resnet8x4"]], "methods": ["kd"], "seeds": [0],
          "teacher": "released"}])
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(tmp_path), "-n",
                            "--cores", "1", "--config", f"suite_file={suite}", "teachers_dir=tt"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

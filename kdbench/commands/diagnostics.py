@@ -22,11 +22,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
-from kdbench.engine.step import topk_hits
-from kdbench.stats.kernels import KernelGap
-
 
 def _model_file(path: str) -> Path:
     p = Path(path)
@@ -41,10 +36,13 @@ def _status(run_dir: Path) -> tuple[str, dict | None]:
     return m.get("status", "unknown"), m
 
 
-@torch.no_grad()
 def _teacher_outputs(teachers: list[str], loader, num_classes: int, dev) -> list[tuple]:
     """Per test batch: the teachers' pooled and logit features (concatenated, 1/√E-scaled, so
-    their linear kernel is the mean of the members' kernels) and the (ensemble's) top-1/top-5 hits."""
+    their linear kernel is the mean of the members' kernels) and the (ensemble's) top-1/top-5 hits.
+    Called under ``torch.no_grad()`` (:func:`diagnose`)."""
+    import torch
+
+    from kdbench.engine.step import topk_hits
     from kdbench.engine.teachers import load_teacher
 
     teacher = load_teacher(tuple(str(_model_file(t)) for t in teachers), None, None, dev)
@@ -58,18 +56,27 @@ def _teacher_outputs(teachers: list[str], loader, num_classes: int, dev) -> list
     return out
 
 
-@torch.no_grad()
 def diagnose(run_dir: str | Path, teachers: list[str], device: str = "cpu", batch_size: int = 256,
              cache: dict | None = None) -> dict:
     """Kernel gaps (pooled, logits) and accuracies of the run in ``run_dir`` vs ``teachers``
     (run folders or model files). Reads the run's dataset and root from its metrics.json;
-    ``cache`` keeps loaded datasets and teacher outputs across calls."""
+    ``cache`` keeps loaded datasets and teacher outputs across calls. torch is imported here, not
+    with the module: ``kdbench kernel-gap --help`` answers without it."""
+    import torch
+    with torch.no_grad():
+        return _diagnose(Path(run_dir), teachers, device, batch_size, cache)
+
+
+def _diagnose(run_dir: Path, teachers: list[str], device: str, batch_size: int, cache: dict | None) -> dict:
+    import torch
+
     from kdbench.data import load_dataset
     from kdbench.engine.checkpoint import load_model
     from kdbench.engine.device import resolve_device
     from kdbench.core.spec import RunSpec
+    from kdbench.engine.step import topk_hits
+    from kdbench.stats.kernels import KernelGap
 
-    run_dir = Path(run_dir)
     record = {"run": str(run_dir), "teachers": list(teachers)}
     status, metrics = _status(run_dir)
     if status != "ok":

@@ -1,6 +1,6 @@
 """``fit``: train one run of a suite — a teacher, a plain student, a distilled student or a linear
 probe — into its folder, the entry point of ``kdbench train-teacher|distill|linear-probe`` (and,
-for one model file by hand, ``kdbench probe``: :func:`probe_main`).
+for one model file by hand, ``kdbench probe``: :func:`kdbench.commands.cli.probe_main`).
 
 It holds the run folder (:func:`kdbench.engine.run_folder.claim`: one writer at a time; a run
 another process finished meanwhile is not trained again), records the students of a failed
@@ -72,49 +72,3 @@ def _failed(spec: RunSpec, out_dir, failure: str, run_id, device, write: bool) -
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
-
-
-def probe_main(argv: list[str] | None = None) -> int:
-    """``kdbench probe``: the linear probe (:mod:`kdbench.engine.linear_probe`) of one model file, by hand."""
-    import argparse
-    import json
-
-    from kdbench.core.spec import PROBE_RECIPE, Recipe
-    d = dict(PROBE_RECIPE)
-    p = argparse.ArgumentParser(
-        prog="kdbench probe", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Linear probe (CRD/DKD transfer protocol): freeze a trained model (weights and BN statistics) and "
-                    "train a new linear layer on its pooled feature on another dataset, weight decay 0.",
-        epilog="Example:\n  kdbench probe runs/cifar100/wrn_40_2--wrn_16_2/crd/seed0-xxxx/model.pt "
-               "--dataset stl10 --root data/stl10 --out runs/probes/crd-stl10")
-    p.add_argument("model", help="the frozen model's file (a run's model.pt, kdbench-model/1)")
-    p.add_argument("--dataset", required=True, help="target dataset (e.g. stl10, tinyimagenet; `kdbench list datasets`)")
-    p.add_argument("--root", required=True, help="the target dataset's root folder")
-    p.add_argument("--out", required=True, help="output folder (metrics.json, model.pt, checkpoint.pt)")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"epochs ({d['epochs']})")
-    p.add_argument("--milestones", type=int, nargs="*", default=d["milestones"],
-                   help=f"lr ×0.1 after these epochs ({' '.join(map(str, d['milestones']))})")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"SGD lr ({d['lr']})")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"batch size ({d['batch_size']})")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"],
-                   help=f"weight decay ({d['weight_decay']}, as the DKD maintainers prescribe)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    from kdbench.core.registry import UnknownNameError
-    from kdbench.data import DatasetMissingError
-    from kdbench.engine.checkpoint import MODEL_FORMAT, CheckpointError, read_file
-    try:
-        arch = read_file(a.model, MODEL_FORMAT)["arch"]
-        recipe = Recipe.from_config({**d, "epochs": a.epochs, "milestones": a.milestones, "lr": a.lr,
-                                     "batch_size": a.batch_size, "weight_decay": a.weight_decay})
-        spec = RunSpec(a.dataset, a.root, arch, "student", a.seed, recipe=recipe, protocol="linear_probe",
-                       init_ckpt=a.model)
-        m = fit(spec, a.out, a.device, run_id=None, progress=not a.quiet)
-    except (CheckpointError, DatasetMissingError, UnknownNameError, ValueError) as e:
-        print(f"kdbench probe: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: m.get(k) for k in ("status", "failure", "acc_last", "acc_best", "wall_time_s")}))
-    return 0
-

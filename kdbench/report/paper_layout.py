@@ -31,11 +31,15 @@ A suite's ``tables:`` item describes one paper table (schema: ``kdbench/schemas/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import yaml
 
 from kdbench.core.names import did_you_mean
-from kdbench.planning.suite import Suite, SuiteError
+from kdbench.planning.checks import SuiteError
+
+if TYPE_CHECKING:  # annotations only: `kdbench tables --help` loads no torch (the suite's registries do)
+    from kdbench.planning.suite import Suite
 from kdbench.report.claims import Claim, claim_tests, claims_for
 from kdbench.stats.comparisons import ClaimTest
 from kdbench.stats.verdict import default_margin

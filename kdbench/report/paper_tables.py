@@ -22,11 +22,15 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import yaml
 
-from kdbench.planning.suite import Suite, SuiteError
+from kdbench.planning.checks import SuiteError
+
+if TYPE_CHECKING:  # annotations only: `kdbench tables --help` loads no torch (the suite's registries do)
+    from kdbench.planning.suite import Suite
 from kdbench.stats.ci import mean_ci
 from kdbench.stats.comparisons import (DIFFERENCE, NONINFERIOR, PRIMARY, ClaimTest, Comparison, SeedsPlan, adjust,
                                       planned_pairs, seeds_plan, comparison_key)

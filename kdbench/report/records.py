@@ -7,9 +7,13 @@ import functools
 import hashlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdbench.core.io import read_json, read_json_state
-from kdbench.planning.suite import Cell, Suite, SuiteError
+from kdbench.planning.checks import SuiteError
+
+if TYPE_CHECKING:  # annotations only: `kdbench tables --help` loads no torch (the suite's registries do)
+    from kdbench.planning.suite import Cell, Suite
 
 ACCURACIES = ("acc_last", "acc_best", "acc5_last", "acc5_best")
 

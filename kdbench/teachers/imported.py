@@ -34,10 +34,8 @@ The output is a ``kdbench-model/1`` file (:func:`~kdbench.engine.checkpoint.save
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -263,48 +261,3 @@ def check_accuracy(model, dataset: str, root: str, published: float | None, tole
                               f"(tolerance {tolerance}): the checkpoint does not reproduce its published accuracy, or "
                               f"the dataset at {root} is not the official one")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kdbench import-teacher", description="Import a published teacher checkpoint (RepDistiller/mdistiller "
-                                "ckpt_epoch_240.pth, or torchvision ImageNet ResNet weights) as a kdbench model file, "
-                                "checking keys, shapes, values and, with --check-data, the published accuracy.",
-                                epilog="Examples:\n  kdbench import-teacher save/models/resnet32x4_vanilla/ckpt_epoch_240.pth "
-                                       "teachers/resnet32x4.pt --check-data data/cifar100\n  kdbench import-teacher "
-                                       "resnet34-b627a593.pth teachers/imagenet_resnet34.pt --check-data data/imagenet",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="RepDistiller/mdistiller ckpt_epoch_240.pth, or a torchvision resnet18/34 .pth")
-    p.add_argument("out", help="kdbench model file to write (e.g. runs/teachers/resnet32x4.pt)")
-    p.add_argument("--arch", help="kdbench architecture (default: from the RepDistiller folder <arch>_vanilla or "
-                                  "<arch>_<dataset>_lr_..., the torchvision file name, else the one architecture "
-                                  "whose keys and shapes fit)")
-    p.add_argument("--dataset", help="dataset the teacher was trained on (default: cifar100 for RepDistiller files, "
-                                     "imagenet for torchvision files)")
-    p.add_argument("--check-data", metavar="ROOT", help="evaluate on this dataset root's test split and compare with "
-                                                        "the published top-1")
-    p.add_argument("--tolerance", type=float, default=0.1, help="allowed |measured - published| top-1, in points (0.1)")
-    p.add_argument("--published", type=float, help="the published top-1 %% to check against (default: kdbench's table of "
-                                                   "RepDistiller's and torchvision's teachers)")
-    p.add_argument("--no-published-ok", action="store_true", help="with --check-data and no published top-1 known: "
-                                                                  "import anyway, the accuracy measured but not checked")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (for --check-data)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (for --check-data)")
-    a = p.parse_args(argv)
-    from kdbench.core.io import OutputError, remove_stale_temporaries
-    from kdbench.data import DatasetMissingError
-    remove_stale_temporaries(a.out)  # what a killed import left
-    try:
-        report = import_teacher(a.checkpoint, a.out, a.arch, a.dataset, a.check_data, a.tolerance, a.device, a.batch_size,
-                                a.published, a.no_published_ok)
-    except (CheckpointError, DatasetMissingError, OutputError) as e:
-        print(f"kdbench import-teacher: error: {e}", file=sys.stderr)
-        return 2
-    acc = f", measured top-1 {report['measured_top1']:.2f}% (published {report['published_top1']})" \
-        if "measured_top1" in report else ""
-    print(f"{a.out}: {report['arch']} ({report['num_classes']} classes, {report['format']} format){acc}; accuracy check: "
-          f"{report['accuracy_check']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from kdbench.engine.checkpoint import CheckpointError
 from kdbench.engine.device import resolve_device
+from kdbench.teachers import TEACHERS_DIR
 from kdbench.teachers.imported import PUBLISHED_TOP1, import_teacher
 from kdbench.core.io import atomic_file, atomic_write_json, file_sha256, provenance, remove_stale_temporaries
 
@@ -45,7 +46,6 @@ REPDISTILLER_URL = "http://shape2prog.csail.mit.edu/repo/{arch}_vanilla/ckpt_epo
 MDISTILLER_ARCHIVE = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
 #: torchvision.models.ResNet34_Weights.IMAGENET1K_V1.url (tests check they agree)
 TORCHVISION_RESNET34 = "https://download.pytorch.org/models/resnet34-b627a593.pth"
-TEACHERS_DIR = "teachers"
 
 
 @dataclass(frozen=True)
