@@ -63,7 +63,7 @@ def start(workdir: Path, suite: Path, probe: Path, record: Path, *extra) -> subp
     env = child_env()
     env.update(KDBENCH_TEST_CHECKPOINT_WRITES=str(record), PYTHONPATH=f"{probe}{os.pathsep}{env['PYTHONPATH']}")
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+    return subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(workdir),
                              "--cores", "2", "--config", f"suite_file={suite}", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

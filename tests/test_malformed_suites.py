@@ -61,7 +61,7 @@ def test_pipeline_refuses_a_missing_dataset_before_any_job_but_plans_it(tmp_path
     suite = tmp_path / "s.yaml"
     suite.write_text((Path(__file__).parent / "malformed_suites" / "dataset_root_missing.yaml").read_text()
                      .replace("data/not-here", str(tmp_path / "not-here")))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"),
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(tmp_path / "work"),
            "--cores", "1", "--config", f"suite_file={suite}"]
     plan = subprocess.run(cmd + ["-n"], capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr[-2000:]

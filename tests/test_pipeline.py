@@ -15,7 +15,7 @@ from conftest import REPO, child_env, kdbench_cmd, write_suite
 
 
 def snakemake(workdir, suite, *extra):
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(workdir),
                            "--cores", "2", "--config", f"suite_file={suite}", *extra],
                           capture_output=True, text=True, timeout=900)
 
@@ -97,7 +97,7 @@ def kill_test_pipeline(folder):
     """The suite of the kill tests (4 epochs, so that snakemake can be killed mid-run) in ``folder``."""
     folder.mkdir()
     suite = write_suite(folder / "tiny.yaml", folder / "data", recipe={"epochs": 4})
-    return suite, ["-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", "2", "--config", f"suite_file={suite}"]
+    return suite, ["-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(folder), "--cores", "2", "--config", f"suite_file={suite}"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,10 @@ DEFAULT = REPO / "workflow/profiles/default"
 
 
 def snakemake(workdir: Path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    """snakemake on the repository's Snakefile; the workflow profile only where ``args`` name one
+    (``profiles/default`` is found by itself otherwise: its retries and keep-going)."""
+    profile = () if "--workflow-profile" in args else ("--workflow-profile", "none")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *profile, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -162,7 +165,10 @@ def test_default_profile_has_the_local_settings():
 
 def test_readme_command_plans_the_same_jobs_with_and_without_the_default_profile(tmp_path):
     """`snakemake --cores 2` (the README's run of the smoke suite) as a dry run, without any
-    workflow profile and with the default one: the same jobs, rule by rule."""
+    workflow profile, with the default one named, and as typed in the repository (no -s, no
+    --workflow-profile: Snakemake finds profiles/default, the committed link to workflow/profiles,
+    by itself): the same jobs, rule by rule."""
+    assert (REPO / "profiles").is_symlink() and (REPO / "profiles/default").resolve() == DEFAULT.resolve()
     runs = {}
     for profile in ("none", str(DEFAULT)):
         done = snakemake(tmp_path, "-n", "--cores", "2", "--workflow-profile", profile)
@@ -170,7 +176,12 @@ def test_readme_command_plans_the_same_jobs_with_and_without_the_default_profile
         assert done.returncode == 0, log[-3000:]
         assert ("Using workflow specific profile" in log) == (profile != "none")
         runs[profile] = planned_jobs(log)
+    plain = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--directory", str(tmp_path)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = plain.stdout + plain.stderr
+    assert plain.returncode == 0, log[-3000:]
+    assert "Using workflow specific profile profiles/default for setting default command line arguments" in log
     from kdbench.planning.suite import load_suite
     smoke = load_suite(REPO / "workflow/suites/smoke.yaml")
-    assert runs["none"] == runs[str(DEFAULT)]
+    assert runs["none"] == runs[str(DEFAULT)] == planned_jobs(log)
     assert runs["none"]["fit"] == len(smoke.runs)  # one job per run: nothing is left out of the plan

@@ -117,7 +117,7 @@ def test_job_killed_at_its_time_limit_resumes_to_the_uninterrupted_metrics(clust
         suites[name] = write_suite(tmp / name / "tiny.yaml", tmp / "data", recipe={"epochs": 4},
                                    experiments=[experiment])
     done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(tmp / "straight"), "--cores", "1", "--config", f"suite_file={suites['straight']}"],
+                           str(tmp / "straight"), "--workflow-profile", "none", "--cores", "1", "--config", f"suite_file={suites['straight']}"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     env = {**env, "FAKE_SLURM_RUN": "1", "FAKE_SLURM_SECONDS_PER_MINUTE": "0.01",

@@ -49,7 +49,7 @@ def test_bad_suite_names_valid_choices(tmp_path, change, message):
 
 def test_snakemake_refuses_bad_suite_before_any_job(tmp_path):
     bad = write_suite(tmp_path / "bad.yaml", tmp_path / "data", experiments=[{**EXP, "methods": ["kdd"]}])
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(tmp_path),
                            "--cores", "1", "--config", f"suite_file={bad}"], capture_output=True, text=True)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr

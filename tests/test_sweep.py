@@ -185,7 +185,7 @@ def test_tuning_suites_load(name, paper, columns):
 
 def test_sweep_dry_run_lists_its_jobs(tmp_path):
     path = sweep_suite(tmp_path, methods=["student", "kd"], sweep={"kd": [0.5, 0.9, 1.0]})
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none", "-d", str(tmp_path),
                            "--cores", "1", "--config", f"suite_file={path}", "-n", "--quiet", "rules"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

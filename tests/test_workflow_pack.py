@@ -110,7 +110,10 @@ def test_pack_resources_are_one_runs_gpu_with_scaled_memory_and_time(tmp_path):
 
 
 def snakemake(workdir: Path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    """snakemake on the repository's Snakefile; the workflow profile only where ``args`` name one
+    (``profiles/default`` is found by itself otherwise: its retries and keep-going)."""
+    profile = () if "--workflow-profile" in args else ("--workflow-profile", "none")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *profile, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
