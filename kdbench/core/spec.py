@@ -254,6 +254,9 @@ class RunSpec:
     validation: dict | None = None
     #: what identifies the data beyond its name (see :func:`dataset_identity`); hashed only when set
     data_id: str | None = None
+    #: a dress-rehearsal run (:mod:`kdbench.planning.rehearsal`): hashed only when True, so a
+    #: rehearsal never shares an id with a real run and real ids stay as they were
+    rehearsal: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "unlabeled", resolve_unlabeled(self.unlabeled))
@@ -283,6 +286,8 @@ class RunSpec:
         for key in ("unlabeled", "validation", "data_id"):  # hashed only when set: older run ids stay
             if d[key] is None:
                 d.pop(key)
+        if not d["rehearsal"]:
+            d.pop("rehearsal")
         if self.execution.hashed():
             d["execution"] = self.execution.hashed()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

@@ -41,6 +41,7 @@ from kdbench.planning.budget import state_path as looks_path
 from kdbench.planning.suite_files import suite_file
 from kdbench.planning.checks import SuiteError, check_file, check_suite
 from kdbench.planning.checks import check_name as _check_name
+from kdbench.planning.rehearsal import rehearse
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "suite.schema.yaml"
 
@@ -215,7 +216,7 @@ def load_suite(path: str | Path, check_files: bool = False) -> Suite:
         path = suite_file(path)
     except FileNotFoundError as e:
         raise SuiteError(str(e)) from None
-    suite = build_suite(flatten(read_suite_file(path), path), path)
+    suite = build_suite(rehearse(flatten(read_suite_file(path), path)), path)  # rehearse: only with `rehearsal:`
     check_suite(suite, check_files)
     return suite
 
@@ -501,12 +502,13 @@ def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], re
         return dataset_identity(dataset, cfg["datasets"][dataset])
 
     validation = exp.get("validation")  # the students' holdout; teachers train on the full training set
+    rehearsal = "rehearsal" in cfg  # kdbench.planning.rehearsal: in every run's hash
 
     def scratch(arch: str, seed: int, recipe: Recipe = recipe, dataset: str = ds, validation: dict | None = None) -> Run:
         plain = methods["student"][0]
         spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], arch, "student", seed, recipe=recipe,
                        method_overrides=plain.overrides, execution=execution, validation=validation,
-                       data_id=data_id(dataset))
+                       data_id=data_id(dataset), rehearsal=rehearsal)
         return Run(run_id(spec), spec, exp["name"], method=plain.method)
 
     def probes(column: str, seed: int, src: Run, t_arch: str, s_arch: str):
@@ -518,7 +520,7 @@ def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], re
         for pds in lp["datasets"]:
             spec = RunSpec(pds, cfg["datasets"][pds]["root"], src.spec.student, "student", seed, recipe=probe_recipe,
                            protocol="linear_probe", init_ckpt=f"{runs_dir}/{src.id}/model.pt", init_id=src.id,
-                           execution=execution, data_id=data_id(pds))
+                           execution=execution, data_id=data_id(pds), rehearsal=rehearsal)
             run = Run(run_id(spec), spec, exp["name"], (src.id,))
             yield Cell(exp["name"], pds, t_arch, s_arch, column, seed, run.id), run
 
@@ -548,7 +550,8 @@ def _experiment_runs(cfg: dict, exp: dict, methods: dict[str, list[Variant]], re
                         continue
                     spec = RunSpec(ds, root, s_arch, method, seed, t_arch, ckpts, tids, variant.overrides, recipe,
                                    teacher_dataset=None if tds == ds else tds, execution=execution,
-                                   unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds))
+                                   unlabeled=exp.get("unlabeled"), validation=validation, data_id=data_id(ds),
+                                   rehearsal=rehearsal)
                     spec = _fused(spec, cfg)
                     _check_run(spec, exp, variant.method)
                     run = Run(run_id(spec), spec, exp["name"], tuple(t.id for t in teachers), variant.method)
@@ -596,5 +599,5 @@ def _released_run(cfg: dict, exp: dict, t_arch: str, dataset: str) -> Run:
     except KeyError as e:
         raise SuiteError(f"{where}: {e.args[0]}") from None
     spec = RunSpec(dataset, cfg["datasets"][dataset]["root"], t_arch, "student", 0, protocol="import",
-                   init_id=rt.identity())
+                   init_id=rt.identity(), rehearsal="rehearsal" in cfg)
     return Run(run_id(spec, rt.source), spec, exp["name"])

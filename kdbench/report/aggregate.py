@@ -19,6 +19,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from kdbench.core.io import atomic_write_bytes, read_json_state
+from kdbench.planning.rehearsal import NOTE as REHEARSAL_NOTE
+from kdbench.planning.rehearsal import is_rehearsal_caption
 from kdbench.planning.suite import Suite
 from kdbench.stats.ci import mean_ci
 from kdbench.report.forest import row_text, seed_forest_rows
@@ -125,6 +127,8 @@ def aggregate(suite: Suite, out_dir: str | Path, only: list[str] | None = None) 
         paper = any(k in t for k in ("published", "like", "rows"))  # its paper layout: kdbench tables
         caption = "" if paper else t.get("caption", "")
         text = markdown_table(summary, t["experiments"], t.get("metric", "acc_last"), caption)
+        if paper and is_rehearsal_caption(t.get("caption")):  # its own caption is the paper page's
+            text = f"**{REHEARSAL_NOTE}**\n\n{text}"
         fused = fusion_note(suite, t["experiments"])
         text += f"\n{fused}\n" if fused else ""
         if not paper:

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 from kdbench.core.io import atomic_save_figure
+from kdbench.planning.rehearsal import MARK as REHEARSAL
+from kdbench.planning.rehearsal import is_rehearsal_caption
 from kdbench.report.curves import BANDS, CellCurves, draw_curves, epoch_accuracies
 from kdbench.report.forest import ForestRow, _seed_cells, draw_forest, seed_forest_rows, seed_metric  # noqa: F401 (re-exported)
 from kdbench.report.paper_layout import is_paper_table
@@ -198,7 +200,8 @@ def draw_paper_forest(res: TableResult, path: str | Path) -> Path:
             + ("STAND-IN: reproduced values from miniature runs; published values from the paper's setting."
                if spec.stand_in else ""))
     return draw_forest(paper_forest_rows(res), spec.margin_for(spec.groups[0]), path,
-                       f"{spec.name}: paired differences" + ("  [STAND-IN]" if spec.stand_in else ""),
+                       f"{spec.name}: paired differences" + ("  [STAND-IN]" if spec.stand_in else "")
+                       + (f"  [{REHEARSAL}]" if is_rehearsal_caption(spec.caption) else ""),
                        f"Δ {METRICS[metric][0]}" + ("" if metric.startswith("kernel_gap") else " (pp)"), note)
 
 
@@ -259,7 +262,8 @@ def write_seed_figures(suite, out_dir: str | Path, band: str = "range", only: li
     from kdbench.report.aggregate import run_records
     records, out = run_records(suite), []
     for t in _seed_tables(suite, only):
-        title = t["name"] + ("  [STAND-IN]" if "stand_in" in t else "")
+        title = t["name"] + ("  [STAND-IN]" if "stand_in" in t else "") + (
+            f"  [{REHEARSAL}]" if is_rehearsal_caption(t.get("caption")) else "")
         if not is_paper_table(t):
             metric = seed_metric(t)
             ds = records[records.experiment.isin(t["experiments"])].dataset

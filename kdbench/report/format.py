@@ -9,6 +9,8 @@ import math
 import pandas as pd
 from tabulate import tabulate
 
+from kdbench.planning.rehearsal import NOTE as REHEARSAL_NOTE
+from kdbench.planning.rehearsal import is_rehearsal_caption
 from kdbench.stats.comparisons import EXPLORATORY, PRIMARY, family_size
 from kdbench.stats.paired import MIN_BOOTSTRAP_N
 from kdbench.report.paper_layout import METRICS
@@ -153,14 +155,17 @@ def caption(res) -> str:
     spec = res.spec
     what = "; ".join(METRICS[m][0] for m in dict.fromkeys(g.metric for g in spec.groups))
     where = spec.published.get("table", "")
-    head = f"**{spec.name}** — {res.paper_title}{', ' + where if where else ''}."
+    own, first = spec.caption, ""
+    if is_rehearsal_caption(own):  # a rehearsal (kdbench.planning.rehearsal) says so before anything else
+        own, first = own[len(REHEARSAL_NOTE):].strip(), f"**{REHEARSAL_NOTE}** "
+    head = f"{first}**{spec.name}** — {res.paper_title}{', ' + where if where else ''}."
     body = (f" Reproduced: {what}; mean ± 95% t-interval half-width over seeds (n = finished runs; failed and "
             f"missing runs are counted, never averaged; a run with a non-finite accuracy counts as failed).")
     if spec.stand_in:
         body += " No reproduction verdicts: the published values belong to the paper's setting, not this one."
     else:
         body += _verdict_caption(res)
-    extra = " ".join(x for x in (spec.caption, spec.stand_in or "") if x)
+    extra = " ".join(x for x in (own, spec.stand_in or "") if x)
     return head + body + _family_caption(res) + (f" {extra}" if extra else "")
 
 
