@@ -7,7 +7,9 @@
 #   snakemake --cores 2 --config suite=crd tables=crd_table1,crd_table2   # these tables and the runs they read
 #
 # The suite is validated (schema + registry names) when this file is parsed, before any job, and
-# planned once: every run's resolved spec is written to runs/<id>/spec.json, the one file a job reads.
+# planned once: every run's resolved spec is written to runs/<id>/spec.json, the one file a job reads,
+# and every value the rules are built from to .snakemake/kdbench-plans/ (kdbench.planning.plan_cache),
+# which a cluster job's re-parse of this file (`snakemake --mode remote`) reads instead of the suite.
 #
 # `snakemake --lint` reports two kinds of findings, kept on purpose:
 # - "Specify a conda environment or container for each rule": every rule runs the kdbench package,
@@ -15,10 +17,12 @@
 #   "Install"), so jobs on a cluster run in it too (the SLURM plugin exports the environment).
 # - "Mixed rules and functions in same snakefile": the functions are the target lists of the rules
 #   beside them; all other logic lives in the kdbench package.
+import sys
+
 from snakemake.utils import validate
 
-from kdbench.planning.suite import SuiteError, load_suite, write_specs
-from kdbench.planning.checks import check_files_exist, check_released_teachers
+from kdbench.planning.checks import SuiteError
+from kdbench.planning.plan_cache import Plan
 
 
 def check_config(config, schema=f"{workflow.basedir}/workflow/schemas/config.schema.yaml"):
@@ -48,6 +52,12 @@ def suite_file_of(config):
         raise SystemExit(f"kdbench: {e}") from None
 
 
+def load(path):
+    from kdbench.planning.suite import load_suite
+
+    return load_suite(path)
+
+
 def selection_of(config, suite):
     """--config tables=A,B: only these tables, their figures and the runs they read
     (kdbench.report.selection); None (every table) without it."""
@@ -56,16 +66,37 @@ def selection_of(config, suite):
     from kdbench.report.selection import select_tables
 
     try:
-        return select_tables(suite, [t.strip() for t in str(config["tables"]).split(",") if t.strip()])
+        sel = select_tables(suite, [t.strip() for t in str(config["tables"]).split(",") if t.strip()])
     except SuiteError as e:
         raise SystemExit(f"kdbench: {e}") from None
+    return {"tables": list(sel.tables), "paper": list(sel.paper), "family": list(sel.family), "runs": sorted(sel.runs)}
+
+
+def planned_part(suite, runs):
+    """The suite restricted to ``runs`` and the runs they need (teachers, probed models)."""
+    import dataclasses
+
+    todo, keep = list(runs), set()
+    while todo:
+        r = todo.pop()
+        if r not in keep:
+            keep.add(r)
+            todo += suite.runs[r].needs
+    return dataclasses.replace(suite, runs={r: run for r, run in suite.runs.items() if r in keep})
 
 
 SUITE_FILE = suite_file_of(config)
-SUITE = load_suite(SUITE_FILE)
-SELECTION = selection_of(config, SUITE)
-RUNS_DIR = SUITE.runs_dir
-RESULTS = config.get("results_dir", f"results/{SUITE.name}")
+# every value below and in workflow/rules/ comes through PLAN.value(key, compute): computed from the
+# suite here, read back from this invocation's plan in a cluster job's parse
+PLAN = Plan(SUITE_FILE, config, load, reuse=workflow.remote_exec)
+if workflow.remote_exec and not PLAN.reused:
+    print(f"kdbench: no current plan at {PLAN.path} (a suite source changed since it was written, or it "
+          f"was not written): this job's parse loads the suite", file=sys.stderr)
+SELECTION = PLAN.value("selection", lambda: selection_of(config, PLAN.suite))
+SELECTED = None if SELECTION is None else set(SELECTION["runs"])
+NAME, RUNS_DIR = PLAN.value("suite", lambda: [PLAN.suite.name, PLAN.suite.runs_dir])
+RUN_IDS = PLAN.value("runs", lambda: list(PLAN.suite.runs))
+RESULTS = config.get("results_dir", f"results/{NAME}")
 
 include: "workflow/rules/common.smk"
 
@@ -89,20 +120,29 @@ rule all:
         paper_outputs(),
 
 
+if workflow.is_main_process and not workflow.dryrun:
+    PLAN.write()  # for the jobs' parses (a dry run starts none)
+
+
 onstart:
-    # before any job (a dry run plans without): every real dataset root and imported teacher file exists
+    from kdbench.planning.checks import check_files_exist, check_released_teachers
+    from kdbench.planning.suite import write_specs
+
+    # before any job (a dry run plans without): every real dataset root and imported teacher file
+    # exists that the planned runs read (with --config tables=...: those tables' runs and their needs)
+    checked = PLAN.suite if SELECTED is None else planned_part(PLAN.suite, SELECTED)
     try:
-        check_files_exist(SUITE)
-        check_released_teachers(SUITE, TEACHERS_DIR, config.get("fetch_teachers", "auto"))
+        check_files_exist(checked)
+        check_released_teachers(checked, TEACHERS_DIR, config.get("fetch_teachers", "auto"))
     except SuiteError as e:
         raise SystemExit(f"kdbench: {e}")
     # the plan: each run's resolved spec in RUNS_DIR/<id>/spec.json, which its job reads instead of
     # this suite (rewritten only where it changed, so its time stamp says when the run's spec did)
-    write_specs(SUITE)
+    write_specs(PLAN.suite)
 
 
 onsuccess:
-    print(f"\nkdbench: suite {SUITE.name!r} is complete ({len(SUITE.runs)} runs in {RUNS_DIR}/).")
+    print(f"\nkdbench: suite {NAME!r} is complete ({len(RUN_IDS)} runs in {RUNS_DIR}/).")
     print(f"  seed tables:  {RESULTS}/*.md, per-seed {RESULTS}/runs.csv, per-cell {RESULTS}/summary.csv")
     if PAPER_TABLES:
         print(f"  paper tables: {PAPER_DIR}/*.md ({len(PAPER_TABLES)} tables), figures: {PAPER_DIR}/*.png")

@@ -180,3 +180,19 @@ def test_the_seed_table_commands_write_the_chosen_table_alone(tmp_path, monkeypa
     assert Path("one/main.md").read_text() == Path("full/main.md").read_text()
     assert figures(["--seed-tables", "--suite", str(suite.path), "--out", "figs", "--table", "main"]) == 0
     assert sorted(p.name for p in Path("figs").iterdir()) == ["main_curves.png", "main_forest.png"]
+
+
+def test_the_pre_flight_checks_only_the_files_the_chosen_tables_runs_read(tmp_path):
+    """crd_table1 reads CIFAR-100 alone: its run does not stop on the transfer table's STL-10 and
+    Tiny-ImageNet roots (missing here), which the whole suite's run names."""
+    def run(*config):
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--workflow-profile", "none", "--cores", "1", "--config", "suite=crd", *config]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        return done.stdout + done.stderr
+
+    whole, one = run(), run("tables=crd_table1")
+    assert all(f"dataset {d!r}: its root data/{d} does not exist" in whole for d in ("cifar100", "stl10", "tinyimagenet"))
+    assert "dataset 'cifar100': its root data/cifar100 does not exist" in one
+    assert "stl10" not in one and "tinyimagenet" not in one

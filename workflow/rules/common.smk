@@ -6,8 +6,8 @@ wildcard_constraints:
 
 
 #: GPUs a single-GPU job asks for (sbatch --gpus; locally --resources gpu=N): none for CPU suites
-GPU = 0 if SUITE.config.get("device", "auto") == "cpu" else 1
-LOGS = f"{RUNS_DIR}/logs/{SUITE.name}"  # the logs of the jobs that are not one run's (tables, data)
+GPU = PLAN.value("gpu", lambda: 0 if PLAN.suite.config.get("device", "auto") == "cpu" else 1)
+LOGS = f"{RUNS_DIR}/logs/{NAME}"  # the logs of the jobs that are not one run's (tables, data)
 
 
 def gpu_env(gpu: int) -> str:
@@ -24,35 +24,41 @@ def _output_dir(wildcards, output):
 
 
 def run_inputs(wildcards):
-    return inputs_of(wildcards.run)
+    return INPUTS[wildcards.run]
 
 
-def inputs_of(run_id):
-    run = SUITE.runs[run_id]
+def _inputs_of(suite, run_id):
+    run = suite.runs[run_id]
     # a teacher's (or probed model's) metrics.json marks it finished; a failed run leaves no
     # model.pt and the job that needs it then stops with a message naming it
     inputs = [f"{RUNS_DIR}/{t}/metrics.json" for t in run.needs]
     if run.kind == "distill" and not run.needs:  # teacher_checkpoints: the imported files themselves
         inputs += list(run.spec.teacher_ckpts)
-    synthetic = SUITE.synthetic_datasets()
+    synthetic = suite.synthetic_datasets()
     if run.spec.dataset in synthetic:
         inputs.append(f"{synthetic[run.spec.dataset]['root']}/kdbench-synthetic.json")
     return inputs
 
 
+INPUTS = PLAN.value("inputs", lambda: {r: _inputs_of(PLAN.suite, r) for r in RUN_IDS})  # run id -> its job's inputs
+KINDS = PLAN.value("kinds", lambda: {r: run.kind for r, run in PLAN.suite.runs.items()})  # train | distill | probe | import
+
+
 def all_metrics():
     """Every run's metrics.json; with --config tables=...: those of the runs the tables read
     (SELECTION, kdbench.report.selection), which the table jobs then read alone."""
-    return [f"{RUNS_DIR}/{r}/metrics.json" for r in SUITE.runs if SELECTION is None or r in SELECTION.runs]
+    return [f"{RUNS_DIR}/{r}/metrics.json" for r in RUN_IDS if SELECTED is None or r in SELECTED]
 
 
 def table_outputs():
     """`kdbench aggregate`'s outputs: runs.csv, summary.csv and each table's seed aggregate, or with
     --config tables=... only those tables' (`--table`, no suite-wide CSVs)."""
     if SELECTION is not None:
-        return [f"{RESULTS}/{n}.md" for n in SELECTION.tables]
-    names = [t["name"] for t in SUITE.config.get("tables", [])] or ["summary"]
-    return [f"{RESULTS}/runs.csv", f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{n}.md" for n in names]
+        return [f"{RESULTS}/{n}.md" for n in SELECTION["tables"]]
+    return [f"{RESULTS}/runs.csv", f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{n}.md" for n in TABLE_NAMES]
+
+
+TABLE_NAMES = PLAN.value("table_names", lambda: [t["name"] for t in PLAN.suite.config.get("tables", [])] or ["summary"])
 
 
 def table_args(names) -> str:
@@ -83,7 +89,7 @@ def set_aside_corrupt_metrics():
 
     from kdbench.core.io import read_json_state
 
-    for run in SUITE.runs:
+    for run in RUN_IDS:
         path = pathlib.Path(f"{RUNS_DIR}/{run}/metrics.json")
         if read_json_state(path)[1] != "corrupt":
             continue

@@ -1,12 +1,14 @@
 # Synthetic datasets are generated in their real on-disk format; real ones are fetched by hand
 # (`kdbench fetch`, see the README) and are not Snakemake outputs.
 
-for _name, _ds in SUITE.synthetic_datasets().items():
+SYNTHETIC = PLAN.value("synthetic", lambda: {n: ds["root"] for n, ds in PLAN.suite.synthetic_datasets().items()})
+
+for _name, _root in SYNTHETIC.items():
 
     rule:
         name: f"synthetic_{_name}"
         output:
-            f"{_ds['root']}/kdbench-synthetic.json",
+            f"{_root}/kdbench-synthetic.json",
         log:
             f"{LOGS}/synthetic_{_name}.log",
         params:

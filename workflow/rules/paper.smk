@@ -1,19 +1,29 @@
 # Paper-layout tables (`kdbench tables`), paper figures (`kdbench figures`) and the kernel-gap
 # records they read (`kdbench kernel-gap`, KDA Fig. 3 and teacher-ensemble accuracies).
 # paper_outputs() lists every output; `snakemake paper` builds them (and `all`, once it lists them).
-from kdbench.report.paper_tables import diagnostic_targets, table_specs
-
 PAPER_DIR = f"{RESULTS}/paper"
-_PAPER_SPECS = table_specs(SUITE)
-_WRITTEN = [s for s in _PAPER_SPECS if SELECTION is None or s.name in SELECTION.paper]  # --config tables=...
-PAPER_TABLES = [s.name for s in _WRITTEN]
-PAPER_FIGURES = [s.name for s in _WRITTEN if s.figure]
-PAPER_FORESTS = [s.name for s in _WRITTEN if s.reference]  # <table>_forest.png (kdbench figures)
-# record path -> (run id, teacher run folders or model files); with a selection, those of the tables
-# whose tests the chosen ones show (SELECTION.family: a test's adjusted p is its owner table's)
-_DIAGNOSED = None if SELECTION is None else list(SELECTION.family)
-DIAGNOSTICS = diagnostic_targets(SUITE, _DIAGNOSED) if _DIAGNOSED != [] else {}
-DEVICE_ARG = SUITE.config.get("device", "auto")
+# with a selection (--config tables=...), its paper tables; the kernel-gap records of the tables
+# whose tests the chosen ones show (SELECTION["family"]: a test's adjusted p is its owner table's)
+_DIAGNOSED = None if SELECTION is None else SELECTION["family"]
+
+
+def _paper_plan(suite):
+    from kdbench.report.paper_tables import diagnostic_targets, table_specs
+
+    specs = table_specs(suite)
+    written = [s for s in specs if SELECTION is None or s.name in SELECTION["paper"]]
+    return {"tables": [s.name for s in written], "figures": [s.name for s in written if s.figure],
+            "forests": [s.name for s in written if s.reference],  # <table>_forest.png (kdbench figures)
+            # record path -> (run id, teacher run folders or model files)
+            "diagnostics": diagnostic_targets(suite, _DIAGNOSED) if _DIAGNOSED != [] else {},
+            # the tables' resolved specs: a changed one reruns them (Snakemake's params trigger)
+            "tables_param": spec_param(specs), "figures_param": spec_param([s for s in specs if s.figure or s.reference])}
+
+
+_PAPER = PLAN.value("paper", lambda: _paper_plan(PLAN.suite))
+PAPER_TABLES, PAPER_FIGURES, PAPER_FORESTS = _PAPER["tables"], _PAPER["figures"], _PAPER["forests"]
+DIAGNOSTICS = _PAPER["diagnostics"]
+DEVICE_ARG = PLAN.value("device", lambda: PLAN.suite.config.get("device", "auto"))
 
 
 def paper_outputs():
@@ -32,7 +42,7 @@ def _paper_reported(path):
 
 
 def _diagnostic_inputs():
-    runs = {f"{RUNS_DIR}/{r}" for r in SUITE.runs}
+    runs = {f"{RUNS_DIR}/{r}" for r in RUN_IDS}
     needed = set()
     for run, teachers in DIAGNOSTICS.values():
         # a run is finished when its metrics.json exists; an imported teacher is its model file
@@ -62,7 +72,7 @@ if DIAGNOSTICS:
             runtime=120,
             nodes=1,
         shell:
-            gpu_env(GPU) + "kdbench kernel-gap --suite {params.suite:q} --device {params.device}" + table_args(_DIAGNOSED) + " > {log:q} 2>&1"
+            gpu_env(GPU) + f"kdbench kernel-gap --suite {{params.suite:q}} --device {{params.device}}{table_args(_DIAGNOSED)} > {{log:q}} 2>&1"
 
 
 if PAPER_TABLES:
@@ -75,14 +85,14 @@ if PAPER_TABLES:
             [_paper_reported(f) if f.endswith(".md") else f
              for f in (f"{PAPER_DIR}/{n}{suffix}" for n in PAPER_TABLES for suffix in (".md", ".csv", "_cells.csv"))],
         params:
-            spec=spec_param(_PAPER_SPECS),  # the tables' resolved specs: a changed one reruns them
+            spec=_PAPER["tables_param"],  # the tables' resolved specs: a changed one reruns them
             suite=SUITE_FILE,
             out=_output_dir,
         log:
             f"{LOGS}/paper_tables.log",
         localrule: True
         shell:
-            "kdbench tables --suite {params.suite:q} --out {params.out:q}" + table_args(PAPER_TABLES) + " > {log:q} 2>&1"
+            f"kdbench tables --suite {{params.suite:q}} --out {{params.out:q}}{table_args(PAPER_TABLES)} > {{log:q}} 2>&1"
 
 
 if PAPER_FIGURES or PAPER_FORESTS:
@@ -94,14 +104,14 @@ if PAPER_FIGURES or PAPER_FORESTS:
         output:
             [_paper_reported(f) for f in _paper_pngs()],
         params:
-            spec=spec_param([s for s in _PAPER_SPECS if s.figure or s.reference]),
+            spec=_PAPER["figures_param"],
             suite=SUITE_FILE,
             out=_output_dir,
         log:
             f"{LOGS}/paper_figures.log",
         localrule: True
         shell:
-            "kdbench figures --suite {params.suite:q} --out {params.out:q}" + table_args(sorted(set(PAPER_FIGURES) | set(PAPER_FORESTS))) + " > {log:q} 2>&1"
+            f"kdbench figures --suite {{params.suite:q}} --out {{params.out:q}}{table_args(sorted(set(PAPER_FIGURES) | set(PAPER_FORESTS)))} > {{log:q}} 2>&1"
 
 
 rule paper:

@@ -1,9 +1,18 @@
 # Seed aggregation: one job reads every run's metrics.json and writes the suite's tables; one
 # draws the seed tables' forest plots and learning curves (`kdbench figures --seed-tables`).
 # report(...) puts them in `snakemake --report report.html`, with the captions in workflow/report/.
-from kdbench.report.figures import seed_figure_names
 
-SEED_FIGURES = [f"{RESULTS}/{n}" for n in seed_figure_names(SUITE, SELECTION and list(SELECTION.tables))]
+
+def _seed_figure_names(suite):
+    from kdbench.report.figures import seed_figure_names
+
+    return seed_figure_names(suite, SELECTION and SELECTION["tables"])
+
+
+SEED_FIGURES = [f"{RESULTS}/{n}" for n in PLAN.value("seed_figures", lambda: _seed_figure_names(PLAN.suite))]
+# the seed tables' items: a changed metric, caption, margin or reference reruns them (params trigger)
+_SEED_PARAM = PLAN.value("seed_tables_param", lambda: spec_param(PLAN.suite.config.get("tables", [])))
+_ONLY = table_args(TABLE_NAMES if SELECTION is None else SELECTION["tables"])  # --config tables=...: --table NAME ...
 
 
 def _seed_reported(path):
@@ -20,11 +29,11 @@ rule aggregate:
     log:
         f"{LOGS}/aggregate.log",
     params:
-        spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric or caption reruns the tables
+        spec=_SEED_PARAM,
         suite=SUITE_FILE,
         out=_output_dir,
     shell:
-        "kdbench aggregate --suite {params.suite:q} --out {params.out:q}" + table_args(SELECTION and SELECTION.tables) + " > {log:q} 2>&1"
+        f"kdbench aggregate --suite {{params.suite:q}} --out {{params.out:q}}{_ONLY} > {{log:q}} 2>&1"
 
 
 if SEED_FIGURES:
@@ -35,10 +44,10 @@ if SEED_FIGURES:
         output:
             [_seed_reported(f) for f in SEED_FIGURES],
         params:
-            spec=spec_param(SUITE.config.get("tables", [])),  # a changed metric, margin or reference redraws them
+            spec=_SEED_PARAM,
             suite=SUITE_FILE,
             out=_output_dir,
         log:
             f"{LOGS}/seed_figures.log",
         shell:
-            "kdbench figures --seed-tables --suite {params.suite:q} --out {params.out:q}" + table_args(SELECTION and SELECTION.tables) + " > {log:q} 2>&1"
+            f"kdbench figures --seed-tables --suite {{params.suite:q}} --out {{params.out:q}}{_ONLY} > {{log:q}} 2>&1"

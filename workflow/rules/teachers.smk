@@ -6,7 +6,7 @@
 # import always comes first. `--config teachers_dir=DIR` moves the raw files (default teachers/).
 import re
 
-IMPORT_RUNS = [r for r, run in SUITE.runs.items() if run.kind == "import"]
+IMPORT_RUNS = [r for r in RUN_IDS if KINDS[r] == "import"]
 TEACHERS_DIR = config.get("teachers_dir", "teachers")
 
 if IMPORT_RUNS:

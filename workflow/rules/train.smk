@@ -6,23 +6,31 @@
 import re
 import shlex
 
-from kdbench.planning.launch import job_resources
 
-PACKING = SUITE.pack_options(config)  # {"size": N, "fuse": bool}
-PACKS = SUITE.packs(PACKING["size"])  # pack id -> run ids (kdbench.planning.suite.Suite.packs)
+def _job_resources(runs):
+    from kdbench.planning.launch import job_resources
+
+    return job_resources(runs, PLAN.suite.config, config)
+
+
+PACKING = PLAN.value("packing", lambda: PLAN.suite.pack_options(config))  # {"size": N, "fuse": bool}
+PACKS = PLAN.value("packs", lambda: PLAN.suite.packs(PACKING["size"]))  # pack id -> run ids (Suite.packs)
 PACKED = {r for runs in PACKS.values() for r in runs}
 # rule fit makes only the runs that no pack makes, so every metrics.json has one producer
 # (Snakemake would prefer the wildcard-free pack rule anyway; this says it). "(?!)": fit makes none.
-FIT_RUNS = ("|".join(re.escape(r) for r in SUITE.runs if r not in PACKED) or "(?!)") if PACKED else ".+"
+FIT_RUNS = ("|".join(re.escape(r) for r in RUN_IDS if r not in PACKED) or "(?!)") if PACKED else ".+"
+# run id -> its job's size (kdbench.planning.launch.job_resources), computed without reading any data
+SIZES = PLAN.value("sizes", lambda: {r: _job_resources(PLAN.suite.runs[r]) for r in RUN_IDS if r not in PACKED})
+PACK_SIZES = PLAN.value("pack_sizes", lambda: {p: _job_resources([PLAN.suite.runs[r] for r in runs])
+                                                for p, runs in PACKS.items()})
 
 
 def _fit_command(wildcards):
-    return {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}[SUITE.runs[wildcards.run].kind]
+    return {"train": "train-teacher", "distill": "distill", "probe": "linear-probe"}[KINDS[wildcards.run]]
 
 
 def _sizes(run_id):
-    """The run's job size (kdbench.planning.launch.job_resources), computed without reading any data."""
-    return job_resources(SUITE.runs[run_id], SUITE.config, config)
+    return SIZES[run_id]
 
 
 def _res(key):
@@ -41,7 +49,7 @@ def _launch(sizes):
 
 # a run whose estimate exceeds max_runtime needs several submissions (each resumes from the
 # checkpoint); one more for a failure, as the profiles' `retries: 1` gives every other rule
-FIT_RETRIES = max([_sizes(r)["segments"] for r in SUITE.runs if r not in PACKED] or [1])
+FIT_RETRIES = max([_sizes(r)["segments"] for r in RUN_IDS if r not in PACKED] or [1])
 
 
 rule fit:
@@ -77,12 +85,12 @@ rule fit:
 # A rule per pack, not one rule with a {pack} wildcard: Snakemake requires every output of a rule to
 # carry all its wildcards, and a pack's outputs are its runs' folders, named by run id alone.
 for _pack, _runs in PACKS.items():
-    _size = job_resources([SUITE.runs[r] for r in _runs], SUITE.config, config)
+    _size = PACK_SIZES[_pack]
 
     rule:
         name: f"pack_{_pack}"
         input:
-            sorted({f for r in _runs for f in inputs_of(r)}),
+            sorted({f for r in _runs for f in INPUTS[r]}),
         output:
             [f"{RUNS_DIR}/{r}/metrics.json" for r in _runs],
         log:
