@@ -25,6 +25,7 @@ import yaml
 PLAN_DIR = Path(".snakemake/kdbench-plans")
 PACKAGE = Path(__file__).resolve().parents[1]  # kdbench/
 _PACKAGE_SOURCES = ("**/*.py", "**/*.yaml", "**/*.csv", "**/*.json")
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: a job's parse reads the suites too
 
 
 def plan_path(suite_file: str | Path, config: dict) -> Path:
@@ -42,7 +43,7 @@ def suite_sources(suite_file: str | Path) -> list[Path] | None:
         if path in seen:
             continue
         seen.append(path)
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.load(path.read_text(), Loader=_LOADER) or {}
         if cfg.get("imports"):
             return None
         todo += [(path.parent / inc).resolve() for inc in cfg.get("include") or []]
