@@ -224,6 +224,7 @@ MODULE_COMMANDS = {
     "pack": ("kdbench.commands.cli:pack_main", "train several runs that share a teacher together on one device"),
     "looks": ("kdbench.commands.looks", "seeds as a budget: run, decide, add seeds to undecided cells, repeat"),
     "resume": ("kdbench.planning.resume", "continue a killed snakemake pipeline: unlock, then rerun incomplete jobs"),
+    "stop": ("kdbench.planning.resume:stop_main", "stop a pipeline: its snakemake and (scancel) its cluster jobs"),
     "plan": ("kdbench.commands.plan", "a suite's runs, steps, GPU-hours and wall time, per table and in total"),
 }
 
