@@ -1,5 +1,6 @@
 """OT-KD terms (kdbench/methods/ot.py): REMD and IPOT against loops and an exact OT solver."""
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -7,7 +8,11 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from kdbench.data.base import DATASETS
+from kdbench.data.loader import TensorLoader
+from kdbench.data.synthetic_files import ensure_synthetic
 from kdbench.methods import METHODS, Batch, MethodContext, build_objective
+from kdbench.methods.adapters import pool_to_smaller
 from kdbench.methods.ot import IPOT, REMD, cosine_cost, ipot_plan, remd_cost
 from kdbench.models import build_model, feature_shapes
 from kdbench.core.features import Features, FeatureShapes
@@ -143,25 +148,36 @@ def test_remd_gradient_flows_through_argmin_entries():
     torch.testing.assert_close(c.grad, want)
 
 
-def test_unequal_widths_get_a_student_side_projection_and_the_teacher_stays_raw():
+@pytest.mark.parametrize("projection", ["fixed", "trained"])
+def test_unequal_widths_get_a_student_side_projection_and_the_teacher_stays_raw(projection):
     """Student 5-d pooled and (3, 4, 4) map; teacher 9-d pooled and (6, 2, 2) map: the student
-    map is pooled to 2×2 and 1×1-convolved to 6 channels, the pooled vector goes through a Linear
-    5 → 9; the teacher's features enter the cost as they are (its map already the smaller)."""
+    map is pooled to 2×2 and mapped per pixel 3 → 6 channels, the pooled vector 5 → 9; the
+    teacher's features enter the cost as they are (its map already the smaller). ``fixed`` (the
+    default): semi-orthogonal weights (here the student is narrower: orthonormal columns), no
+    bias, buffers, no trainable parameter; ``trained``: a Linear and a 1×1 convolution."""
     c = ctx(d_s=5, d_t=9, stage_s=(3, 4, 4), stage_t=(6, 2, 2))
-    term = REMD(c, layers=["pooled", "stage:1"])
+    term = REMD(c, layers=["pooled", "stage:1"], projection=projection)
     assert set(term.adapters) == {"pooled", "stage:1"} and term.teacher_needs == {"pooled", "stages"}
-    lin, conv = term.adapters["pooled"].map, term.adapters["stage:1"].map
-    assert (lin.in_features, lin.out_features) == (5, 9)
-    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 6, (1, 1))
-    # every trainable parameter is one of these student-side maps: none can act on the teacher
-    assert {id(p) for p in term.parameters()} == {id(p) for p in (lin.weight, lin.bias, conv.weight, conv.bias)}
+    if projection == "fixed":
+        w, cw = (term.adapters[la].weight.detach().double() for la in ("pooled", "stage:1"))
+        assert w.shape == (9, 5) and cw.shape == (6, 3) and not list(term.parameters())
+        for m in (w, cw):
+            torch.testing.assert_close(m.t() @ m, torch.eye(m.shape[1], dtype=m.dtype), atol=1e-6, rtol=0)
+        bias = cb = np.zeros(1)
+        w, cw = w.numpy(), cw.numpy()
+    else:
+        lin, conv = term.adapters["pooled"].map, term.adapters["stage:1"].map
+        assert (lin.in_features, lin.out_features) == (5, 9)
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 6, (1, 1))
+        # every trainable parameter is one of these student-side maps: none can act on the teacher
+        assert {id(p) for p in term.parameters()} == {id(p) for p in (lin.weight, lin.bias, conv.weight, conv.bias)}
+        w, bias = lin.weight.detach().double().numpy(), lin.bias.detach().double().numpy()
+        cw, cb = conv.weight.detach().double().numpy()[:, :, 0, 0], conv.bias.detach().double().numpy()
     x, y = rand(B, 5, seed=1).float().requires_grad_(), rand(B, 9, seed=2).float().requires_grad_()
     fs, ft = rand(B, 3, 4, 4, seed=3).float().requires_grad_(), rand(B, 6, 2, 2, seed=4).float().requires_grad_()
     loss = term(feats(x, fs), feats(y, ft), BATCH)
     # independent: W x + b on the student; 2×2 block means then a per-pixel W·v + b on the student map
-    w, bias = lin.weight.detach().double().numpy(), lin.bias.detach().double().numpy()
     want = loop_remd(centred_cost(x.detach().double().numpy() @ w.T + bias, y.detach().double().numpy()))
-    cw, cb = conv.weight.detach().double().numpy()[:, :, 0, 0], conv.bias.detach().double().numpy()
     pooled_s = avg_pool(fs.detach().double().numpy(), 2)
     mapped = np.einsum("oc,bchw->bohw", cw, pooled_s) + cb[None, :, None, None]
     want += loop_remd(centred_cost(mapped.reshape(B, -1), ft.detach().double().numpy().reshape(B, -1)))
@@ -170,7 +186,16 @@ def test_unequal_widths_get_a_student_side_projection_and_the_teacher_stays_raw(
     assert x.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0 and y.grad is None and ft.grad is None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in term.parameters())
     same = IPOT(ctx(), layers="pooled")
-    assert len(same.adapters) == 0 and IPOT(ctx(), adapter="always").adapters["stage:1"].map.out_channels == 3
+    assert len(same.adapters) == 0 and IPOT(ctx(), adapter="always").adapters["stage:1"].weight.shape == (3, 3)
+
+
+def test_a_wider_student_gets_orthonormal_rows_and_projection_is_validated():
+    """Where the student is wider (every projection of the zoo pair), the fixed map keeps an
+    orthonormal set of student directions: W Wᵀ = I."""
+    w = REMD(ctx(d_s=9, d_t=5), layers="pooled").adapters["pooled"].weight.double()
+    torch.testing.assert_close(w @ w.t(), torch.eye(5, dtype=w.dtype), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="valid: fixed"):
+        REMD(ctx(d_s=9, d_t=5), projection="learned")
 
 
 def test_a_larger_teacher_map_is_pooled_not_projected():
@@ -236,13 +261,17 @@ def test_layers_validation_and_teacher_needs():
 
 def test_stage_maps_of_the_zoo_pair_resnet32x4_shufflev2():
     """The default layers on the one CIFAR pair of unequal widths: three 1×1 projections of the
-    student's stages (116, 232, 464 channels → 64, 128, 256) and the teacher's maps pooled to 16, 8, 4."""
+    student's stages (116, 232, 464 channels → 64, 128, 256), fixed by default, trainable with
+    ``projection: trained``, and the teacher's maps pooled to 16, 8, 4."""
     t_sh, s_sh = feature_shapes(build_model("resnet32x4", 100)), feature_shapes(build_model("ShuffleV2", 100))
-    obj = build_objective("ipot_kd", MethodContext(s_sh, t_sh, 100, torch.zeros(8, dtype=torch.long)))
+    pair = MethodContext(s_sh, t_sh, 100, torch.zeros(8, dtype=torch.long))
+    obj = build_objective("ipot_kd", pair)
     term = obj.terms["ipot"]
     assert obj.teacher_needs == {"logits", "stages"} and term.layers == ["stage:1", "stage:2", "stage:3"]
-    assert [(a.map.in_channels, a.map.out_channels) for a in term.adapters.values()] == [(116, 64), (232, 128), (464, 256)]
-    assert {id(p) for p in obj.parameters()} == {id(p) for p in term.adapters.parameters()}
+    assert [tuple(a.weight.shape) for a in term.adapters.values()] == [(64, 116), (128, 232), (256, 464)]
+    assert not list(obj.parameters())  # the projections are fixed (buffers)
+    trained = build_objective("ipot_kd", pair, {"params": {"ipot": {"projection": "trained"}}}).terms["ipot"]
+    assert [(a.map.in_channels, a.map.out_channels) for a in trained.adapters.values()] == [(116, 64), (232, 128), (464, 256)]
     s = Features([torch.randn(4, *sh) for sh in s_sh.stages], [], torch.randn(4, 1024), torch.randn(4, 100))
     t = Features([torch.randn(4, *sh) for sh in t_sh.stages], [], torch.randn(4, 256), torch.randn(4, 100))
     assert torch.isfinite(term(s, t, BATCH))
@@ -253,7 +282,9 @@ def test_stage_maps_of_the_zoo_pair_resnet32x4_shufflev2():
 # (teacher), and the last stage maps (464, 4, 4) vs (256, 8, 8), the teacher's pooled to 4×4 (d =
 # 4096). Each step draws a fresh batch: student features ~ ReLU(N(0, I)) (post-ReLU, like real
 # ones), teacher features ~ N(0, I), independent of the student's. Only the term's own parameters
-# train (SGD, RepDistiller's lr 0.05, momentum 0.9, wd 5e-4).
+# train (SGD, RepDistiller's lr 0.05, momentum 0.9, wd 5e-4): trainable projections
+# (``projection: trained``; the default fixed ones have nothing to train). The floor holds for any
+# student-side map, trained or not.
 #
 # Floor. Any student-side map sees only the student's batch, so its outputs z_1..z_b are independent
 # of the teacher's batch, and a teacher vector's direction ŷ is uniform on the sphere S^{d-1}.
@@ -328,7 +359,7 @@ def test_adapter_parameters_alone_cannot_zero_the_cost(cls):
     """The OT term's own parameters alone must not drive it to zero: 150 steps on the adapters
     leave the cost above floor(256) + floor(4096) (the old two-sided projections: ~0.8)."""
     torch.manual_seed(0)
-    term = cls(collapse_ctx(), layers=["pooled", "stage:1"])
+    term = cls(collapse_ctx(), layers=["pooled", "stage:1"], projection="trained")
     cost = train_own_parameters(term, 150)
     assert cost >= floor(T_POOLED) + floor(4096), cost
 
@@ -337,157 +368,190 @@ def test_the_projection_learns_when_the_student_carries_the_teachers_information
     """Control for the floor test: the same adapter does reduce the cost below its floor when the
     student's pooled feature is a linear image of the teacher's (a real signal to regress)."""
     torch.manual_seed(0)
-    term = REMD(collapse_ctx(), layers="pooled")
+    term = REMD(collapse_ctx(), layers="pooled", projection="trained")
     before = train_own_parameters(term, 0, informative=True)
     after = train_own_parameters(term, 600, informative=True)  # centred, it starts slower: ~0.85 at 400 steps
     assert before > floor(T_POOLED) > after, (before, after)
 
 
-# ------------------------------------------------ the collapse experiment on realistic features
-# N(0, I) teacher features are zero-mean; real post-ReLU maps are not. Measured (issue 26): on real
-# runs the teacher's maps have a mean pairwise cosine of 0.83–0.92. On the embedded synthetic data
-# (10 classes, 300 test images; /tmp script, numbers in the issue-26 report), resnet8x4 (resnet32x4's
-# stage shapes) trained 3 epochs (93% test accuracy): maps ≥ 0, 52–54% zeros, mean pairwise cosine
-# 0.38–0.39 at the compared (pooled) size, between-class share of the centred variance 0.52–0.78;
-# resnet32x4 at initialisation: cosine 0.75–0.82. On those real maps a ShuffleV2 student's
-# projections trained alone (150 steps) took the raw cost to 0.14 (resnet32x4 at init) and 0.41
-# (trained resnet8x4) of its start, the centred cost to 0.88 and 0.74 (0.60 after 2000 steps).
-#
-# Here: the two deepest compared layers of resnet32x4 → ShuffleV2 at their real shapes (student
-# 232×8×8 and 464×4×4 through 1×1 projections onto the teacher's 128 and 256 channels), every
-# map relu(common + prototype[class] + noise), a fixed per-unit common level 4·N(0, 1), class
-# prototypes 1.5·N(0, 1) (10 classes), unit noise: nonnegative, ~50% zeros, mean pairwise cosine
-# ~0.86, between-class share ~0.66 (checked below). The student's frozen maps come from their own
-# generator with their own labels: nothing in them tells the teacher's batch apart, so whatever
-# the projections gain is absorbed, not learnt.
-REAL_S, REAL_T, K = ((232, 8, 8), (464, 4, 4)), ((128, 8, 8), (256, 4, 4)), 10
+# ------------------------------------------- the collapse test on the maps of real networks
+# The zoo's one OT pair with projections, resnet32x4 → ShuffleV2 (workflow/suites/ot.yaml), on
+# images of the embedded synthetic dataset written by ensure_synthetic and read back by the
+# CIFAR-100 reader: 160 training images (10 classes × 16), the teacher trained on them for 2
+# epochs (Adam lr 1e-3, batches of 32, RepDistiller's crop + flip), the student at initialisation.
+# Both frozen networks run once over the whole pool in training mode, so each BN normalises by the
+# pool's statistics (the frozen teacher's running averages, after 10 steps, are not yet its own);
+# the term then trains on batches of 64 of these features, as a real run's loss sees them. The
+# default layers compare stages 1–3 (student 116×16², 232×8², 464×4²; the teacher's 64×32²,
+# 128×16², 256×8² pooled to those sizes once here, as the term would at every step).
+# Measured here (2-core CPU, load ~10; ratios = cost after / before, on the 2 evaluation batches):
+# - the maps: teacher accuracy on the pool 0.94 (chance 0.1); teacher stages ≥ 0 with 24–30%
+#   zeros, mean pairwise cosine 0.49–0.51 (0.54–0.68 at the compared sizes), below the 0.83–0.92
+#   of fully trained CIFAR teachers; student at initialisation: 50% zeros, cosine 0.34–0.40.
+# - the term's own parameters alone, the networks frozen: the default (fixed projections) has
+#   none, ratio 1. A trained projection on the centred cost (the design before the fixed one):
+#   REMD 0.63 / 0.52 / 0.50 after 150 / 600 / 2000 steps, IPOT 0.68 / 0.57 / 0.54 (a /tmp run of
+#   the same teacher and pool, another student initialisation, 4 evaluation batches; a weaker
+#   teacher, 3 SGD epochs on 200 images: REMD 0.57 / 0.47 / 0.45, IPOT 0.62 / 0.53 / 0.51), so
+#   it fails the ≥ 50% acceptance at its plateau. A trained projection on the raw cosine: 0.24 (REMD),
+#   0.25 (IPOT) after 150 steps (the control below).
+# - the student trained with the default term, 25 steps: REMD 0.61, IPOT 0.67.
+# - this section: 55 s of CPU (17.7 s of it the fixture), 7 min wall under that load.
+REAL_DATA = {"classes": 10, "train_per_class": 16, "test_per_class": 1, "seed": 0}
+OT_B = 64
+OT_BATCH = Batch(torch.zeros(OT_B, 3, 4, 4), torch.zeros(OT_B, dtype=torch.long), torch.arange(OT_B))
 
 
-class PostReLU:
-    """Batches of post-ReLU-like maps of ``shapes``: relu(common + prototype[label] + noise)."""
+class RealMaps:
+    """The pool's images, the frozen networks' stage maps on them and what to build a term from."""
 
-    def __init__(self, shapes, seed, common=4.0, prototype=1.5):
-        g = torch.Generator().manual_seed(seed)
-        self.shapes = shapes
-        self.common = [common * torch.randn(torch.Size(sh).numel(), generator=g) for sh in shapes]
-        self.prototypes = [prototype * torch.randn(K, torch.Size(sh).numel(), generator=g) for sh in shapes]
-
-    def __call__(self, labels, g, prototypes=None):
-        protos = self.prototypes if prototypes is None else prototypes
-        return [torch.relu(c + p[labels] + torch.randn(len(labels), c.numel(), generator=g)).view(len(labels), *sh)
-                for c, p, sh in zip(self.common, protos, self.shapes)]
-
-
-def realistic_ctx():
-    def sh(maps):
-        stages = (torch.Size([2, 4, 4]), torch.Size([2, 4, 4]), *(torch.Size(m) for m in maps))
-        return FeatureShapes(stages, stages, torch.Size([4]), torch.Size([K]))
-    return MethodContext(sh(REAL_S), sh(REAL_T), K, torch.zeros(8, dtype=torch.long))
-
-
-def map_feats(maps):
-    stem = torch.zeros(len(maps[0]), 2, 4, 4)
-    return Features([stem, stem, *maps], [], torch.zeros(len(maps[0]), 4), torch.zeros(len(maps[0]), K))
-
-
-TEACHER_MAPS, STUDENT_MAPS = PostReLU(REAL_T, seed=11), PostReLU(REAL_S, seed=12)
-
-
-def train_realistic(term, steps, student=None):
-    """SGD (RepDistiller's lr 0.05, momentum 0.9, wd 5e-4) on the term's parameters for ``steps``
-    fresh batches; ``student``: trainable class prototypes of the student's maps, fed the teacher's
-    labels (a student that has the information) and trained too (Adam, lr 0.05: the cosine's
-    gradient is ~1/‖x‖, too small for plain SGD on raw maps). Returns the mean cost over 4
-    fresh batches before and after."""
-    opt = torch.optim.SGD(term.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    s_opt = torch.optim.Adam(student, lr=0.05) if student else None
-    g = torch.Generator().manual_seed(3)
-    batch = Batch(torch.zeros(CB, 3, 4, 4), torch.zeros(CB, dtype=torch.long), torch.arange(CB))
-
-    def draw():
-        y = torch.randint(0, K, (CB,), generator=g)
-        y_s = y if student else torch.randint(0, K, (CB,), generator=g)
-        return map_feats(STUDENT_MAPS(y_s, g, student)), map_feats(TEACHER_MAPS(y, g))
-
-    def mean_cost():
+    def __init__(self, root: str):
+        info = DATASETS.get("cifar100")
+        train = info.read(root, "train")
+        torch.manual_seed(0)
+        teacher, student = build_model("resnet32x4", 10), build_model("ShuffleV2", 10)
+        self.student_state = copy.deepcopy(student.state_dict())
+        loader = TensorLoader(train.images, train.labels, info.mean, info.std, 32, train=True, pad=info.pad)
+        opt, g = torch.optim.Adam(teacher.parameters(), lr=1e-3), torch.Generator().manual_seed(0)
+        for _ in range(2):
+            for x, y, _ in loader.batches(g):
+                loss = torch.nn.functional.cross_entropy(teacher(x).logits, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.x, self.y, _ = next(TensorLoader(train.images, train.labels, info.mean, info.std, len(train.labels),
+                                              train=False).batches())
         with torch.no_grad():
-            return sum(term(*draw(), batch).item() for _ in range(4)) / 4
+            t, s = teacher(self.x), student(self.x)
+        self.teacher_accuracy = (t.logits.argmax(1) == self.y).float().mean().item()
+        self.teacher_full = t.stages[1:]
+        self.student_maps = s.stages[1:]
+        self.teacher_maps = [pool_to_smaller(sm, tm)[1] for sm, tm in zip(self.student_maps, self.teacher_full)]
+        self.ctx = MethodContext(feature_shapes(student), feature_shapes(teacher), 10, self.y)
+        g = torch.Generator().manual_seed(7)
+        self.eval_batches = [torch.randperm(len(self.y), generator=g)[:OT_B] for _ in range(2)]
 
-    before = mean_cost()
+    @staticmethod
+    def feats(maps, idx):
+        z = torch.zeros(len(idx), 1)
+        return Features([z, *(m[idx] for m in maps)], [], z, z)
+
+    def cost(self, term, student=None) -> float:
+        """The term's mean cost over the two fixed evaluation batches (``student``: its maps recomputed)."""
+        with torch.no_grad():
+            return sum(term(student(self.x[i]) if student else self.feats(self.student_maps, i),
+                            self.feats(self.teacher_maps, i), OT_BATCH).item() for i in self.eval_batches) / 2
+
+
+@pytest.fixture(scope="module")
+def real_maps(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    ensure_synthetic("cifar100", root, REAL_DATA)
+    return RealMaps(root)
+
+
+def mean_pairwise_cosine(m):
+    v = torch.nn.functional.normalize(m.flatten(1), dim=1)
+    return (((v @ v.t()).sum() - len(v)) / (len(v) ** 2 - len(v))).item()
+
+
+def train_term_alone(term, maps: RealMaps, steps: int) -> float:
+    """``steps`` SGD steps (RepDistiller's lr 0.05, momentum 0.9, wd 5e-4) on the term's own
+    trainable parameters alone, both networks frozen, each on 64 images drawn from the pool;
+    the cost after over the cost before."""
+    params = [p for p in term.parameters() if p.requires_grad]
+    before, g = maps.cost(term), torch.Generator().manual_seed(3)
+    if params:
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        for _ in range(steps):
+            idx = torch.randperm(len(maps.y), generator=g)[:OT_B]
+            loss = term(maps.feats(maps.student_maps, idx), maps.feats(maps.teacher_maps, idx), OT_BATCH)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return maps.cost(term) / before
+
+
+def train_student_with_term(term, maps: RealMaps, steps: int = 25, lr: float = 0.5) -> float:
+    """The student (from its initial state) trained with the term's own parameters on the term
+    alone: SGD momentum 0.9, wd 5e-4, ``lr`` far above RepDistiller's 0.01 for ShuffleV2 so that
+    25 steps show where a run goes; the cost after over the cost before, its maps recomputed."""
+    student = build_model("ShuffleV2", 10)
+    student.load_state_dict(maps.student_state)
+    opt = torch.optim.SGD([*student.parameters(), *(p for p in term.parameters() if p.requires_grad)],
+                          lr=lr, momentum=0.9, weight_decay=5e-4)
+    before, g = maps.cost(term, student), torch.Generator().manual_seed(3)
     for _ in range(steps):
-        loss = term(*draw(), batch)
+        idx = torch.randperm(len(maps.y), generator=g)[:OT_B]
+        loss = term(student(maps.x[idx]), maps.feats(maps.teacher_maps, idx), OT_BATCH)
         opt.zero_grad()
-        if s_opt:
-            s_opt.zero_grad()
         loss.backward()
         opt.step()
-        if s_opt:
-            s_opt.step()
-    return before, mean_cost()
+    return maps.cost(term, student) / before
 
 
-def test_realistic_maps_have_the_statistics_of_post_relu_maps():
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, K, (256,), generator=g)
-    for maps in (TEACHER_MAPS(y, g), STUDENT_MAPS(y, g)):
-        for m in maps:
-            flat = m.flatten(1)
-            v = torch.nn.functional.normalize(flat, dim=1)
-            cos = ((v @ v.t()).sum() - len(v)) / (len(v) ** 2 - len(v))
-            c = flat - flat.mean(0)
-            between = sum((c[y == k].mean(0) ** 2).sum() * (y == k).sum() for k in range(K)) / (c ** 2).sum()
-            zeros = (flat == 0).float().mean()
-            assert flat.min() >= 0 and 0.4 < zeros < 0.6 and 0.8 <= cos < 0.95 and 0.5 < between < 0.8, (cos, between, zeros)
+def test_real_maps_are_post_relu_maps_of_a_teacher_that_learnt(real_maps):
+    print("teacher accuracy on the pool", real_maps.teacher_accuracy)
+    assert real_maps.teacher_accuracy > 0.6  # chance 0.1
+    for name, full, compared in (("teacher", real_maps.teacher_full, real_maps.teacher_maps),
+                                 ("student", real_maps.student_maps, real_maps.student_maps)):
+        for m, c in zip(full, compared):
+            zeros = (m == 0).float().mean().item()
+            cos, cos_c = mean_pairwise_cosine(m), mean_pairwise_cosine(c)
+            print(name, tuple(m.shape[1:]), "zeros", round(zeros, 3), "cosine", round(cos, 3), "compared", round(cos_c, 3))
+            assert m.min() >= 0 and 0.1 < zeros < 0.7 and 0.3 < cos < 0.95
 
 
 @pytest.mark.parametrize("cls", [REMD, IPOT])
-def test_projection_alone_cannot_absorb_the_cost_of_realistic_maps(cls):
-    """Issue 26's acceptance: the OT term's own parameters (the student-side projections) trained
-    alone on frozen, uninformative realistic maps keep ≥ 50% of the initial cost (measured: REMD
-    0.64, IPOT 0.77 after 150 steps; REMD 0.51 after 600). The raw cosine (``center=False``, the
-    design before) lets them absorb it: below 30% within 60 steps (measured 0.14–0.15 at 150)."""
+def test_own_parameters_alone_cannot_absorb_the_cost_of_real_maps(cls, real_maps):
+    """Issue 26's acceptance, on the maps of real networks: with the default options the OT
+    term's own parameters, trained alone on the frozen networks, keep ≥ 50% of the initial cost,
+    because the student-side projections are fixed (the term has no trainable parameter on this
+    pair). Control: a trained projection on the raw cosine (the design before issue 26) is
+    absorbed below 50% of it on the same maps within 150 steps."""
+    term = cls(real_maps.ctx)
+    assert len(term.adapters) == 3 and not [p for p in term.parameters() if p.requires_grad]
+    assert train_term_alone(term, real_maps, 150) >= 0.5
     torch.manual_seed(0)
-    term = cls(realistic_ctx(), layers=["stage:2", "stage:3"])
-    assert [(a.map.in_channels, a.map.out_channels) for a in term.adapters.values()] == [(232, 128), (464, 256)]
-    before, after = train_realistic(term, 150)
-    assert 1.8 < before < 2.05 and after >= 0.5 * before, (before, after)
-    torch.manual_seed(0)
-    raw_before, raw_after = train_realistic(cls(realistic_ctx(), layers=["stage:2", "stage:3"], center=False), 60)
-    assert raw_after < 0.3 * raw_before, (raw_before, raw_after)
+    raw = cls(real_maps.ctx, center=False, projection="trained")
+    ratio = train_term_alone(raw, real_maps, 150)
+    print(cls.__name__, "raw cosine, trained projection: ratio after 150 steps", ratio)
+    assert ratio < 0.5
 
 
 @pytest.mark.parametrize("cls", [REMD, IPOT])
-def test_training_a_student_that_has_the_information_lowers_the_cost(cls):
-    """The centred cost is not stuck at a floor: a student whose maps follow the teacher's labels,
-    trained with the projections, takes it well below what the projections alone reach (measured:
-    0.36 / 0.40 of the initial cost for REMD / IPOT)."""
+def test_training_the_student_lowers_the_cost_of_real_maps(cls, real_maps):
+    """The default term still teaches: the student network trained on it (the projections fixed)
+    takes its cost clearly below the 100% its own parameters keep."""
     torch.manual_seed(0)
-    student = [torch.nn.Parameter(p.clone()) for p in STUDENT_MAPS.prototypes]
-    before, after = train_realistic(cls(realistic_ctx(), layers=["stage:2", "stage:3"]), 150, student)
-    assert after < 0.5 * before, (before, after)
+    ratio = train_student_with_term(cls(real_maps.ctx), real_maps)
+    print(cls.__name__, "student trained 25 steps: ratio", ratio)
+    assert ratio < 0.8
 
 
-def test_center_is_validated_and_ot_run_ids_hash_it(tmp_path):
-    """``center`` enters every OT run's hashed overrides (OTLoss.hashed_defaults), so OT runs made
-    before it (raw cosine) are not reused; other methods' runs keep their ids, and writing the
-    default explicitly names the same run."""
+def test_center_and_projection_are_validated_and_ot_run_ids_hash_them(tmp_path):
+    """``center`` and ``projection`` enter every OT run's hashed overrides (OTLoss.hashed_defaults),
+    so OT runs made before them (raw cosine, trained projections) are not reused; other methods'
+    runs keep their ids, and writing the defaults explicitly names the same run."""
     with pytest.raises(ValueError, match="valid: true"):
         REMD(ctx(), center="yes")
     exp = {"name": "main", "dataset": "cifar100", "pairs": [["resnet8", "resnet8"]], "seeds": [0],
            "methods": ["kd", "remd", "ipot_crd_kd"]}
     suite = load_suite(write_suite(tmp_path / "s.yaml", tmp_path / "data", experiments=[exp]))
     explicit = load_suite(write_suite(tmp_path / "e.yaml", tmp_path / "data", experiments=[exp],
-                                      term_params={"remd": {"center": True}}))
-    raw = load_suite(write_suite(tmp_path / "r.yaml", tmp_path / "data", experiments=[exp],
-                                 term_params={"remd": {"center": False}}))
+                                      term_params={"remd": {"center": True, "projection": "fixed"}}))
     distill = {r.spec.method: r for r in suite.runs.values() if r.kind == "distill"}
     assert distill["kd"].spec.method_overrides == {}
-    assert distill["remd"].spec.method_overrides == {"params": {"remd": {"center": True}}}
-    assert distill["ipot_crd_kd"].spec.method_overrides == {"params": {"ipot": {"center": True}}}
+    assert distill["remd"].spec.method_overrides == {"params": {"remd": {"center": True, "projection": "fixed"}}}
+    assert distill["ipot_crd_kd"].spec.method_overrides == {"params": {"ipot": {"center": True, "projection": "fixed"}}}
     assert set(explicit.runs) == set(suite.runs)
-    changed = set(suite.runs) ^ set(raw.runs)
-    assert {raw.runs.get(r, suite.runs.get(r)).spec.method for r in changed} == {"remd"}
-    # the pre-centring id of a run is the one of its spec without the filled-in default
+    for other in ({"center": False}, {"projection": "trained"}):
+        moved = load_suite(write_suite(tmp_path / "r.yaml", tmp_path / "data", experiments=[exp],
+                                       term_params={"remd": other}))
+        changed = set(suite.runs) ^ set(moved.runs)
+        assert {moved.runs.get(r, suite.runs.get(r)).spec.method for r in changed} == {"remd"}, other
+        assert len(changed) == 2, other  # the default's id out, the other value's id in
+    # the id of a run before the hashed defaults is the one of its spec without them
     old = replace(distill["remd"].spec, method_overrides={})
     assert distill["remd"].id.endswith(distill["remd"].spec.config_hash()) and old.config_hash() != distill["remd"].spec.config_hash()
 

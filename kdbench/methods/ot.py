@@ -23,29 +23,41 @@ cosine compares whole maps position by position.
 
 Adapters: the teacher's features are never transformed by a trained parameter. Where the
 student's width differs from the teacher's (channels C of a map, or the vector length), a
-student-side ``Projection`` (a FitNet-style regressor: 1×1 convolution for maps, Linear for
-vectors) maps the student onto the teacher's width. A trainable map on *both* sides could send
-every sample to one shared unit vector and make the cost 0 without learning anything (OT has no
-negatives to prevent it). ``adapter="auto"`` projects only where widths differ, ``"always"`` at
-every layer, ``"never"`` refuses unequal widths.
+student-side projection (1×1 convolution for maps, Linear for vectors) maps the student onto the
+teacher's width. A trainable map on *both* sides could send every sample to one shared unit
+vector and make the cost 0 without learning anything (OT has no negatives to prevent it).
+``adapter="auto"`` projects only where widths differ, ``"always"`` at every layer, ``"never"``
+refuses unequal widths.
+
+Projection (``projection``, default ``"fixed"``; issue 26): the projection is a fixed random
+semi-orthogonal matrix (orthonormal rows where the student is wider, orthonormal columns where
+it is narrower; no bias), drawn once from the run's seed and kept as a buffer, never trained, so
+the term has no parameters of its own that could lower its cost while the student learns
+nothing. A full-rank fixed map loses nothing the student could not make up: any target in the
+teacher's width is reached by some student feature. ``"trained"`` is the FitNet-style regressor
+(a ``Projection`` trained with the student). Why not trained: on the maps of a real resnet32x4
+teacher (briefly trained on the embedded data) and a ShuffleV2 student at initialisation, a
+trained projection alone, the networks frozen, lowers even the centred cost to 0.50 (REMD) and
+0.54 (IPOT) of its start after 2000 steps: a frozen random student's maps of the same images
+allow a linear read-out of much of the teacher's, which the projection absorbs instead of the
+student being taught (tests/test_methods_ot.py, the collapse test on real networks' maps).
 
 Centring (``center``, default True; issue 26): before the cosine cost, each side's vectors are
 centred over the batch, x_i − mean_k x_k and y_j − mean_k y_k (the teacher's mean is a constant;
 the student's is differentiated through). Post-ReLU maps are nonnegative and share a common
-direction: on real runs their mean pairwise cosine is 0.83–0.92, so with raw vectors a
-student-side projection that outputs that one direction scores well against every teacher item
-with no per-sample signal (resnet32x4 → ShuffleV2, the projection trained alone on frozen
-networks: REMD 2.93 → 0.24). Centring removes the batch's common direction from both sides, so
-a constant output has zero vectors (cost 1) and only the per-sample variation is compared; the
-cost stays the paper's 1 − cos, with uniform marginals, on centred features
-(tests/test_methods_ot.py, the collapse tests on realistic post-ReLU features: the projection
-alone keeps ≥ 50% of the cost, a raw cost falls to ~25%). ``center=False`` is the literal
-cosine of the raw vectors. A batch of one sample has zero centred vectors: cost 1, no gradient.
+direction (mean pairwise cosine 0.83–0.92 on trained CIFAR teachers), so with raw vectors a
+student-side projection, or the student itself, that outputs that one direction scores well
+against every teacher item with no per-sample signal (resnet32x4 → ShuffleV2, a trained
+projection alone on frozen networks: REMD 2.93 → 0.24). Centring removes the batch's common
+direction from both sides, so a constant output has zero vectors (cost 1) and only the
+per-sample variation is compared; the cost stays the paper's 1 − cos, with uniform marginals, on
+centred features. ``center=False`` is the literal cosine of the raw vectors. A batch of one
+sample has zero centred vectors: cost 1, no gradient.
 Costs and plans are computed in float32 (plan: float64) with autocast disabled.
 
 Unknown in the paper (methods.md §3.2), chosen here and overridable: layers = stage outputs
 (the poster sums L_OT over layers and solves OT "at intermediate layers"; which ones is not
-said); the student-side projection; centring over the batch; β, N, L = 0.5, 50, 1 (reference IPOT code); the OT weight
+said); the student-side projection, fixed; centring over the batch; β, N, L = 0.5, 50, 1 (reference IPOT code); the OT weight
 α = 1 (RepDistiller's weights put a feature term at O(1) at the start: tune it, tune_ot.yaml);
 the KD weight γ = 1 at T = 4 (RepDistiller's +KD convention, which the paper's CRD+KD baseline
 rows come from); CRD keeps its own weight 0.8 in the +CRD rows.
@@ -93,6 +105,21 @@ def ipot_plan(c: Tensor, beta: float = 0.5, n_outer: int = 50, n_inner: int = 1)
     return plan
 
 
+class FixedProjection(nn.Module):
+    """A student-side projection that is not trained: a semi-orthogonal (t_width × s_width) weight
+    from ``nn.init.orthogonal_`` (the run's seed), a buffer, no bias; 1×1 for maps, linear for vectors."""
+
+    def __init__(self, s_width: int, t_width: int):
+        super().__init__()
+        weight = torch.empty(t_width, s_width)
+        nn.init.orthogonal_(weight)
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None]) if x.dim() == 4 else F.linear(x, self.weight)
+
+
+PROJECTIONS = ("fixed", "trained")
 FIELDS = {"pooled": "pooled", "logits": "logits", "stage": "stages", "preact": "preact", "stages": "stages"}
 DEFAULT_LAYERS = "stages"
 LAYER_CHOICES = "'stages', 'pooled', 'logits', 'stage:K', 'preact:K' (K an integer), joined by '+' or listed"
@@ -141,18 +168,21 @@ class OTLoss(DistillLoss):
     """Sum over ``layers`` of an OT cost between the student's and the teacher's batch."""
 
     #: defaults written into every OT run's hashed overrides (kdbench.planning.suite): ``center``
-    #: came after runs were named and changes the loss, so OT runs get new ids and old ones are
-    #: not reused
-    hashed_defaults = {"center": True}
+    #: and ``projection`` came after runs were named and change the loss, so OT runs get new ids
+    #: and old ones are not reused
+    hashed_defaults = {"center": True, "projection": "fixed"}
 
     @classmethod
     def needs_for(cls, params: dict) -> frozenset[str]:
         return frozenset(FIELDS[item.partition(":")[0]] for item in layer_items(params.get("layers", DEFAULT_LAYERS)))
 
-    def __init__(self, ctx: MethodContext, layers=DEFAULT_LAYERS, adapter: str = "auto", center: bool = True):
+    def __init__(self, ctx: MethodContext, layers=DEFAULT_LAYERS, adapter: str = "auto", center: bool = True,
+                 projection: str = "fixed"):
         super().__init__(ctx)
         if adapter not in ("auto", "always", "never"):
             raise ValueError(f"OT adapter={adapter!r}; valid: auto, always, never")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"OT projection={projection!r}; valid: fixed (not trained, the default), trained")
         if not isinstance(center, bool):
             raise ValueError(f"OT center={center!r}; valid: true (centre each side over the batch), false")
         self.center = center
@@ -168,7 +198,8 @@ class OTLoss(DistillLoss):
             if len(s_shape) != len(t_shape) or s_shape[1:] != t_shape[1:]:
                 raise ValueError(f"OT layer {layer!r}: student {s_shape} and teacher {t_shape} cannot be compared")
             if adapter == "always" or (adapter == "auto" and s_shape[0] != t_shape[0]):
-                self.adapters[layer] = Projection(s_shape, t_shape)
+                self.adapters[layer] = (FixedProjection(s_shape[0], t_shape[0]) if projection == "fixed"
+                                        else Projection(s_shape, t_shape))
             elif s_shape[0] != t_shape[0]:
                 raise ValueError(f"OT layer {layer!r}: student width {s_shape[0]} != teacher width {t_shape[0]}; "
                                  f"use adapter='auto' (a student-side projection)")
@@ -201,8 +232,8 @@ class REMD(OTLoss):
 @register_loss("ipot")
 class IPOT(OTLoss):
     def __init__(self, ctx: MethodContext, layers=DEFAULT_LAYERS, adapter: str = "auto", center: bool = True,
-                 beta: float = 0.5, n_outer: int = 50, n_inner: int = 1):
-        super().__init__(ctx, layers, adapter, center)
+                 projection: str = "fixed", beta: float = 0.5, n_outer: int = 50, n_inner: int = 1):
+        super().__init__(ctx, layers, adapter, center, projection)
         self.beta, self.n_outer, self.n_inner = float(beta), int(n_outer), int(n_inner)
 
     def cost(self, c: Tensor) -> Tensor:
