@@ -27,8 +27,18 @@ adaptations, all outside its code:
   kdbench's seeds (different initialisations and data orders);
 * torch ≥ 2.6 loads ``weights_only`` by default, and the teacher checkpoint (written by the same
   harness run) holds a NumPy scalar: ``torch.load`` gets ``weights_only=False``;
-* one CPU thread and ``--num_workers 0``; the teacher checkpoint the students read is
-  ``ckpt_epoch_<epochs>.pth`` (``--save_freq`` = epochs: the last epoch, as kdbench's teacher).
+* one CPU thread and ``--num_workers 0``.
+
+**One teacher for both.** RepDistiller's distilled students learn from *kdbench's* teacher: the
+harness trains the suite's teacher run with kdbench itself (``kdbench train-teacher --spec``, the
+pipeline's job, in ``<workdir>/runs``) and hands its weights to ``train_student.py --path_t`` as a
+RepDistiller checkpoint (``{"model": state_dict}`` in ``<arch>_kdbench/``, the folder name its
+``get_teacher_name`` parses). A KD row then compares the two implementations' *distillation* from
+the same model; with a teacher of each, a KD Δ would also hold the two teachers' difference (one
+run each, about a seed spread apart). RepDistiller's own teacher is still trained (``--teacher
+own`` distils from it instead), for the teacher row. ``train_student.py`` validates the teacher it
+loaded before training: that accuracy must equal kdbench's own evaluation of the same file (±0.05)
+or the harness stops (the weights or the evaluation would differ); both are recorded.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kdbench.data.synthetic_files import ensure_synthetic  # noqa: E402
-from kdbench.planning.suite import load_suite  # noqa: E402
+from kdbench.planning.suite import load_suite, write_specs  # noqa: E402
 
 #: kdbench method -> RepDistiller train_student.py arguments (its scripts/run_cifar_distill.sh).
 DISTILL_ARGS = {"kd": ["--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0"],
@@ -149,6 +159,9 @@ def main(argv=None) -> None:
     ap.add_argument("--experiment", default="main")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/repdistiller-runs"))
     ap.add_argument("--out", type=Path, help="CSV to write (default kdbench/reference/repdistiller_<suite>.csv)")
+    ap.add_argument("--teacher", choices=("kdbench", "own"), default="kdbench",
+                    help="the teacher RepDistiller's students distil from: kdbench's (default: the same model on both "
+                         "sides) or the one RepDistiller trains")
     a = ap.parse_args(argv)
     checkout = a.repdistiller.resolve()
     for script in ("train_teacher.py", "train_student.py"):
@@ -165,7 +178,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"experiment {a.experiment!r} not in {a.suite}; valid: {', '.join(suite.experiment_runs)}")
     ds = cells[0].dataset
     params = suite.config["datasets"][ds]["synthetic"]
-    data_root = (a.workdir / "data").resolve()  # the folder holding cifar-100-python/
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    data_root = (a.workdir / suite.config["datasets"][ds]["root"]).resolve()  # holds cifar-100-python/
     ensure_synthetic(ds, str(data_root), params)
     classes = params.get("classes", 10)
     student_cells = [c for c in cells if c.column != "teacher"]
@@ -185,7 +199,9 @@ def main(argv=None) -> None:
                    ["--model", teacher_cell.teacher, "--trial", str(teacher_cell.seed), *recipe_args(t_spec.recipe, teacher_cell.teacher)])
     rows.append(_row(a.experiment, teacher_cell, "teacher", teacher_cell.seed, t))
     commands.append(t["command"])
-    t_ckpt = next((t_folder / "save" / "models").glob(f"{teacher_cell.teacher}_*")) / f"ckpt_epoch_{t_spec.recipe.epochs}.pth"
+    own_ckpt = next((t_folder / "save" / "models").glob(f"{teacher_cell.teacher}_*")) / f"ckpt_epoch_{t_spec.recipe.epochs}.pth"
+    shared = kdbench_teacher(suite, teacher_cell, a.workdir) if a.teacher == "kdbench" else None
+    t_ckpt = shared["checkpoint"] if shared else own_ckpt
     for method in methods:
         for seed in seeds:
             folder = a.workdir / f"{method}-{seed}"
@@ -197,7 +213,12 @@ def main(argv=None) -> None:
                 r = run_script(checkout, folder, "train_student.py", seed, classes, data_root,
                                ["--path_t", str(t_ckpt), "--model_s", teacher_cell.student, *DISTILL_ARGS[method],
                                 "--trial", str(seed), *base])
-                r["accs"] = r["accs"][1:]  # the first validation is the teacher's
+                loaded, r["accs"] = r["accs"][0], r["accs"][1:]  # the first validation is the teacher's
+                if shared and abs(loaded - shared["acc"]) > 0.05:
+                    raise SystemExit(f"RepDistiller evaluates kdbench's teacher at {loaded}, kdbench at {shared['acc']}: "
+                                     f"the weights or the evaluation differ ({folder / 'log.txt'})")
+                if shared:
+                    shared.setdefault("repdistiller_acc", loaded)
             rows.append(_row(a.experiment, teacher_cell, method, seed, r))
             commands.append(r["command"])
             print(method, seed, rows[-1]["acc_last"], flush=True)
@@ -211,6 +232,11 @@ def main(argv=None) -> None:
         "data_sha256": data_checksums(data_root),
         "recipe": {"student": recipe_args(s_spec.recipe, teacher_cell.student)[:-4],
                    "teacher": recipe_args(t_spec.recipe, teacher_cell.teacher)[:-4]},
+        "teacher": ({"source": "kdbench", "run": shared["run"], "model_sha256": shared["sha256"],
+                     "kdbench_acc": shared["acc"], "repdistiller_acc": shared.get("repdistiller_acc"),
+                     "note": "RepDistiller's students distil from kdbench's teacher (the same weights); the teacher "
+                             "row is RepDistiller's own teacher"}
+                    if shared else {"source": "repdistiller", "note": "RepDistiller's students distil from its own teacher"}),
         "runs": "seeds set by the harness (random, numpy, torch.manual_seed) before the script: repeated runs, "
                 "not paired with kdbench's seeds",
         "commands": commands, "harness": "benchmarks/repdistiller_reference.py",
@@ -219,6 +245,32 @@ def main(argv=None) -> None:
     }
     out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def kdbench_teacher(suite, cell, workdir: Path) -> dict:
+    """Train the suite's teacher run with kdbench (its pipeline job, in ``workdir``) and write its
+    weights as a RepDistiller checkpoint; returns the checkpoint, kdbench's accuracy and provenance."""
+    import torch
+
+    here = os.getcwd()
+    os.chdir(workdir)  # the suite's runs_dir and data roots are relative: the job's working directory
+    try:
+        write_specs(suite, [cell.run])
+        spec = Path(suite.run_dir(cell.run)) / "spec.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-m", "kdbench.commands.cli", "train-teacher", "--spec", str(spec)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"kdbench's teacher run {cell.run} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        model = Path(suite.run_dir(cell.run)).resolve() / "model.pt"
+        metrics = json.loads((model.parent / "metrics.json").read_text())
+    finally:
+        os.chdir(here)
+    state = torch.load(model, map_location="cpu", weights_only=True)["state_dict"]
+    out = workdir.resolve() / "kdbench_teacher" / f"{cell.teacher}_kdbench" / "ckpt.pth"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, out)
+    return {"checkpoint": out, "run": cell.run, "sha256": sha256(model), "acc": float(metrics["acc_last"])}
 
 
 def _row(experiment: str, cell, method: str, seed: int, r: dict) -> dict:

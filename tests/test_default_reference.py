@@ -57,6 +57,11 @@ def test_recorded_reference_matches_the_suite_files_recipe_methods_and_seeds_of_
     assert prov["recipe"]["student"] == harness.recipe_args(suite.runs[student.run].spec.recipe, student.student)[:-4]
     assert prov["recipe"]["teacher"] == harness.recipe_args(suite.runs[teacher.run].spec.recipe, teacher.teacher)[:-4]
     assert runs.acc_last.between(0, 100).all() and (runs.acc_best >= runs.acc_last).all()
+    # RepDistiller's students distilled from kdbench's teacher run of today's suite, which it
+    # evaluated as kdbench did (the harness stops otherwise)
+    assert prov["teacher"]["source"] == "kdbench" and prov["teacher"]["run"] == teacher.run
+    assert re.fullmatch(r"[0-9a-f]{64}", prov["teacher"]["model_sha256"])
+    assert abs(prov["teacher"]["repdistiller_acc"] - prov["teacher"]["kdbench_acc"]) <= 0.05
     assert (runs.epochs == [suite.runs[teacher.run].spec.recipe.epochs if m == "teacher"
                             else suite.runs[student.run].spec.recipe.epochs for m in runs.method]).all()
 

@@ -90,8 +90,19 @@ def reference_text(records: pd.DataFrame, table: dict, margin: float, data_root:
             f"on the same synthetic files and recipe; kdbench/reference/{name}.csv, provenance {name}.json, "
             f"docs/default_reference.md): Δ = kdbench − {impl} mean [90% CI], SE √(s_k²/n_k + s_r²/n_r) "
             f"(Welch: {impl}'s runs are repeated runs, not paired with kdbench's seeds); `reproduced (±δ)` = the "
-            f"90% CI inside ±δ, δ = {margin:g} pp (TOST); `differs` = the 95% CI excludes 0 and |Δ| ≥ δ.\n\n"
+            f"90% CI inside ±δ, δ = {margin:g} pp (TOST); `differs` = the 95% CI excludes 0 and |Δ| ≥ δ."
+            f"{_teacher_note(prov)}\n\n"
             + tabulate(body, ["pair", "method", "kdbench", impl, "Δ, verdict"], tablefmt="github") + "\n")
+
+
+def _teacher_note(prov: dict) -> str:
+    """Which teacher the reference's distilled students learnt from (the provenance's ``teacher``)."""
+    t = prov.get("teacher") or {}
+    if t.get("source") != "kdbench":
+        return ""
+    return (f" Distilled rows: {prov.get('implementation', 'RepDistiller')}'s students distil from kdbench's teacher "
+            f"(run {t['run']}, model.pt SHA-256 {t['model_sha256'][:12]}…, the same weights); its teacher row is its "
+            f"own training of the teacher.")
 
 
 def _signed(x: float) -> str:
