@@ -38,7 +38,6 @@ import copy
 import inspect
 
 from kdbench.core.spec import PROBE_RECIPE, Recipe, scale_milestones
-from kdbench.methods import LOSSES
 from kdbench.planning.checks import SuiteError
 
 #: the ``rehearsal:`` options and their defaults
@@ -159,6 +158,8 @@ def _stage_cuts(opts: dict) -> dict[str, dict]:
     training images of the synthetic set."""
     negatives = (opts["classes"] - 1) * opts["train_per_class"]
     cuts = {}
+    from kdbench.methods import LOSSES  # here: the report layer imports this module for --help without torch
+
     for term in LOSSES.names():
         for name, p in inspect.signature(LOSSES.get(term).__init__).parameters.items():
             stage = ("epochs" in name or name.startswith("warmup")) and isinstance(p.default, int) and p.default > 1
