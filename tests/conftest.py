@@ -157,3 +157,26 @@ class FakeGraphs:
             for dst, src in zip((*out.stages, *out.preact, out.pooled, out.logits), (*new.stages, *new.preact, new.pooled, new.logits)):
                 dst.copy_(src)
         cls.calls["replay"] += 1
+
+
+def second_writer_order(folder) -> list[str]:
+    """Claim ``folder``'s run lock, start a second writer while holding it, release: the order in
+    which the two finished (a waiting second writer gives ["first done", "second"])."""
+    import threading
+    import time
+
+    from kdbench.engine import run_folder
+
+    order = []
+
+    def second():
+        with run_folder.claim(folder, poll_s=0.01):
+            order.append("second")
+
+    with run_folder.claim(folder):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(5)
+    return order

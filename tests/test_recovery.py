@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import fake_slurm
-from conftest import write_suite
+from conftest import second_writer_order, write_suite
 from kdbench.engine import run_folder
 from kdbench.planning import scheduler
 from test_slurm import cluster, snakemake_cmd, submissions  # noqa: F401 (cluster: the fixture)
@@ -196,19 +196,7 @@ def test_claim_waits_on_one_machine_and_raises_at_once_in_a_scheduler_job(tmp_pa
     assert not (tmp_path / run_folder.HOLDER).exists()
 
     monkeypatch.setenv(run_folder.LOCKED_RUN, "wait")  # explicitly: waits even inside a job
-    order = []
-
-    def second():
-        with run_folder.claim(tmp_path, poll_s=0.01):
-            order.append("second")
-
-    with run_folder.claim(tmp_path):
-        t = threading.Thread(target=second)
-        t.start()
-        time.sleep(0.3)
-        order.append("first done")
-    t.join(5)
-    assert order == ["first done", "second"]
+    assert second_writer_order(tmp_path) == ["first done", "second"]
 
 
 def test_held_outputs_read_snakemakes_incomplete_markers(tmp_path):

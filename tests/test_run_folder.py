@@ -13,7 +13,7 @@ from kdbench.engine import run_folder
 from kdbench.engine.fit import fit
 from kdbench.planning.suite import load_suite
 
-from conftest import write_suite
+from conftest import second_writer_order, write_suite
 from test_engine import strip_times
 
 # Runs `kdbench train-teacher` and SIGKILLs it as the n-th atomic write of `name` is about to be
@@ -77,19 +77,7 @@ def test_only_kdbench_temporaries_are_stale(tmp_path):
 
 
 def test_a_second_writer_waits_for_the_first(tmp_path):
-    order = []
-
-    def second():
-        with run_folder.claim(tmp_path, poll_s=0.01):
-            order.append("second")
-
-    with run_folder.claim(tmp_path):
-        t = threading.Thread(target=second)
-        t.start()
-        time.sleep(0.3)
-        order.append("first done")
-    t.join(5)
-    assert order == ["first done", "second"]
+    assert second_writer_order(tmp_path) == ["first done", "second"]
 
 
 def test_two_processes_starting_one_run_train_it_once(one_run, tmp_path, subprocess_env):
