@@ -41,6 +41,7 @@ def old_hash(spec: RunSpec, execution: dict | None = None) -> str:
     for key in ("unlabeled", "validation", "data_id"):
         if d[key] is None:
             d.pop(key)
+    assert d.pop("rehearsal") is False  # newer than fusion, and hashed only when true
     if execution:
         d["execution"] = execution
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]

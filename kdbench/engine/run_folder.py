@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdbench.core.io import OutputError, read_json
+from kdbench.core.io import OutputError, atomic_write_bytes, read_json
 
 #: the temporary files of kdbench's atomic writes (tempfile.mkstemp's 8-character suffix)
 TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.json|model\.pt|diagnostics-[^/]+\.json)\.[A-Za-z0-9_]{8}$")
@@ -82,7 +82,7 @@ def _note_holder(folder: Path, remove: bool = False) -> None:
         if remove:
             (folder / HOLDER).unlink(missing_ok=True)
         else:
-            (folder / HOLDER).write_text(_me() + "\n")
+            atomic_write_bytes(folder / HOLDER, (_me() + "\n").encode())
     except OSError:
         pass
 
