@@ -10,7 +10,7 @@ from torch import nn
 
 from kdbench.methods import Batch, MethodContext, build_objective
 from kdbench.methods.ab import AB
-from kdbench.methods.dkd import DKD
+from kdbench.methods.dkd import DKD, dkd_loss
 from kdbench.methods.fsp import FSP
 from kdbench.methods.ft import FT
 from kdbench.core.features import Features, FeatureShapes
@@ -70,7 +70,8 @@ def np_dkd(zs, zt, y, alpha, beta, T):
     total = 0.0
     for b in range(len(y)):
         ps, pt = np_softmax(zs[b] / T), np_softmax(zt[b] / T)
-        bs, bt = [ps[y[b]], 1 - ps[y[b]]], [pt[y[b]], 1 - pt[y[b]]]
+        rest = lambda p: sum(p[i] for i in range(len(p)) if i != y[b])  # 1 - p_gt, exact where p_gt rounds to 1
+        bs, bt = [ps[y[b]], rest(ps)], [pt[y[b]], rest(pt)]
         tckd = sum(q * math.log(q / p) for q, p in zip(bt, bs))
         others = [i for i in range(len(ps)) if i != y[b]]
         nckd = sum(pt[i] / bt[1] * math.log((pt[i] / bt[1]) / (ps[i] / bs[1])) for i in others)
@@ -89,6 +90,24 @@ def test_dkd_golden_and_warmup(epoch, ramp):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert s.logits.grad.abs().sum() > 0 and t.logits.grad is None
+
+
+def test_dkd_stays_finite_where_float32_probabilities_underflow():
+    """A student that is sure (a logit gap of 600: p = e^-150 at T = 4, 0 in float32) gets the
+    float64 reference's loss and a finite gradient; the log of the float32 softmax, mdistiller's
+    formula, is -inf there (which made the rehearsal's DKD run NaN)."""
+    torch.manual_seed(0)
+    zs = torch.randn(4, 5) * 2
+    zs[:, 1] += 600.0  # sure of class 1; targets 0, 3, 4 get p = 0 in float32, target 1 gets 1 - p = 0
+    zs.requires_grad_(True)
+    zt, y = torch.randn(4, 5) * 3, torch.tensor([0, 1, 4, 3])
+    p = torch.softmax(zs.detach() / 4.0, dim=1)
+    assert not torch.isfinite(torch.log(p[torch.arange(4), y])).all()
+    loss = dkd_loss(zs, zt, y, 1.0, 8.0, 4.0)
+    expected = np_dkd(zs.detach().double().numpy(), zt.double().numpy(), y.tolist(), 1.0, 8.0, 4.0)
+    assert math.isfinite(expected) and loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(zs.grad).all() and zs.grad.abs().sum() > 0
 
 
 def test_dkd_bf16_and_method():

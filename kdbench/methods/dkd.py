@@ -12,6 +12,9 @@ produced the paper's CIFAR-100 numbers) the non-target distribution is a softmax
 logits with the ground-truth logit shifted by -1000, the loss is scaled by T², and it is
 ramped in linearly over ``warmup`` epochs: w = min(epoch / warmup, 1) with 1-based epochs
 (``batch.epoch``), so the first epoch already has weight 1/warmup.
+One departure, in float32 only: the student's log [p_gt, 1 − p_gt] is taken from log-sum-exps
+(:func:`_log_binary`), not as ``torch.log`` of the summed probabilities, the same value where
+mdistiller's is finite and finite where its probabilities underflow to 0 (then its loss is NaN).
 
 Defaults (mdistiller ``CFG.DKD``): α = 1, T = 4, warmup = 20, CE weight 1, and β per
 teacher→student pair as mdistiller's CIFAR-100 YAMLs (``configs/cifar100/dkd/*.yaml``,
@@ -39,15 +42,23 @@ PAIR_BETA = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0,
 DEFAULT_BETA = 8.0
 
 
+def _log_binary(z: Tensor, gt: Tensor) -> Tensor:
+    """[log p_gt, log(1 − p_gt)] of softmax(z), [B, 2], from log-sum-exps: the log of mdistiller's
+    [p_gt, Σ_{i≠gt} p_i], but finite where a probability underflows to 0 in float32 (a logit gap
+    above ~100 at T = 4), where mdistiller's ``torch.log`` gives −inf and the loss NaN."""
+    lse = torch.logsumexp(z, dim=1)
+    rest = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1)
+    return torch.stack([z[gt] - lse, rest - lse], dim=1)
+
+
 def dkd_loss(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float, beta: float,
              T: float) -> Tensor:
     """α·TCKD + β·NCKD (each T²·KL, summed over classes, averaged over the batch)."""
     z_s, z_t = logits_s.float() / T, logits_t.float() / T
     gt = F.one_hot(target, z_s.shape[1]).bool()
-    p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
-    b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1)  # [B, 2]
-    b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], dim=1)
-    tckd = F.kl_div(torch.log(b_s), b_t, reduction="batchmean")
+    p_t = F.softmax(z_t, dim=1)
+    b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], dim=1)  # [B, 2]
+    tckd = F.kl_div(_log_binary(z_s, gt), b_t, reduction="batchmean")
     shift = 1000.0 * gt  # removes the ground-truth class from both softmaxes
     nckd = F.kl_div(F.log_softmax(z_s - shift, dim=1), F.softmax(z_t - shift, dim=1), reduction="batchmean")
     return (alpha * tckd + beta * nckd) * (T * T)

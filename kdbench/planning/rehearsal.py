@@ -18,7 +18,7 @@ and what it cuts (choices; the numbers are the ``rehearsal:`` options, :data:`DE
 - **A few steps per run.** Every recipe (students', teachers', probes') is cut to ``epochs``
   epochs of ``batch_size`` (milestones scaled by :class:`kdbench.core.spec.Recipe`, a cosine
   warm-up to at most 1 epoch): ``classes × train_per_class / batch_size`` steps an epoch (2 × 2
-  with the defaults). A term's initialisation stages and warm-ups (any integer parameter whose
+  with the defaults), at ``lr_scale`` times the recipe's learning rates. A term's initialisation stages and warm-ups (any integer parameter whose
   name says ``epochs`` or ``warmup``: AB/FT/FSP ``init_epochs``, DKD ``warmup``, KDA
   ``warmup_epochs``) are cut to at most 1 epoch, so both their stages run; CRD's ``nce_k`` to
   the other-class images there are; an unlabelled stream's batch to ``batch_size``.
@@ -44,6 +44,7 @@ from kdbench.planning.checks import SuiteError
 DEFAULTS = {
     "epochs": 2,  # per run (teachers, students, probes)
     "batch_size": 8,
+    "lr_scale": 0.1,  # every recipe's lr and small_lr: a deep net's few steps at the paper's lr diverge
     "classes": 4,  # of every synthetic dataset
     "train_per_class": 4,  # 16 training images: 2 steps an epoch at batch 8
     "test_per_class": 2,
@@ -145,7 +146,8 @@ def _recipe(block: dict | None, opts: dict, defaults: dict | None = None) -> dic
     epochs = opts["epochs"]
     given = block if "milestones" in block else defaults  # epochs without milestones: the defaults, scaled
     scaled = scale_milestones(given["milestones"], given.get("epochs", defaults["epochs"]), epochs)
-    out = {**block, "epochs": epochs, "batch_size": opts["batch_size"],
+    rates = {k: round(opts["lr_scale"] * block.get(k, defaults.get(k, getattr(Recipe, k))), 12) for k in ("lr", "small_lr")}
+    out = {**block, **rates, "epochs": epochs, "batch_size": opts["batch_size"],
            "milestones": sorted({m for m in scaled if m < epochs})}
     if out.get("warmup_epochs"):
         out["warmup_epochs"] = min(out["warmup_epochs"], 1, epochs - 1)
