@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -87,10 +88,15 @@ def test_rehearsal_runs_have_their_own_ids_synthetic_data_and_a_few_steps(paper)
     real, rehearsal = paper
     assert not set(real.runs) & set(rehearsal.runs)
     assert all(r.spec.rehearsal for r in rehearsal.runs.values()) and not any(r.spec.rehearsal for r in real.runs.values())
+    # a teacher 32 epochs (64 updates of its BN statistics: a deep net distils from it in eval mode),
+    # every other run 2
+    teachers = {t for r in rehearsal.runs.values() if r.kind == "distill" for t in r.needs}
+    assert len(teachers) == 19
     for r in rehearsal.runs.values():
         assert run_id(r.spec) == r.id  # the flag is hashed
-        assert r.spec.recipe.epochs == 2 and r.spec.recipe.batch_size == 8, r.id
-        assert all(m < 2 for m in r.spec.recipe.milestones) and r.spec.recipe.warmup_epochs <= 1, r.id
+        epochs = 32 if r.id in teachers else 2
+        assert r.spec.recipe.epochs == epochs and r.spec.recipe.batch_size == 8, r.id
+        assert all(m < epochs for m in r.spec.recipe.milestones) and r.spec.recipe.warmup_epochs <= 1, r.id
         assert r.spec.data_root == f"data/rehearsal/{r.spec.dataset}"
     datasets = rehearsal.config["datasets"]
     assert all(d["synthetic"] == {"classes": 4, "train_per_class": 4, "test_per_class": 2, "seed": 0}
@@ -103,7 +109,7 @@ def test_rehearsal_runs_have_their_own_ids_synthetic_data_and_a_few_steps(paper)
     assert params["kda_before"]["kda"]["warmup_epochs"] == params["kda_after"]["kda_logits"]["warmup_epochs"] == 1
     assert params["crd"]["crd"]["nce_k"] == 12
     assert {r.spec.unlabeled["batch_size"] for r in rehearsal.runs.values() if r.spec.unlabeled} == {8}
-    kda = next(r for r in rehearsal.runs.values() if r.spec.recipe.schedule == "cosine")
+    kda = next(r for r in rehearsal.runs.values() if r.spec.recipe.schedule == "cosine" and r.id not in teachers)
     assert kda.spec.recipe.warmup_epochs == 1 and kda.spec.recipe.milestones == (1,)
     # every learning rate a tenth of its real run's (a deep teacher's 4 steps at the paper's lr
     # diverge: resnet110's eval features reach ~1e7, and CC, FT, FSP, VID on them are NaN)
@@ -147,7 +153,7 @@ def test_a_slice_keeps_its_tables_experiments_and_bad_options_name_the_valid_one
     assert set(sliced.config["datasets"]) == {"cifar100", "cifar10", "stl10", "tinyimagenet"}
     with pytest.raises(SuiteError, match="fkd_tabel1 is no table of this suite; valid: fkd_table2, fkd_fig4"):
         load_suite(rehearsal_file(tmp_path, "fkd", tables=["fkd_tabel1"]))
-    with pytest.raises(SuiteError, match="rehearsal: .*allowed keys here: epochs, batch_size"):
+    with pytest.raises(SuiteError, match="rehearsal: .*allowed keys here: epochs, teacher_epochs, batch_size"):
         load_suite(rehearsal_file(tmp_path, "fkd", epoch=1))
 
 
@@ -195,17 +201,19 @@ def test_a_slice_runs_end_to_end_on_the_fake_cluster_into_its_rehearsal_tables(t
     log = Path(report["log"]).read_text()
     assert report["rc"] == 0, log[-4000:]
     assert killed, "the teacher was never caught between its first checkpoint and its end"
-    # rule fit's retry (in its job, or a new submission) resumed it: its log, rewritten by the retry,
-    # starts at epoch 2
+    # rule fit's retry (in its job, or a new submission) resumed it from its checkpoint: its log,
+    # rewritten by the retry, starts after epoch 1 and ends at the teacher's last epoch (32)
     teacher_log = (work / "runs" / teacher.id / "log.txt").read_text()
-    assert "main 2/2" in teacher_log and "main 1/2" not in teacher_log, teacher_log
+    E = teacher.spec.recipe.epochs
+    logged = [int(n) for n in re.findall(rf"main (\d+)/{E} ", teacher_log)]
+    assert E == 32 and logged and min(logged) >= 2 and max(logged) == E, teacher_log
     # every cell, derived from the real suite's table: constructed, stepped, checkpointed, in its table cell
     want = {k for k in cells(real) if k[0] in suite.experiment_runs}
     assert set(cells(suite)) == want and len(want) == 15  # 3 target sets x (teacher, student, RKD, SP, FKD)
     for run in suite.runs.values():
         folder = work / "runs" / run.id
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["status"] == "ok" and metrics["epochs_done"] == 2, run.id
+        assert metrics["status"] == "ok" and metrics["epochs_done"] == run.spec.recipe.epochs, run.id
         assert (folder / "checkpoint.pt").exists() and (folder / "model.pt").exists(), run.id
     table = {(r["group"], r["row"]): r for r in csv.DictReader(open(tmp_path / "results/paper/fkd_table1_cells.csv"))}
     labels = {"student": "Student", "rkd": "RKD", "sp": "SP", "fkd": "FKD"}

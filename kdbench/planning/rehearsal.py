@@ -15,13 +15,22 @@ and what it cuts (choices; the numbers are the ``rehearsal:`` options, :data:`DE
   ``<data_root>/<dataset>`` with ``synthetic: {classes, train_per_class, test_per_class, seed}``:
   CIFAR pickles, SVHN ``.mat``, STL-10 binaries (with an unlabelled split), Tiny-ImageNet and
   ImageNet JPEG folders, read by the real loaders (:mod:`kdbench.data.synthetic_files`).
-- **A few steps per run.** Every recipe (students', teachers', probes') is cut to ``epochs``
-  epochs of ``batch_size`` (milestones scaled by :class:`kdbench.core.spec.Recipe`, a cosine
-  warm-up to at most 1 epoch): ``classes × train_per_class / batch_size`` steps an epoch (2 × 2
-  with the defaults), at ``lr_scale`` times the recipe's learning rates. A term's initialisation stages and warm-ups (any integer parameter whose
+- **A few steps per run.** Every recipe (students', probes'; teachers' below) is cut to
+  ``epochs`` epochs of ``batch_size`` (milestones scaled by :class:`kdbench.core.spec.Recipe`, a
+  cosine warm-up to at most 1 epoch): ``classes × train_per_class / batch_size`` steps an epoch
+  (2 × 2 with the defaults), at ``lr_scale`` times the recipe's learning rates. A term's
+  initialisation stages and warm-ups (any integer parameter whose
   name says ``epochs`` or ``warmup``: AB/FT/FSP ``init_epochs``, DKD ``warmup``, KDA
   ``warmup_epochs``) are cut to at most 1 epoch, so both their stages run; CRD's ``nce_k`` to
   the other-class images there are; an unlabelled stream's batch to ``batch_size``.
+- **Teachers long enough for their batch-norm statistics.** A teacher trains ``teacher_epochs``
+  (32: 64 steps). A network distils from its teacher in eval mode, through the running
+  statistics its BN layers keep (momentum 0.1); after 4 steps those are still mostly their
+  initial (0, 1), and a deep residual net's eval-mode features explode: resnet110's reach 2.6e7
+  untrained and 7e2 after 4 steps, 62 after 64 (its train-mode features: 21 to 50), and CC and FT
+  on them are infinite. Together with ``lr_scale`` (every learning rate times 0.1: 4 steps of
+  batch 8 at the paper's rate diverge, resnet110's loss 14.6) this keeps the terms finite, which
+  is what a rehearsal of the wiring needs; neither is a result.
 - **Teachers trained here.** ``teacher: released`` (a download; the machine may have no network)
   becomes ``teacher: train``: the released teacher is trained in the rehearsal like any other
   (``released: train``, the only choice so far). Imported ``teacher_checkpoints`` files are kept.
@@ -42,7 +51,8 @@ from kdbench.planning.checks import SuiteError
 
 #: the ``rehearsal:`` options and their defaults
 DEFAULTS = {
-    "epochs": 2,  # per run (teachers, students, probes)
+    "epochs": 2,  # per run (students, probes)
+    "teacher_epochs": 32,  # per teacher: 64 updates of BN's running statistics (below)
     "batch_size": 8,
     "lr_scale": 0.1,  # every recipe's lr and small_lr: a deep net's few steps at the paper's lr diverge
     "classes": 4,  # of every synthetic dataset
@@ -115,8 +125,7 @@ def _experiment(exp: dict, opts: dict) -> dict:
     seeds = exp["seeds"]
     e["seeds"] = seeds[:1] if isinstance(seeds, list) else [0]  # a budget's first look starts at seed 0
     e["recipe"] = _recipe(exp.get("recipe"), opts)
-    if "teacher_recipe" in exp:
-        e["teacher_recipe"] = _recipe(exp["teacher_recipe"], opts)
+    e["teacher_recipe"] = _recipe(exp.get("teacher_recipe") or exp.get("recipe"), opts, epochs=opts["teacher_epochs"])
     if "linear_probe" in exp:
         probe = exp["linear_probe"]
         e["linear_probe"] = {**probe, "recipe": _recipe(probe.get("recipe"), opts, PROBE_RECIPE)}
@@ -138,12 +147,13 @@ def _experiment(exp: dict, opts: dict) -> dict:
     return e
 
 
-def _recipe(block: dict | None, opts: dict, defaults: dict | None = None) -> dict:
+def _recipe(block: dict | None, opts: dict, defaults: dict | None = None, epochs: int | None = None) -> dict:
     """``block`` (a recipe mapping) cut to ``epochs`` of ``batch_size``: its milestones (or the
     ``defaults``', RepDistiller's 150/180/210 of 240 unless given) scaled to the new length, those
-    that would never take effect dropped; a cosine warm-up of at most 1 epoch."""
+    that would never take effect dropped; a cosine warm-up of at most 1 epoch; ``epochs``: instead
+    of the option's (a teacher's ``teacher_epochs``)."""
     block, defaults = dict(block or {}), defaults or {"epochs": Recipe.epochs, "milestones": Recipe.milestones}
-    epochs = opts["epochs"]
+    epochs = epochs or opts["epochs"]
     given = block if "milestones" in block else defaults  # epochs without milestones: the defaults, scaled
     scaled = scale_milestones(given["milestones"], given.get("epochs", defaults["epochs"]), epochs)
     rates = {k: round(opts["lr_scale"] * block.get(k, defaults.get(k, getattr(Recipe, k))), 12) for k in ("lr", "small_lr")}
