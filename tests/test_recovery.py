@@ -4,6 +4,7 @@ directory's jobs; a job that finds its run folder locked exits at once instead o
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import fake_slurm
-from conftest import second_writer_order, write_suite
+from conftest import REPO, second_writer_order, write_suite
 from kdbench.engine import run_folder
 from kdbench.planning import scheduler
 from test_slurm import cluster, snakemake_cmd, submissions  # noqa: F401 (cluster: the fixture)
@@ -151,17 +152,51 @@ def test_a_job_finding_its_folder_locked_exits_at_once_naming_the_run_and_its_ho
     folder = tmp_path / "runs" / run_id
     env = {**subprocess_env, "SLURM_JOB_ID": "4242"}
     env.pop(run_folder.LOCKED_RUN, None)
-    with run_folder.claim(folder):  # this test process is the live writer
+    log = folder / "log.txt"
+    with run_folder.claim(folder):  # this test process is the live writer, with its log
+        log.write_text("epoch 1 of the live job\n")
         start = time.time()
-        done = subprocess.run(kdbench("train-teacher", "--suite", str(suite), "--run", run_id, "--quiet"), env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(kdbench("train-teacher", "--suite", str(suite), "--run", run_id, "--quiet",
+                                      "--log", str(log)), env=env, capture_output=True, text=True, timeout=120)
         seconds = time.time() - start
         assert (folder / run_folder.HOLDER).is_file()  # the failing job did not touch the holder's note
+        assert log.read_text() == "epoch 1 of the live job\n"  # nor its log (the rules' --log, not `> {log}`)
+        log.unlink()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert run_id in done.stderr and f"process {os.getpid()} on " in done.stderr, done.stderr
     assert "exits at once" in done.stderr and "KDBENCH_LOCKED_RUN=wait" in done.stderr
     assert seconds < 60, seconds  # process start and imports; it never waits (the holder never lets go)
     assert sorted(p.name for p in folder.iterdir()) == ["spec.json"]  # no training, the note gone with its holder
+
+
+def test_the_log_is_the_training_jobs_and_a_second_job_of_a_finished_run_leaves_it(tmp_path, subprocess_env):
+    """--log (what the rules pass): the job that trains the run writes its log (emptied first); a job
+    started again for the finished run (queued until the first finished) says so and keeps it."""
+    suite = tiny_suite(tmp_path)
+    from kdbench.planning.suite import load_suite
+    run_id = next(iter(load_suite(suite).runs))
+    log = tmp_path / "runs" / run_id / "log.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text("a killed attempt's lines\n")
+    subprocess.run(kdbench("make-data", "--suite", str(suite), "--dataset", "cifar100"), env=subprocess_env, check=True,
+                   capture_output=True)
+    cmd = kdbench("train-teacher", "--suite", str(suite), "--run", run_id, "--log", str(log))
+    first = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    written = log.read_text()
+    assert "main 1/1" in written and "killed attempt" not in written and "main 1/1" not in first.stderr, written
+    again = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is already finished" in again.stderr, again.stderr
+    assert log.read_text() == written
+
+
+def test_the_training_rules_let_kdbench_open_the_log():
+    """rule fit's and the pack rules' shell pass --log; a shell `> {log}` would empty a run's log in
+    every job started for it, a second one included."""
+    rules = (REPO / "workflow/rules/train.smk").read_text()
+    shells = re.findall(r'"\{params\.launch\} [^"]*"', rules)
+    assert len(shells) == 2 and all(s.endswith('--log {log:q}"') for s in shells), shells
+    assert "> {log" not in rules
 
 
 def test_claim_waits_on_one_machine_and_raises_at_once_in_a_scheduler_job(tmp_path, monkeypatch):

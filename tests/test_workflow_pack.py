@@ -145,7 +145,7 @@ def test_dry_run_shows_pack_jobs_instead_of_fit_jobs(tmp_path, subprocess_env):
     teachers = [r.id for r in suite.runs.values() if r.kind == "train"]
     assert sorted(fits) == sorted(f"{tmp_path}/runs/{r}/metrics.json" for r in teachers)
     specs = " ".join(f"--spec {tmp_path}/runs/{r}/spec.json" for r in runs)  # the planner's (a job reads no suite)
-    command = f"kdbench pack {specs} > {tmp_path}/runs/packs/{pack_id}.log"
+    command = f"kdbench pack {specs} --log {tmp_path}/runs/packs/{pack_id}.log"  # the rules never `> {log}`
     assert command in log
     assert "--fuse" not in log and " distill --" not in log and "pack --suite" not in log
     fused_file = write_suite(tmp_path / "fused.yaml", tmp_path / "data", pack={"size": 2, "fuse": True})

@@ -31,6 +31,9 @@ def job_arguments(parser, many: bool = False) -> None:
                         help=f"run id, as printed by `kdbench list-runs`{each}")
     device_argument(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the suite's)")
+    parser.add_argument("--log", metavar="FILE",
+                        help="write the output here once this process holds a run it trains (emptied then); "
+                             "until then, and for a run already finished or held by another job, it is left alone")
 
 
 def job_specs(parser, args) -> list[tuple[dict, object, str]]:
@@ -52,9 +55,13 @@ def job_specs(parser, args) -> list[tuple[dict, object, str]]:
         write_specs(suite, args.runs)
         paths = [f"{suite.run_dir(r)}/{JOB_FILE}" for r in args.runs]
     try:
-        return [(*read_job_record(p), os.path.dirname(p)) for p in paths]
+        jobs = [(*read_job_record(p), os.path.dirname(p)) for p in paths]
     except ValueError as e:
         raise SystemExit(f"kdbench: error: {e}") from None
+    if args.log:
+        from kdbench.engine.run_folder import log_when_writing
+        log_when_writing(args.log)
+    return jobs
 
 
 def cmd_fit(args, want: str, parser) -> int:

@@ -45,13 +45,16 @@ def prepared(spec: RunSpec, out_dir: str | Path, device: str, run_id: str | None
     to train, or the run's metrics when there is nothing to train (another process finished it, or
     a teacher or probed model it reads failed). ``shared``: the ``data`` and ``loaders`` of packed runs."""
     # under torchrun rank 0 holds the folder; every rank reads the same files, so all take one path
-    with run_folder.claim(out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+    holds = int(os.environ.get("RANK", "0")) == 0
+    with run_folder.claim(out_dir) if holds else contextlib.nullcontext():
         done = run_folder.finished_run(out_dir, spec)
         if done is not None:  # another process finished it while this one waited (or earlier)
             print(f"kdbench: {run_id or out_dir} is already finished ({Path(out_dir) / 'metrics.json'}); nothing to do",
                   file=sys.stderr, flush=True)
             yield done
             return
+        if holds:  # the job's --log: only now, so that a second job of a finished run keeps its log
+            run_folder.start_log()
         dctx = distributed.init(resolve_device(device))  # torchrun: this rank's process group and device
         check_run(spec, ddp=dctx.enabled)
         probe = spec.protocol == "linear_probe"

@@ -87,6 +87,39 @@ def _note_holder(folder: Path, remove: bool = False) -> None:
         pass
 
 
+#: the job's log (``--log``), opened by :func:`start_log` once this process holds a run it will write
+_pending_log: Path | None = None
+
+
+def log_when_writing(path: str | Path) -> None:
+    """Send this process's output to ``path`` from the moment it holds a run folder it will write
+    (:func:`start_log`), not before. Snakemake's ``> {log}`` emptied the log at the job's start, so
+    a second job of a run (submitted again while the first still ran, or queued until it finished)
+    blanked the run's log and then exited (folder locked) or found the run finished. Creates the
+    file, empty, if there is none, so that a job that writes no run still leaves its log."""
+    global _pending_log
+    _pending_log = Path(path)
+    _pending_log.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(_pending_log, os.O_WRONLY | os.O_CREAT, 0o644))  # never truncates
+
+
+def start_log() -> None:
+    """Redirect stdout and stderr (file descriptors 1 and 2, so child output too) to the pending
+    log, emptied first as the shell's ``>`` would; once per process. A log is a stream, not an output
+    written whole. Under torchrun only rank 0 holds the folder: the other ranks and torchrun print
+    to the job's own output (the scheduler's job log)."""
+    global _pending_log
+    if _pending_log is None:
+        return
+    path, _pending_log = _pending_log, None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 @contextmanager
 def claim(folder: str | Path, poll_s: float = 2.0):
     """Hold ``folder``'s lock (waiting for another process that holds it, or raising

@@ -74,7 +74,7 @@ rule fit:
         runtime=_res("runtime"),  # minutes, at most max_runtime
         nodes=_res("nodes"),  # DDP: torchrun's processes on one node
     shell:
-        "{params.launch} {params.command} --spec {params.spec:q} > {log:q} 2>&1"
+        "{params.launch} {params.command} --spec {params.spec:q} --log {log:q}"  # kdbench opens the log, not the shell: run_folder.log_when_writing
 
 
 # One job per pack: 1 GPU and one run's threads (never DDP: streamed datasets are not packed),
@@ -108,4 +108,4 @@ for _pack, _runs in PACKS.items():
             runtime=_size["runtime"],
             nodes=_size["nodes"],
         shell:
-            "{params.launch} pack{params.fuse} {params.specs} > {log:q} 2>&1"
+            "{params.launch} pack{params.fuse} {params.specs} --log {log:q}"
