@@ -1,7 +1,7 @@
 """Run unmodified RepDistiller on a suite's synthetic files and record the reference numbers.
 
     python benchmarks/repdistiller_reference.py --repdistiller /tmp/repdistiller \\
-        [--suite workflow/suites/smoke.yaml] [--experiment main] [--workdir /tmp/repdistiller-runs]
+        [--suite workflow/suites/smoke.yaml] [--experiment main] [--workdir /tmp/repdistiller-runs] [--jobs 2]
 
 writes ``kdbench/reference/repdistiller_<suite>.csv`` (one row per run: method, run index, last-
 and best-epoch top-1) and ``repdistiller_<suite>.json`` (provenance: RepDistiller's commit, the
@@ -27,7 +27,12 @@ adaptations, all outside its code:
   kdbench's seeds (different initialisations and data orders);
 * torch ≥ 2.6 loads ``weights_only`` by default, and the teacher checkpoint (written by the same
   harness run) holds a NumPy scalar: ``torch.load`` gets ``weights_only=False``;
-* one CPU thread and ``--num_workers 0``.
+* one CPU thread and ``--num_workers 0``;
+* the suite's ``test_every`` (kdbench evaluates after every n-th epoch and the last): its
+  ``helper.loops.validate`` runs on those epochs only (and on the teacher, first, in
+  ``train_student.py``), and returns -1 on the others — the script uses the value only for its
+  best-checkpoint and log, never for training, so the runs train as before and ``acc_last`` is the
+  last epoch's; ``acc_best`` is the best tested epoch, as kdbench's.
 
 **One teacher for both.** RepDistiller's distilled students learn from *kdbench's* teacher: the
 harness trains the suite's teacher run with kdbench itself (``kdbench train-teacher --spec``, the
@@ -52,6 +57,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -66,12 +72,13 @@ from kdbench.planning.suite import load_suite, write_specs  # noqa: E402
 DISTILL_ARGS = {"kd": ["--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0"],
                 "at": ["--distill", "attention", "-r", "1", "-a", "0", "-b", "1000"]}
 ACC = re.compile(r"^ \* Acc@1 ([0-9.]+) Acc@5 ([0-9.]+)")
+EPOCH = re.compile(r"^Epoch: \[(\d+)\]", re.M)
 
 # Run inside the child process: adapt the environment (never RepDistiller's files), then run the script.
 BOOT = r"""
 import os, random, runpy, sys, types
-checkout, script, seed, classes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-sys.argv = [script] + sys.argv[5:]
+checkout, script, seed, classes, every, epochs = sys.argv[1:3] + [int(v) for v in sys.argv[3:7]]
+sys.argv = [script] + sys.argv[7:]
 sys.path.insert(0, checkout)
 import numpy as np, torch, torchvision.datasets as tvd, torchvision.datasets.cifar as tvc
 torch.set_num_threads(1)
@@ -92,6 +99,16 @@ tvc.pickle = _StrKeys()
 import models
 for name, build in list(models.model_dict.items()):
     models.model_dict[name] = (lambda b: lambda num_classes=100, **kw: b(num_classes=classes, **kw))(build)
+import helper.loops as loops
+_validate, calls = loops.validate, [0]
+first = 1 if script == "train_student.py" else 0  # train_student.py validates its teacher first
+def validate(*a, **k):  # kdbench's test_every: the same test passes; training never reads them
+    epoch = calls[0] + 1 - first
+    calls[0] += 1
+    if epoch < 1 or epoch % every == 0 or epoch == epochs:
+        return _validate(*a, **k)
+    return -1.0, -1.0, float("inf")
+loops.validate = validate
 runpy.run_path(os.path.join(checkout, script), run_name="__main__")
 """
 
@@ -132,13 +149,14 @@ def test_accuracies(log: str) -> list[float]:
 
 
 def run_script(checkout: Path, folder: Path, script: str, seed: int, classes: int, data_root: Path,
-               args: list[str]) -> dict:
+               args: list[str], recipe) -> dict:
     """One RepDistiller run in ``folder`` (its ./data links to ``data_root``): accuracy after each epoch."""
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / "data"
     if not link.exists():
         link.symlink_to(Path(data_root).resolve())
-    cmd = [sys.executable, "-c", BOOT, str(checkout), script, str(seed), str(classes), *args]
+    cmd = [sys.executable, "-c", BOOT, str(checkout), script, str(seed), str(classes), str(recipe.test_every),
+           str(recipe.epochs), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     start = time.time()
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
@@ -147,7 +165,8 @@ def run_script(checkout: Path, folder: Path, script: str, seed: int, classes: in
         raise RuntimeError(f"{script} {' '.join(args)} failed (rc {proc.returncode}); see {folder / 'log.txt'}:\n"
                            + proc.stderr[-2000:])
     accs = test_accuracies(proc.stdout)
-    return {"accs": accs, "wall_s": round(time.time() - start, 1),
+    trained = max((int(m.group(1)) for m in EPOCH.finditer(proc.stdout)), default=0)
+    return {"accs": accs, "epochs": trained, "wall_s": round(time.time() - start, 1),
             "command": " ".join([script, *args]) + f"  (seed {seed})"}
 
 
@@ -162,6 +181,7 @@ def main(argv=None) -> None:
     ap.add_argument("--teacher", choices=("kdbench", "own"), default="kdbench",
                     help="the teacher RepDistiller's students distil from: kdbench's (default: the same model on both "
                          "sides) or the one RepDistiller trains")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each a process on one thread)")
     a = ap.parse_args(argv)
     checkout = a.repdistiller.resolve()
     for script in ("train_teacher.py", "train_student.py"):
@@ -193,35 +213,51 @@ def main(argv=None) -> None:
     s_spec = spec_of[student_cells[0].run]
     seeds = sorted({c.seed for c in student_cells})
 
-    rows, commands = [], []
-    t_folder = a.workdir / "teacher"
-    t = run_script(checkout, t_folder, "train_teacher.py", teacher_cell.seed, classes, data_root,
-                   ["--model", teacher_cell.teacher, "--trial", str(teacher_cell.seed), *recipe_args(t_spec.recipe, teacher_cell.teacher)])
-    rows.append(_row(a.experiment, teacher_cell, "teacher", teacher_cell.seed, t))
-    commands.append(t["command"])
-    own_ckpt = next((t_folder / "save" / "models").glob(f"{teacher_cell.teacher}_*")) / f"ckpt_epoch_{t_spec.recipe.epochs}.pth"
-    shared = kdbench_teacher(suite, teacher_cell, a.workdir) if a.teacher == "kdbench" else None
-    t_ckpt = shared["checkpoint"] if shared else own_ckpt
-    for method in methods:
-        for seed in seeds:
-            folder = a.workdir / f"{method}-{seed}"
-            base = recipe_args(s_spec.recipe, teacher_cell.student)
-            if method == "student":
-                r = run_script(checkout, folder, "train_teacher.py", seed, classes, data_root,
-                               ["--model", teacher_cell.student, "--trial", str(seed), *base])
-            else:
-                r = run_script(checkout, folder, "train_student.py", seed, classes, data_root,
-                               ["--path_t", str(t_ckpt), "--model_s", teacher_cell.student, *DISTILL_ARGS[method],
-                                "--trial", str(seed), *base])
-                loaded, r["accs"] = r["accs"][0], r["accs"][1:]  # the first validation is the teacher's
-                if shared and abs(loaded - shared["acc"]) > 0.05:
-                    raise SystemExit(f"RepDistiller evaluates kdbench's teacher at {loaded}, kdbench at {shared['acc']}: "
-                                     f"the weights or the evaluation differ ({folder / 'log.txt'})")
-                if shared:
-                    shared.setdefault("repdistiller_acc", loaded)
-            rows.append(_row(a.experiment, teacher_cell, method, seed, r))
-            commands.append(r["command"])
-            print(method, seed, rows[-1]["acc_last"], flush=True)
+    def teacher_run():
+        return run_script(checkout, a.workdir / "teacher", "train_teacher.py", teacher_cell.seed, classes, data_root,
+                          ["--model", teacher_cell.teacher, "--trial", str(teacher_cell.seed),
+                           *recipe_args(t_spec.recipe, teacher_cell.teacher)], t_spec.recipe)
+
+    def student_run(method, seed, t_ckpt, shared):
+        folder = a.workdir / f"{method}-{seed}"
+        base = recipe_args(s_spec.recipe, teacher_cell.student)
+        if method == "student":
+            return run_script(checkout, folder, "train_teacher.py", seed, classes, data_root,
+                              ["--model", teacher_cell.student, "--trial", str(seed), *base], s_spec.recipe)
+        r = run_script(checkout, folder, "train_student.py", seed, classes, data_root,
+                       ["--path_t", str(t_ckpt), "--model_s", teacher_cell.student, *DISTILL_ARGS[method],
+                        "--trial", str(seed), *base], s_spec.recipe)
+        r["teacher_acc"], r["accs"] = r["accs"][0], r["accs"][1:]  # the first validation is the teacher's
+        if shared and abs(r["teacher_acc"] - shared["acc"]) > 0.05:
+            raise SystemExit(f"RepDistiller evaluates kdbench's teacher at {r['teacher_acc']}, kdbench at {shared['acc']}: "
+                             f"the weights or the evaluation differ ({folder / 'log.txt'})")
+        return r
+
+    # Every run is its own process on one thread: --jobs of them at once. The plain students need no
+    # teacher; the distilled ones wait for the teacher they distil from.
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        own = pool.submit(teacher_run)
+        shared_f = pool.submit(kdbench_teacher, suite, teacher_cell, a.workdir) if a.teacher == "kdbench" else None
+        runs = {(m, s): pool.submit(student_run, m, s, None, None) for m in methods if m == "student" for s in seeds}
+        shared = shared_f.result() if shared_f else None
+        if shared:
+            t_ckpt = shared["checkpoint"]
+        else:  # RepDistiller's own teacher, once trained
+            own.result()
+            t_ckpt = next((a.workdir / "teacher" / "save" / "models").glob(f"{teacher_cell.teacher}_*")) \
+                / f"ckpt_epoch_{t_spec.recipe.epochs}.pth"
+        runs.update({(m, s): pool.submit(student_run, m, s, t_ckpt, shared) for m in methods if m != "student"
+                     for s in seeds})
+        t = own.result()
+        rows, commands = [_row(a.experiment, teacher_cell, "teacher", teacher_cell.seed, t)], [t["command"]]
+        for method in methods:
+            for seed in seeds:
+                r = runs[method, seed].result()
+                if shared and "teacher_acc" in r:
+                    shared.setdefault("repdistiller_acc", r["teacher_acc"])
+                rows.append(_row(a.experiment, teacher_cell, method, seed, r))
+                commands.append(r["command"])
+                print(method, seed, rows[-1]["acc_last"], flush=True)
 
     out = a.out or ROOT / "kdbench" / "reference" / f"repdistiller_{suite.name}.csv"
     pd.DataFrame(rows).to_csv(out, index=False)
@@ -277,7 +313,8 @@ def _row(experiment: str, cell, method: str, seed: int, r: dict) -> dict:
     if not r["accs"]:
         raise RuntimeError(f"{method} run {seed}: no test accuracy in RepDistiller's output ({r['command']})")
     return {"experiment": experiment, "teacher": cell.teacher, "student": cell.student, "method": method,
-            "run": seed, "acc_last": r["accs"][-1], "acc_best": max(r["accs"]), "epochs": len(r["accs"]),
+            "run": seed, "acc_last": r["accs"][-1], "acc_best": max(r["accs"]), "epochs": r["epochs"],
+            "tested_epochs": len(r["accs"]),
             "wall_s": r["wall_s"]}
 
 

@@ -62,8 +62,9 @@ def test_recorded_reference_matches_the_suite_files_recipe_methods_and_seeds_of_
     assert prov["teacher"]["source"] == "kdbench" and prov["teacher"]["run"] == teacher.run
     assert re.fullmatch(r"[0-9a-f]{64}", prov["teacher"]["model_sha256"])
     assert abs(prov["teacher"]["repdistiller_acc"] - prov["teacher"]["kdbench_acc"]) <= 0.05
-    assert (runs.epochs == [suite.runs[teacher.run].spec.recipe.epochs if m == "teacher"
-                            else suite.runs[student.run].spec.recipe.epochs for m in runs.method]).all()
+    recipes = [suite.runs[(teacher if m == "teacher" else student).run].spec.recipe for m in runs.method]
+    assert (runs.epochs == [r.epochs for r in recipes]).all()  # trained every epoch of kdbench's recipe
+    assert (runs.tested_epochs == [r.test_passes() for r in recipes]).all()  # and tested as kdbench does
 
 
 def test_recipe_args_are_repdistillers_options_for_kdbenchs_recipe():

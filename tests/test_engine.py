@@ -181,3 +181,27 @@ def test_cross_dataset_distillation_with_a_teacher_of_another_label_space(tmp_pa
                  recipe=recipe, teacher_dataset="cifar10")
     with pytest.raises(ValueError, match="label spaces differ"):
         fit(kd, tmp_path / "kd", device="cpu", progress=False)
+
+
+def test_test_every_skips_test_passes_only(tmp_path, data_root):
+    """``test_every: 2`` over 3 epochs tests after epochs 2 and 3; the training (losses, weights)
+    is that of the run tested after every epoch, acc_last the same, acc_best over the tested epochs;
+    test_every 1 keeps the old run id, 2 gets its own."""
+    every = RunSpec("cifar100", data_root, "resnet8", seed=0, recipe=Recipe.from_config({"epochs": 3, "milestones": [2]}))
+    sparse = RunSpec("cifar100", data_root, "resnet8", seed=0,
+                     recipe=Recipe.from_config({"epochs": 3, "milestones": [2], "test_every": 2}))
+    a = fit(every, tmp_path / "a", device="cpu", progress=False)
+    b = fit(sparse, tmp_path / "b", device="cpu", progress=False)
+    assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
+    assert ["test_acc" in r for r in b["curve"]] == [False, True, True]
+    assert [r["test_acc"] for r in b["curve"][1:]] == [r["test_acc"] for r in a["curve"][1:]]
+    assert b["acc_last"] == a["acc_last"] and b["epochs_done"] == 3
+    assert b["acc_best"] == max(r["test_acc"] for r in a["curve"][1:])
+    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    old = dict(every.to_dict(), recipe={k: v for k, v in every.to_dict()["recipe"].items() if k != "test_every"})
+    assert RunSpec.from_dict(old).config_hash() == every.config_hash() != sparse.config_hash()
+    assert Recipe.from_config({"epochs": 30, "test_every": 5}).test_passes() == 6
+    with pytest.raises(ValueError, match="test_every"):
+        Recipe.from_config({"test_every": 0})

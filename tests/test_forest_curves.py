@@ -89,6 +89,21 @@ def test_learning_curve_bands():
         band([[1.0]], "iqr")
 
 
+def test_curves_of_runs_tested_every_few_epochs(tmp_path):
+    """A run with ``test_every`` has epochs without test_acc: they read as NaN, and the panel draws
+    the tested epochs at their epoch numbers (not as consecutive points)."""
+    from kdbench.report.curves import CellCurves, draw_curves, epoch_accuracies
+    metrics = {"curve": [{"epoch": e, "loss": 1.0, **({"test_acc": 10.0 * e} if e % 2 == 0 or e == 5 else {})}
+                         for e in range(1, 6)]}
+    acc = epoch_accuracies(metrics)
+    assert [a for a in acc if not math.isnan(a)] == [20.0, 40.0, 50.0] and math.isnan(acc[0])
+    mean, lo, _ = band([acc, [a + 2 for a in acc]], "range")
+    assert np.isnan(mean[[0, 2]]).all() and mean[[1, 3, 4]].tolist() == [21.0, 41.0, 51.0] and lo[1] == 20.0
+    cells = [CellCurves("student", "student", ("main",), ok=[acc]), CellCurves("kd", "kd", ("main",), ok=[acc], failed=[acc[:2]])]
+    img = imread(draw_curves(cells, "student", tmp_path / "c.png", "main"))
+    assert img[..., :3].std() > 0.05
+
+
 def test_seed_curve_cells_count_failed_and_missing(seed_suite):
     Path(seed_suite.run_dir(next(c.run for c in seed_suite.cells if c.column == "kd" and c.seed == 1)),
          "metrics.json").unlink()

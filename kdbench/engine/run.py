@@ -285,8 +285,9 @@ class TrainingRun:
         name = self.stage.name
         if self.term is None:
             self.objective.on_epoch_end(self.epoch)
-            test = evaluate(self.student, self.test_loader)
-            stats.update(test_acc=test["top1"], test_acc5=test["top5"], test_loss=test["loss"])
+            if self.spec.recipe.tests_after(self.epoch):
+                test = evaluate(self.student, self.test_loader)
+                stats.update(test_acc=test["top1"], test_acc5=test["top5"], test_loss=test["loss"])
             self.state["curve"].append(stats)
         else:
             self.state["init_curve"].append({"stage": name, **stats})
@@ -493,10 +494,12 @@ def run_record(spec: RunSpec, state: dict, status: str, failure: str | None, run
 
 
 def summarise(curve: list[dict]) -> dict:
-    """Last-epoch (CRD/RepDistiller's statistic) and best-epoch (mdistiller's) test accuracy."""
-    if not curve:
-        return {"acc_last": None, "acc5_last": None, "acc_best": None, "epoch_best": None, "epochs_done": 0}
-    best = max(curve, key=lambda r: r["test_acc"])
-    last = curve[-1]
+    """Last-epoch (CRD/RepDistiller's statistic) and best-epoch (mdistiller's) test accuracy; a
+    curve's epochs without a test pass (``Recipe.test_every``) are skipped."""
+    tested = [r for r in curve if "test_acc" in r]  # every epoch, or every n-th and the last (test_every)
+    if not tested:
+        return {"acc_last": None, "acc5_last": None, "acc_best": None, "epoch_best": None, "epochs_done": len(curve)}
+    best = max(tested, key=lambda r: r["test_acc"])
+    last = tested[-1]
     return {"acc_last": last["test_acc"], "acc5_last": last["test_acc5"], "acc_best": best["test_acc"],
             "acc5_best": best["test_acc5"], "epoch_best": best["epoch"], "epochs_done": len(curve)}

@@ -165,7 +165,7 @@ def run_plan(suite, run, ddp_procs: int | None = None) -> RunPlan:
     method = resolve_method(spec.method, spec.method_overrides)
     stages = [Stage(f"init:{t}", "distill", e, per_epoch, 0) for t in method.terms
               if (e := LOSSES.get(t).init_epochs_for(method.params.get(t, {}))) > 0]
-    stages.append(Stage("main", run.kind, spec.recipe.epochs, per_epoch, spec.recipe.epochs))
+    stages.append(Stage("main", run.kind, spec.recipe.epochs, per_epoch, spec.recipe.test_passes()))
     return RunPlan(run.id, run.kind, nproc, tuple(stages), n_test)
 
 

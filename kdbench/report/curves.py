@@ -54,7 +54,15 @@ def band(curves: list[list[float]], kind: str = "range") -> tuple[np.ndarray, np
 
 
 def epoch_accuracies(metrics: dict | None) -> list[float]:
-    return [e["test_acc"] for e in (metrics or {}).get("curve") or [] if e.get("test_acc") is not None]
+    """Test accuracy after each epoch; NaN after an epoch without a test pass (``test_every``)."""
+    return [math.nan if e.get("test_acc") is None else e["test_acc"] for e in (metrics or {}).get("curve") or []]
+
+
+def _tested(values) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs from 1, values) at the epochs that had a test pass."""
+    v = np.asarray(values, float)
+    ep = np.arange(1, len(v) + 1)
+    return ep[np.isfinite(v)], v[np.isfinite(v)]
 
 
 def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path, title: str,
@@ -70,16 +78,17 @@ def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path
     refs = {c.pair: band(c.ok, kind)[0] for c in cells if c.column == reference and c.ok}
     for ax, c in zip(axes.flat, cells):
         for f in c.failed:
-            ax.plot(range(1, len(f) + 1), f, color="tab:red", lw=0.8)
+            ax.plot(*_tested(f), color="tab:red", lw=0.8)
         ref = refs.get(c.pair)
         if ref is not None and c.column not in (reference, "teacher"):
-            ax.plot(range(1, len(ref) + 1), ref, "--", color="0.55", lw=1)
+            ax.plot(*_tested(ref), "--", color="0.55", lw=1)
         if c.ok:
             mean, lo, hi = band(c.ok, kind)
-            ep = np.arange(1, len(mean) + 1)
-            ax.fill_between(ep, lo, hi, color="tab:blue", alpha=0.25, lw=0)
-            ax.plot(ep, mean, "-", color="tab:blue", lw=1.5, marker="." if len(ep) < 12 else None)
-            ax.set_xticks(ep if len(ep) <= 6 else np.linspace(1, len(ep), 5).round().astype(int))
+            tested = np.isfinite(mean)
+            ep = np.arange(1, len(mean) + 1)[tested]
+            ax.fill_between(ep, lo[tested], hi[tested], color="tab:blue", alpha=0.25, lw=0)
+            ax.plot(ep, mean[tested], "-", color="tab:blue", lw=1.5, marker="." if len(ep) < 12 else None)
+            ax.set_xticks(ep if len(ep) <= 6 else np.linspace(ep[0], ep[-1], 5).round().astype(int))
         extra = "".join(f", {k} {v}" for k, v in (("failed", len(c.failed)), ("missing", c.missing)) if v)
         ax.set_title(f"{c.title} (n={len(c.ok)}{extra})", fontsize=7.5)
         ax.tick_params(labelsize=7)
@@ -88,7 +97,7 @@ def draw_curves(cells: list[CellCurves], reference: str | None, path: str | Path
         ax.axis("off")
     what = {"range": "min–max over seeds", "sd": "±1 sd over seeds", "ci95": "95% t-interval of the mean"}[kind]
     ref_note = f"; dashed grey: `{reference}` (mean)" if reference else ""
-    fig.suptitle(f"{title}: test accuracy (%) after each epoch\nline: mean over finished seeds; band: {what}{ref_note}",
+    fig.suptitle(f"{title}: test accuracy (%) after each tested epoch\nline: mean over finished seeds; band: {what}{ref_note}",
                  fontsize=8.5, x=0.01, y=1 - 0.05 / (1.9 * nrow + 0.8), ha="left", va="top")
     fig.supxlabel("epoch", fontsize=8)
     fig.tight_layout()
