@@ -168,15 +168,15 @@ def test_ddp_gpu_hours_by_hand(paper, procs):
 
 
 def test_model_cost_of_a_cifar_distillation_by_hand(smoke):
-    """One smoke KD run (10 steps per epoch, 30 epochs, 1,000 test images in batches of 256): each
-    step max(FLOPs / sustained, 4 ms), at 1 GFLOP per image; each epoch's test pass 3 full batches
-    and one of 232, each max(FLOPs / sustained, 1.5 ms)."""
+    """One smoke KD run (10 steps per epoch, 30 epochs, 10,000 test images in batches of 256, tested
+    after epochs 10, 20 and 30: test_every 10): each step max(FLOPs / sustained, 4 ms), at 1 GFLOP
+    per image; each test pass 39 full batches and one of 16, each max(FLOPs / sustained, 1.5 ms)."""
     run = next(r for r in smoke.runs.values() if r.experiment == "main" and r.spec.method == "kd")
     for gpu, sustained in (("h100", 0.30 * 494.7e12), ("v100", 0.60 * 15.7e12)):
         c = cost.run_cost(smoke, run, cost.run_plan(smoke, run), cost.GPUS[gpu], flops=flat_flops)
         step = max(4 * 64e9 / sustained, 4e-3)
-        test = 3 * max(256e9 / sustained, 1.5e-3) + max(232e9 / sustained, 1.5e-3)
-        assert c.wall_s == pytest.approx(30 * 10 * step + 30 * test, rel=1e-12), gpu
+        test = 39 * max(256e9 / sustained, 1.5e-3) + max(16e9 / sustained, 1.5e-3)
+        assert c.wall_s == pytest.approx(30 * 10 * step + 3 * test, rel=1e-12), gpu
         assert c.source == "model" and c.measured_steps == 0
 
 
