@@ -1,7 +1,7 @@
 """Run unmodified RepDistiller on a suite's synthetic files and record the reference numbers.
 
     python benchmarks/repdistiller_reference.py --repdistiller /tmp/repdistiller \\
-        [--suite workflow/suites/smoke.yaml] [--experiment main] [--workdir /tmp/repdistiller-runs] [--jobs 2]
+        [--suite workflow/suites/smoke.yaml] [--experiment main] [--workdir /tmp/repdistiller-runs] [--jobs 2] [--runs 10]
 
 writes ``kdbench/reference/repdistiller_<suite>.csv`` (one row per run: method, run index, last-
 and best-epoch top-1) and ``repdistiller_<suite>.json`` (provenance: RepDistiller's commit, the
@@ -182,6 +182,8 @@ def main(argv=None) -> None:
                     help="the teacher RepDistiller's students distil from: kdbench's (default: the same model on both "
                          "sides) or the one RepDistiller trains")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each a process on one thread)")
+    ap.add_argument("--runs", type=int, help="runs per method (default: the experiment's seed count); more runs "
+                                             "narrow the reference's side of every Δ")
     a = ap.parse_args(argv)
     checkout = a.repdistiller.resolve()
     for script in ("train_teacher.py", "train_student.py"):
@@ -212,6 +214,10 @@ def main(argv=None) -> None:
     t_spec = spec_of[teacher_cell.run]
     s_spec = spec_of[student_cells[0].run]
     seeds = sorted({c.seed for c in student_cells})
+    if a.runs is not None:  # repeated runs, seeded 0..runs-1: not paired with kdbench's seeds anyway
+        if a.runs < len(seeds):
+            raise SystemExit(f"--runs {a.runs}: fewer than the experiment's {len(seeds)} seeds")
+        seeds = list(range(a.runs))
 
     def teacher_run():
         return run_script(checkout, a.workdir / "teacher", "train_teacher.py", teacher_cell.seed, classes, data_root,
