@@ -84,18 +84,18 @@ def test_steps_per_epoch_is_the_loaders_length():
 
 def test_smoke_golden_counts(smoke):
     """By hand: 600 training images (20 classes × 30) at batch 64 = 10 steps per epoch (9 full + 24).
-    ``main``: the 30-epoch resnet20 teacher (300) + 5 students and 5 KD distillations of 30 epochs
-    (10 × 300) = 11 runs, 3,300 steps, none shared (``methods`` has a resnet14 teacher).
+    ``main``: the 30-epoch resnet20 teacher (300) + 7 students and 7 KD distillations of 30 epochs
+    (14 × 300) = 15 runs, 4,500 steps, none shared (``methods`` has a resnet14 teacher).
     ``methods``: the 5-epoch resnet14 teacher (50), a 3-epoch student (30), 40 distillations of 3
     epochs (1,200) of which AB/FT/FSP and their +KD add a 1-epoch init stage (6 × 10) = 42 runs,
     1,340 steps. ``fig4_e2`` adds teacher seed 1 (50), student seed 1 (30), kd and fkd × 2 seeds
-    (4 × 30): 59 runs, 3,300 + 1,340 + 200 = 4,840 steps in all."""
+    (4 × 30): 63 runs, 4,500 + 1,340 + 200 = 6,040 steps in all."""
     p = plan(smoke, "h100", 8)
     main, methods, total = p["tables"]["main"], p["tables"]["methods"], p["total"]
-    assert (main["runs"], main["by_kind"]["train"], main["by_kind"]["distill"], main["steps"]) == (11, 6, 5, 3300)
+    assert (main["runs"], main["by_kind"]["train"], main["by_kind"]["distill"], main["steps"]) == (15, 8, 7, 4500)
     assert main["shared"] == 0
     assert (methods["runs"], methods["by_kind"]["train"], methods["steps"]) == (42, 2, 1340)
-    assert (total["runs"], total["by_kind"]["train"], total["by_kind"]["distill"], total["steps"]) == (59, 10, 49, 4840)
+    assert (total["runs"], total["by_kind"]["train"], total["by_kind"]["distill"], total["steps"]) == (63, 12, 51, 6040)
     assert "(in no table)" not in p["tables"]
 
 
@@ -216,7 +216,7 @@ def test_measured_steps_where_a_record_matches(smoke, tmp_path, sps):
     assert [(m.pair, m.method, m.seconds_per_step) for m in measured] == [(("resnet20", "resnet8"), "kd", 1 / 250)]
     kd = [r for r in smoke.runs.values() if r.spec.method == "kd" and r.spec.teacher == "resnet20"
           and len(r.spec.teacher_ckpts) == 1]
-    assert len(kd) == 5  # main's 5 seeds (methods' and fig4_e2's kd distil from resnet14)
+    assert len(kd) == 7  # main's 7 seeds (methods' and fig4_e2's kd distil from resnet14)
     assert measured[0].applies(kd[0], 1, 32) and not measured[0].applies(kd[0], 1, 64)  # 64-px images
     assert not measured[0].applies(kd[0], 2, 32)  # DDP
     for run in smoke.runs.values():
@@ -288,9 +288,9 @@ def test_command_prints_the_plan_and_help_imports_no_torch(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     total = next(line for line in r.stdout.splitlines() if line.startswith("total"))
-    assert total.split()[4:10] == ["59", "10", "49", "0", "0", "42"] and "4,840" in total
+    assert total.split()[4:10] == ["63", "12", "51", "0", "0", "42"] and "6,040" in total
     assert "A100" in r.stdout and "every cost is the model's" in r.stdout
-    assert json.loads((tmp_path / "p.json").read_text())["total"]["steps"] == 4840
+    assert json.loads((tmp_path / "p.json").read_text())["total"]["steps"] == 6040
     code = ("import sys\nfrom kdbench.commands.cli import main\ntry:\n    main(['plan', '--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     h = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True)
