@@ -94,7 +94,7 @@ def test_a_seed_table_plans_its_runs_and_its_aggregate(tmp_path):
     done = dry_run(tmp_path, "suite=smoke", "tables=main")
     assert done.returncode == 0, done.stderr[-3000:]
     listing = jobs(done.stdout)
-    assert fit_runs(listing) == needed(suite, ["main"]) and len(fit_runs(listing)) == 11  # 1 teacher + 2 x 5 seeds
+    assert fit_runs(listing) == needed(suite, ["main"]) and len(fit_runs(listing)) == 15  # 1 teacher + 2 x 7 seeds
     assert "paper_tables" not in listing and "paper_figures" not in listing and "kernel_gap" not in listing
     (agg,) = listing["aggregate"]
     assert [Path(f).name for f in outputs(agg)] == ["main.md"] and " --table main " in agg  # no runs.csv
