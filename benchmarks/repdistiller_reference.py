@@ -77,8 +77,9 @@ EPOCH = re.compile(r"^Epoch: \[(\d+)\]", re.M)
 # Run inside the child process: adapt the environment (never RepDistiller's files), then run the script.
 BOOT = r"""
 import os, random, runpy, sys, types
-checkout, script, seed, classes, every, epochs = sys.argv[1:3] + [int(v) for v in sys.argv[3:7]]
-sys.argv = [script] + sys.argv[7:]
+checkout, script, seed, classes, tested = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+tested = {int(e) for e in tested.split(",")}  # the epochs kdbench tests after (Recipe.tests_after)
+sys.argv = [script] + sys.argv[6:]
 sys.path.insert(0, checkout)
 import numpy as np, torch, torchvision.datasets as tvd, torchvision.datasets.cifar as tvc
 torch.set_num_threads(1)
@@ -105,7 +106,7 @@ first = 1 if script == "train_student.py" else 0  # train_student.py validates i
 def validate(*a, **k):  # kdbench's test_every: the same test passes; training never reads them
     epoch = calls[0] + 1 - first
     calls[0] += 1
-    if epoch < 1 or epoch % every == 0 or epoch == epochs:
+    if epoch < 1 or epoch in tested:
         return _validate(*a, **k)
     return -1.0, -1.0, float("inf")
 loops.validate = validate
@@ -155,8 +156,8 @@ def run_script(checkout: Path, folder: Path, script: str, seed: int, classes: in
     link = folder / "data"
     if not link.exists():
         link.symlink_to(Path(data_root).resolve())
-    cmd = [sys.executable, "-c", BOOT, str(checkout), script, str(seed), str(classes), str(recipe.test_every),
-           str(recipe.epochs), *args]
+    tested = ",".join(str(e) for e in range(1, recipe.epochs + 1) if recipe.tests_after(e))
+    cmd = [sys.executable, "-c", BOOT, str(checkout), script, str(seed), str(classes), tested, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     start = time.time()
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
